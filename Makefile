@@ -1,0 +1,43 @@
+# Everyday entry points; CI runs them through .ci/run.
+# Local services default to the ones scripts/services.sh manages; override the
+# URLs on the command line or in the environment, e.g.
+#   make test OUTBOX_DATABASE_URL=postgres://me@db:5432/test
+
+OUTBOX_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
+OUTBOX_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
+export OUTBOX_DATABASE_URL OUTBOX_AMQP_URL
+
+CARGO ?= cargo
+
+.PHONY: build services demo test lint bench deploy-check
+
+build:
+	$(CARGO) build --release
+
+services:
+	bash scripts/services.sh
+
+demo: services build
+	bash scripts/demo.sh
+
+# nextest runs test binaries in parallel processes but skips doctests, so those
+# run first with cargo test (first, so the nextest summary is the last line).
+test: services
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		set -e; \
+		$(CARGO) test --doc --all-features; \
+		$(CARGO) nextest run --all-features --no-fail-fast; \
+	else \
+		$(CARGO) test --all-features; \
+	fi
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets --all-features -- -D warnings
+
+# The bench binary (src/bin/outbox-bench) may not exist yet.
+bench: services
+	$(CARGO) run --release --bin outbox-bench
+
+deploy-check:
+	bash scripts/deploy-check.sh

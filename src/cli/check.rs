@@ -1,0 +1,250 @@
+//! `outbox-relay check`: can `run` start with these settings?
+
+use std::{process::ExitCode, time::Duration};
+
+use super::{connect_db, plural, usage, with_causes, Out, EXIT_PROBLEM};
+use crate::{
+    config::{redact_url, CommonArgs, Connections},
+    migrations,
+    publisher::{PublishError, Publisher, AMQP_TIMEOUT},
+    store::admin,
+};
+
+/// How long `check` waits for the broker in all (connect, then open a channel;
+/// each step is bounded by the publisher's own timeout too).
+const BROKER_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `outbox-relay check`: every condition `run` needs, one line each; exit 0
+/// only when all hold.
+pub async fn check(conn: &Connections) -> ExitCode {
+    let amqp_url = match CommonArgs::amqp_url_required(conn) {
+        Ok(url) => url,
+        Err(e) => return usage(&e),
+    };
+    let out = Out::new(conn);
+    let mut failed = 0;
+    let mut report = |verdict: Verdict, what: &str, text: &str| {
+        if verdict == Verdict::Fail {
+            failed += 1;
+        }
+        out.line(&check_line(verdict, what, text));
+    };
+
+    let db_url = redact_url(&conn.database_url);
+    match connect_db(conn, "outbox-relay check").await {
+        Err(e) => {
+            report(Verdict::Fail, "database", &e);
+            report(
+                Verdict::Skip,
+                "schema",
+                "not checked: no database connection",
+            );
+            report(
+                Verdict::Skip,
+                "privileges",
+                "not checked: no database connection",
+            );
+        }
+        Ok(db) => match admin::server(&db.client).await {
+            Ok(server) => {
+                report(
+                    Verdict::Ok,
+                    "database",
+                    &format!(
+                        "connected to {db_url} as role '{}' (PostgreSQL {})",
+                        server.role, server.version
+                    ),
+                );
+                match migrations::verify(&db.client, &conn.schema).await {
+                    Ok(version) => report(
+                        Verdict::Ok,
+                        "schema",
+                        &format!(
+                            "'{}' is at version {version}, as this relay needs",
+                            conn.schema
+                        ),
+                    ),
+                    Err(e) => report(Verdict::Fail, "schema", &with_causes(&e)),
+                }
+                match admin::privileges(&db.client, &conn.schema).await {
+                    Ok(granted) => {
+                        for (verdict, text) in privilege_lines(&granted, &conn.schema, &server.role)
+                        {
+                            report(verdict, "privileges", &text);
+                        }
+                    }
+                    Err(e) => report(Verdict::Fail, "privileges", &with_causes(&e)),
+                }
+            }
+            Err(e) => report(Verdict::Fail, "database", &with_causes(&e)),
+        },
+    }
+
+    let broker_url = redact_url(&amqp_url);
+    match tokio::time::timeout(BROKER_CHECK_TIMEOUT, Publisher::connect(&amqp_url, false)).await {
+        Ok(Ok(publisher)) => {
+            report(
+                Verdict::Ok,
+                "broker",
+                &format!(
+                    "connected to {broker_url} (vhost '{}'), confirm-mode channel open",
+                    publisher.vhost()
+                ),
+            );
+            publisher.close().await;
+        }
+        // The publisher's own wording says "reconnecting", which `check` does not do.
+        Ok(Err(PublishError::Timeout { what })) => report(
+            Verdict::Fail,
+            "broker",
+            &format!(
+                "RabbitMQ at {broker_url} did not answer {what} within {}s: check the host, port and firewall",
+                AMQP_TIMEOUT.as_secs()
+            ),
+        ),
+        Ok(Err(e)) => report(Verdict::Fail, "broker", &with_causes(&e)),
+        Err(_) => report(
+            Verdict::Fail,
+            "broker",
+            &format!(
+                "no answer from RabbitMQ at {broker_url} within {}s: check the host, port and firewall",
+                BROKER_CHECK_TIMEOUT.as_secs()
+            ),
+        ),
+    }
+
+    if failed == 0 {
+        out.line("all checks passed: `outbox-relay run` can start with these settings");
+        ExitCode::SUCCESS
+    } else {
+        out.line(&format!(
+            "{failed} check{} failed: fix {}, then run `outbox-relay check` again",
+            plural(failed),
+            if failed == 1 { "it" } else { "them" }
+        ));
+        ExitCode::from(EXIT_PROBLEM)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Ok,
+    Fail,
+    Skip,
+}
+
+fn check_line(verdict: Verdict, what: &str, text: &str) -> String {
+    let verdict = match verdict {
+        Verdict::Ok => "ok",
+        Verdict::Fail => "FAIL",
+        Verdict::Skip => "skip",
+    };
+    format!("{verdict:<5} {what:<11} {text}")
+}
+
+/// One line when everything is granted, else one line per object at fault,
+/// with the GRANT that fixes it.
+fn privilege_lines(granted: &[admin::Granted], schema: &str, role: &str) -> Vec<(Verdict, String)> {
+    let schema_missing = granted
+        .iter()
+        .any(|g| g.requirement.kind == admin::ObjectKind::Schema && !g.exists);
+    if schema_missing {
+        return vec![(
+            Verdict::Skip,
+            format!("not checked: schema '{schema}' does not exist"),
+        )];
+    }
+    let role_sql = quote_ident(role);
+    let mut lines = Vec::new();
+    for g in granted {
+        let object = g.requirement.object(schema);
+        if !g.exists {
+            lines.push((
+                Verdict::Fail,
+                format!("{object} does not exist: run `outbox-relay migrate --schema {schema}`"),
+            ));
+        } else if !g.missing.is_empty() {
+            let privs = g.missing.join(", ");
+            lines.push((
+                Verdict::Fail,
+                format!("role '{role}' lacks {privs} on {object}: GRANT {privs} ON {object} TO {role_sql}"),
+            ));
+        }
+    }
+    if lines.is_empty() {
+        lines.push((
+            Verdict::Ok,
+            format!(
+                "role '{role}' has what `run` needs on schema '{schema}' ({} objects)",
+                granted.len()
+            ),
+        ));
+    }
+    lines
+}
+
+/// A role name as SQL needs it in a GRANT.
+fn quote_ident(name: &str) -> String {
+    let plain = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        name.to_string()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_privileges_come_with_the_grant_that_fixes_them() {
+        let granted: Vec<admin::Granted> = admin::REQUIREMENTS
+            .iter()
+            .map(|requirement| admin::Granted {
+                requirement,
+                exists: true,
+                missing: if requirement.name == "messages" {
+                    vec!["UPDATE", "DELETE"]
+                } else {
+                    vec![]
+                },
+            })
+            .collect();
+        let lines = privilege_lines(&granted, "outbox", "App");
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].0, Verdict::Fail);
+        assert_eq!(
+            lines[0].1,
+            "role 'App' lacks UPDATE, DELETE on outbox.messages: GRANT UPDATE, DELETE ON outbox.messages TO \"App\""
+        );
+        let fine: Vec<admin::Granted> = granted
+            .into_iter()
+            .map(|g| admin::Granted {
+                missing: vec![],
+                ..g
+            })
+            .collect();
+        let lines = privilege_lines(&fine, "outbox", "app");
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].0, Verdict::Ok);
+    }
+
+    #[test]
+    fn check_lines_line_up() {
+        assert_eq!(
+            check_line(Verdict::Fail, "broker", "down"),
+            "FAIL  broker      down"
+        );
+        assert_eq!(
+            check_line(Verdict::Ok, "schema", "v1"),
+            "ok    schema      v1"
+        );
+    }
+}

@@ -1,0 +1,72 @@
+//! For Rust applications: write an outbox row in your own transaction.
+
+use std::time::SystemTime;
+
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+/// One message to write; `payload` is delivered byte for byte.
+#[derive(Debug, Clone, Default)]
+pub struct NewMessage {
+    pub exchange: String,
+    pub routing_key: String,
+    pub payload: Vec<u8>,
+    pub partition_key: Option<String>,
+    pub content_type: Option<String>,
+    pub message_type: Option<String>,
+    pub correlation_id: Option<String>,
+    /// A JSON object; `None` means no headers.
+    pub headers: Option<serde_json::Value>,
+    /// Not published before this time; `None` means now.
+    pub available_at: Option<SystemTime>,
+}
+
+impl NewMessage {
+    /// A JSON message (content-type application/json).
+    pub fn json(exchange: &str, routing_key: &str, body: &serde_json::Value) -> Self {
+        Self {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            payload: body.to_string().into_bytes(),
+            content_type: Some("application/json".to_string()),
+            ..Self::default()
+        }
+    }
+}
+
+/// Inserts the message into `<schema>.messages` through `client`, which should
+/// be the application's own `Transaction`: the row commits or rolls back with
+/// the business change. Returns the AMQP message-id.
+pub async fn enqueue<C: GenericClient>(
+    client: &C,
+    schema: &str,
+    message: &NewMessage,
+) -> Result<Uuid, tokio_postgres::Error> {
+    let headers = message
+        .headers
+        .clone()
+        .unwrap_or_else(|| serde_json::json!({}));
+    let sql = format!(
+        "INSERT INTO {schema}.messages (exchange, routing_key, payload, partition_key, content_type,
+                                         message_type, correlation_id, headers, available_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, coalesce($9, now()))
+         RETURNING message_id"
+    );
+    let row = client
+        .query_one(
+            &sql,
+            &[
+                &message.exchange,
+                &message.routing_key,
+                &message.payload,
+                &message.partition_key,
+                &message.content_type,
+                &message.message_type,
+                &message.correlation_id,
+                &headers,
+                &message.available_at,
+            ],
+        )
+        .await?;
+    Ok(row.get(0))
+}

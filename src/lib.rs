@@ -1,0 +1,22 @@
+//! outbox-relay: publishes the rows of a PostgreSQL outbox table to RabbitMQ,
+//! marking each published only after the broker confirmed it.
+//!
+//! The library also gives Rust applications [`enqueue`], to write an outbox
+//! row inside their own transaction.
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod http;
+pub mod leases;
+pub mod metrics;
+pub mod migrations;
+pub mod ordering;
+pub mod publisher;
+pub mod relay;
+pub mod service;
+pub mod store;
+pub mod tls;
+
+mod enqueue;
+pub use enqueue::{enqueue, NewMessage};

@@ -1,0 +1,354 @@
+//! The relay's Prometheus metrics (prefix `outbox_relay_`) and its health state.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+        Mutex,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+
+/// Why a publish attempt failed. A closed set: labels never take row data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureReason {
+    Nack,
+    Unroutable,
+    ChannelClosed,
+    ExchangeNotFound,
+    InvalidRow,
+    ConnectionLost,
+    LeaseLost,
+}
+
+impl FailureReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Nack => "nack",
+            FailureReason::Unroutable => "unroutable",
+            FailureReason::ChannelClosed => "channel_closed",
+            FailureReason::ExchangeNotFound => "exchange_not_found",
+            FailureReason::InvalidRow => "invalid_row",
+            FailureReason::ConnectionLost => "connection_lost",
+            FailureReason::LeaseLost => "lease_lost",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub published: Counter,
+    failures: Family<ReasonLabel, Counter>,
+    pub dead_lettered: Counter,
+    pub deleted: Counter,
+    pub pending: Gauge,
+    oldest_pending_age: Gauge<f64, AtomicU64>,
+    oldest_pending_created_at: Mutex<Option<SystemTime>>,
+    pub dead_lettered_now: Gauge,
+    pub delivery_lag: Histogram,
+    pub batch_size: Histogram,
+    pub confirm_duration: Histogram,
+    pub partitions_owned: Gauge,
+    pub broker_connected: Gauge,
+    pub database_connected: Gauge,
+    pub broker_blocked: Gauge,
+    /// Unix milliseconds of the relay loop's last turn, for /healthz.
+    loop_beat: AtomicI64,
+    /// Set once shutdown starts: /readyz answers 503 from then on.
+    stopping: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("outbox_relay");
+        let published = Counter::default();
+        registry.register(
+            "messages_published",
+            "Messages the broker confirmed and the relay marked published",
+            published.clone(),
+        );
+        let failures = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "publish_failures",
+            "Failed publish attempts by reason",
+            failures.clone(),
+        );
+        let dead_lettered = Counter::default();
+        registry.register(
+            "messages_dead_lettered",
+            "Rows parked after max-attempts failures or as invalid",
+            dead_lettered.clone(),
+        );
+        let deleted = Counter::default();
+        registry.register(
+            "messages_deleted",
+            "Published rows removed by retention",
+            deleted.clone(),
+        );
+        let pending = Gauge::default();
+        registry.register(
+            "pending_messages",
+            "Rows waiting to be published",
+            pending.clone(),
+        );
+        let oldest_pending_age = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "oldest_pending_age_seconds",
+            "Age of the oldest pending row (0 when none): the lag to alert on",
+            oldest_pending_age.clone(),
+        );
+        let dead_lettered_now = Gauge::default();
+        registry.register(
+            "dead_lettered_messages",
+            "Rows currently parked as dead letters",
+            dead_lettered_now.clone(),
+        );
+        let delivery_lag = Histogram::new(exponential_buckets(0.001, 2.0, 18));
+        registry.register(
+            "delivery_lag_seconds",
+            "From a row's created_at to the broker's confirm",
+            delivery_lag.clone(),
+        );
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 15));
+        registry.register("batch_size", "Rows per claimed batch", batch_size.clone());
+        let confirm_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        registry.register(
+            "confirm_duration_seconds",
+            "From publish to the broker's confirm",
+            confirm_duration.clone(),
+        );
+        let partitions_owned = Gauge::default();
+        registry.register(
+            "partitions_owned",
+            "Partitions this relay holds a lease on",
+            partitions_owned.clone(),
+        );
+        let broker_connected = Gauge::default();
+        registry.register(
+            "broker_connected",
+            "1 when connected to RabbitMQ",
+            broker_connected.clone(),
+        );
+        let database_connected = Gauge::default();
+        registry.register(
+            "database_connected",
+            "1 when connected to PostgreSQL",
+            database_connected.clone(),
+        );
+        let broker_blocked = Gauge::default();
+        registry.register(
+            "broker_blocked",
+            "1 while RabbitMQ blocks publishing (connection.blocked: memory or disk alarm)",
+            broker_blocked.clone(),
+        );
+        let build_info = Family::<VersionLabel, Gauge>::default();
+        build_info
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "Relay version", build_info);
+        Self {
+            registry,
+            published,
+            failures,
+            dead_lettered,
+            deleted,
+            pending,
+            oldest_pending_age,
+            oldest_pending_created_at: Mutex::new(None),
+            dead_lettered_now,
+            delivery_lag,
+            batch_size,
+            confirm_duration,
+            partitions_owned,
+            broker_connected,
+            database_connected,
+            broker_blocked,
+            loop_beat: AtomicI64::new(now_millis()),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    pub fn failure(&self, reason: FailureReason) {
+        self.failures
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn set_backlog(&self, pending: i64, oldest_created_at: Option<SystemTime>, dead: i64) {
+        self.pending.set(pending);
+        self.dead_lettered_now.set(dead);
+        if let Ok(mut oldest) = self.oldest_pending_created_at.lock() {
+            *oldest = oldest_created_at;
+        }
+    }
+
+    pub fn beat(&self) {
+        self.loop_beat.store(now_millis(), Ordering::Relaxed);
+    }
+
+    pub fn loop_alive(&self, within: Duration) -> bool {
+        now_millis() - self.loop_beat.load(Ordering::Relaxed) <= within.as_millis() as i64
+    }
+
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// Why the relay is not ready, or None when it is.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if self.stopping.load(Ordering::Relaxed) {
+            Some("shutting down")
+        } else if self.database_connected.get() != 1 {
+            Some("not connected to PostgreSQL")
+        } else if self.broker_connected.get() != 1 {
+            Some("not connected to RabbitMQ")
+        } else {
+            None
+        }
+    }
+
+    /// Prometheus text; the oldest pending age is computed at scrape time.
+    pub fn encode(&self) -> String {
+        let oldest = self.oldest_pending_created_at.lock().ok().and_then(|o| *o);
+        self.oldest_pending_age.set(oldest.map_or(0.0, |t| {
+            SystemTime::now()
+                .duration_since(t)
+                .map_or(0.0, |d| d.as_secs_f64())
+        }));
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        to_prometheus_text(&out)
+    }
+}
+
+/// The content type of [`Metrics::encode`].
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics -> Prometheus text 0.0.4, which every scraper and `promtool check
+/// metrics` read: counters are described under their `_total` sample name, and
+/// the OpenMetrics-only `# EOF` and `# UNIT` lines go.
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64);
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let described = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(described.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_contract_names_and_no_row_data() {
+        let m = Metrics::new();
+        m.published.inc();
+        m.failure(FailureReason::Unroutable);
+        m.set_backlog(3, Some(SystemTime::now() - Duration::from_secs(5)), 1);
+        let text = m.encode();
+        for name in [
+            "outbox_relay_messages_published_total 1",
+            "outbox_relay_publish_failures_total{reason=\"unroutable\"} 1",
+            "outbox_relay_messages_dead_lettered_total",
+            "outbox_relay_messages_deleted_total",
+            "outbox_relay_pending_messages 3",
+            "outbox_relay_oldest_pending_age_seconds",
+            "outbox_relay_delivery_lag_seconds_bucket",
+            "outbox_relay_batch_size_bucket",
+            "outbox_relay_confirm_duration_seconds_bucket",
+            "outbox_relay_partitions_owned",
+            "outbox_relay_broker_connected",
+            "outbox_relay_database_connected",
+            "outbox_relay_broker_blocked",
+            "outbox_relay_build_info{version=",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+        let age: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("outbox_relay_oldest_pending_age_seconds "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0);
+        assert!((4.9..60.0).contains(&age), "age {age}");
+    }
+
+    #[test]
+    fn counters_are_described_under_their_total_name() {
+        let text = Metrics::new().encode();
+        assert!(
+            text.contains("# TYPE outbox_relay_messages_published_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP outbox_relay_messages_published_total "),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"));
+        assert!(text.contains("# TYPE outbox_relay_pending_messages gauge"));
+    }
+
+    #[test]
+    fn readiness_names_the_missing_side() {
+        let m = Metrics::new();
+        assert_eq!(m.not_ready_reason(), Some("not connected to PostgreSQL"));
+        m.database_connected.set(1);
+        assert_eq!(m.not_ready_reason(), Some("not connected to RabbitMQ"));
+        m.broker_connected.set(1);
+        assert_eq!(m.not_ready_reason(), None);
+        m.set_stopping();
+        assert_eq!(m.not_ready_reason(), Some("shutting down"));
+    }
+}

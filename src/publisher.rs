@@ -1,0 +1,433 @@
+//! Every AMQP call: connect, confirm-mode channel, exchange checks, publish,
+//! and what a confirm means for the row.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use lapin::{
+    options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions},
+    types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString},
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    PublisherConfirm,
+};
+
+use crate::{config::redact_url, store::OutboxRow};
+
+/// How long a positive exchange check is trusted before asking the broker again.
+const EXCHANGE_CHECK_TTL: Duration = Duration::from_secs(30);
+/// Bound on any single broker operation: a stalled network must end in a
+/// reconnect, not a wait forever.
+pub const AMQP_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn bounded<T>(
+    what: &'static str,
+    fut: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, PublishError> {
+    match tokio::time::timeout(AMQP_TIMEOUT, fut).await {
+        Ok(result) => result.map_err(PublishError::Channel),
+        Err(_) => Err(PublishError::Timeout { what }),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("cannot connect to RabbitMQ at {url}: {source}; check the AMQP URL, credentials and that the broker is up")]
+    Connect {
+        url: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("cannot open a confirm-mode channel on RabbitMQ: {0}")]
+    Channel(#[source] lapin::Error),
+    #[error("RabbitMQ connection lost: {0}")]
+    ConnectionLost(#[source] lapin::Error),
+    #[error("RabbitMQ did not answer {what} within {}s; reconnecting", AMQP_TIMEOUT.as_secs())]
+    Timeout { what: &'static str },
+}
+
+/// What the broker said about one publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Acked and routed to at least one queue (or unroutable and that is allowed).
+    Delivered,
+    /// Acked but returned: no queue is bound for this exchange and routing key.
+    Unroutable { reply: String },
+    /// The broker refused to take responsibility for the message.
+    Nacked,
+    /// The broker closed the channel. Every unconfirmed publish on it fails with
+    /// the same error, so it does not say which row caused it.
+    ChannelClosed { reason: String },
+    /// The connection went away; nothing is known about the message.
+    ConnectionLost { reason: String },
+}
+
+/// A row turned into an AMQP message, or the reason it can never be one.
+pub struct Prepared {
+    exchange: ShortString,
+    routing_key: ShortString,
+    properties: BasicProperties,
+}
+
+/// Checks and converts a row without touching the broker.
+pub fn prepare(row: &OutboxRow) -> Result<Prepared, String> {
+    let short = |what: &str, v: &str| {
+        ShortString::try_new(v).map_err(|_| {
+            format!(
+                "{what} is {} bytes, AMQP allows at most 255: shorten outbox row {}'s {what}",
+                v.len(),
+                row.id
+            )
+        })
+    };
+    let exchange = short("exchange", &row.exchange)?;
+    let routing_key = short("routing_key", &row.routing_key)?;
+    let timestamp = row
+        .created_at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut properties = BasicProperties::default()
+        .with_message_id(ShortString::from(row.message_id.to_string()))
+        .with_delivery_mode(2)
+        .with_timestamp(timestamp)
+        .with_headers(headers_table(&row.headers).map_err(|e| {
+            format!(
+                "headers of outbox row {} cannot be sent as AMQP headers: {e}",
+                row.id
+            )
+        })?);
+    if let Some(v) = &row.content_type {
+        properties = properties.with_content_type(short("content_type", v)?);
+    }
+    if let Some(v) = &row.message_type {
+        properties = properties.with_type(short("message_type", v)?);
+    }
+    if let Some(v) = &row.correlation_id {
+        properties = properties.with_correlation_id(short("correlation_id", v)?);
+    }
+    Ok(Prepared {
+        exchange,
+        routing_key,
+        properties,
+    })
+}
+
+/// JSON object -> AMQP field table. Numbers keep their kind (integer or float).
+pub fn headers_table(headers: &serde_json::Value) -> Result<FieldTable, String> {
+    let serde_json::Value::Object(map) = headers else {
+        return Err(format!(
+            "headers must be a JSON object, found {}",
+            json_kind(headers)
+        ));
+    };
+    let mut table = FieldTable::default();
+    for (k, v) in map {
+        let key = ShortString::try_new(k.as_str())
+            .map_err(|_| format!("header name '{}...' is over 255 bytes", truncate(k, 40)))?;
+        table.insert(
+            key,
+            amqp_value(v).map_err(|e| format!("header '{k}': {e}"))?,
+        );
+    }
+    Ok(table)
+}
+
+fn amqp_value(v: &serde_json::Value) -> Result<AMQPValue, String> {
+    use serde_json::Value as J;
+    Ok(match v {
+        J::Null => AMQPValue::Void,
+        J::Bool(b) => AMQPValue::Boolean(*b),
+        J::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                AMQPValue::LongLongInt(i)
+            } else if let Some(f) = n.as_f64().filter(|_| n.is_f64()) {
+                AMQPValue::Double(f)
+            } else {
+                return Err(format!(
+                    "{n} does not fit a signed 64-bit integer: send it as a string"
+                ));
+            }
+        }
+        J::String(s) => AMQPValue::LongString(LongString::from(s.as_bytes())),
+        J::Array(items) => AMQPValue::FieldArray(FieldArray::from(
+            items
+                .iter()
+                .map(amqp_value)
+                .collect::<Result<Vec<_>, _>>()?,
+        )),
+        J::Object(_) => AMQPValue::FieldTable(headers_table(v)?),
+    })
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// One AMQP connection with a confirm-mode publishing channel, and a second
+/// channel for passive exchange checks (a failed check closes its channel).
+pub struct Publisher {
+    connection: Connection,
+    channel: Channel,
+    probe: Option<Channel>,
+    exchanges: HashMap<String, Instant>,
+    allow_unroutable: bool,
+    vhost: String,
+}
+
+impl Publisher {
+    pub async fn connect(url: &str, allow_unroutable: bool) -> Result<Self, PublishError> {
+        let props = ConnectionProperties::default().with_connection_name(LongString::from(
+            format!("outbox-relay {}", std::process::id()),
+        ));
+        let connection =
+            match tokio::time::timeout(AMQP_TIMEOUT, Connection::connect(url, props)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(source)) => {
+                    return Err(PublishError::Connect {
+                        url: redact_url(url),
+                        source,
+                    })
+                }
+                Err(_) => {
+                    return Err(PublishError::Timeout {
+                        what: "the connection handshake",
+                    })
+                }
+            };
+        let channel = confirm_channel(&connection).await?;
+        let vhost = connection.status().vhost().to_string();
+        Ok(Self {
+            connection,
+            channel,
+            probe: None,
+            exchanges: HashMap::new(),
+            allow_unroutable,
+            vhost,
+        })
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
+    /// The virtual host the connection was opened on.
+    pub fn vhost(&self) -> &str {
+        &self.vhost
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    pub fn is_blocked(&self) -> bool {
+        self.connection.status().blocked()
+    }
+
+    /// After the broker closed the publishing channel: a fresh one.
+    pub async fn reopen_channel(&mut self) -> Result<(), PublishError> {
+        if !self.is_connected() {
+            return Err(PublishError::ConnectionLost(lapin::Error::from(
+                lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed),
+            )));
+        }
+        self.exchanges.clear();
+        self.channel = confirm_channel(&self.connection).await?;
+        Ok(())
+    }
+
+    pub fn channel_usable(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// Asks the broker (passively, cached) whether the row's exchange exists.
+    /// `Err(reason)` when it does not; connection trouble is not the row's fault.
+    pub async fn check_exchange(
+        &mut self,
+        row: &OutboxRow,
+    ) -> Result<Result<(), String>, PublishError> {
+        if row.exchange.is_empty() {
+            return Ok(Ok(()));
+        }
+        if let Some(checked) = self.exchanges.get(&row.exchange) {
+            if checked.elapsed() < EXCHANGE_CHECK_TTL {
+                return Ok(Ok(()));
+            }
+        }
+        let probe = match &self.probe {
+            Some(p) if p.status().connected() => p.clone(),
+            _ => {
+                let p = bounded("opening a channel", self.connection.create_channel()).await?;
+                self.probe = Some(p.clone());
+                p
+            }
+        };
+        // prepare() has already refused names over 255 bytes.
+        let Ok(name) = ShortString::try_new(row.exchange.as_str()) else {
+            return Ok(Ok(()));
+        };
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let declare =
+            probe.exchange_declare(name, ExchangeKind::Direct, passive, FieldTable::default());
+        match tokio::time::timeout(AMQP_TIMEOUT, declare).await {
+            Err(_) => Err(PublishError::Timeout {
+                what: "an exchange check",
+            }),
+            Ok(Err(e)) if is_not_found(&e) => Ok(Err(format!(
+                "exchange '{}' does not exist on vhost '{}': declare it or fix outbox row {}'s exchange",
+                row.exchange, self.vhost, row.id
+            ))),
+            Ok(Err(e)) if !self.is_connected() => Err(PublishError::ConnectionLost(e)),
+            // Any other answer (e.g. a permission the check needs but publishing
+            // does not): the check only exists to catch 404 off the publishing
+            // channel, so let the publish itself speak.
+            Ok(_) => {
+                self.exchanges.insert(row.exchange.clone(), Instant::now());
+                Ok(Ok(()))
+            }
+        }
+    }
+
+    /// Sends one message (mandatory, persistent); the confirm arrives later.
+    pub async fn publish(
+        &self,
+        row: &OutboxRow,
+        prepared: Prepared,
+    ) -> Result<PublisherConfirm, lapin::Error> {
+        fail::fail_point!("before_publish", |_| Err(lapin::Error::from(
+            lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "failpoint")
+        )));
+        let publish = self.channel.basic_publish(
+            prepared.exchange,
+            prepared.routing_key,
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            &row.payload,
+            prepared.properties,
+        );
+        // A stalled socket back-pressures the publish; past the bound it is
+        // reported as a lost connection.
+        tokio::time::timeout(AMQP_TIMEOUT, publish)
+            .await
+            .unwrap_or_else(|_| {
+                Err(lapin::Error::from(
+                    lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Error),
+                ))
+            })
+    }
+
+    /// What a resolved confirm (or a publish error) means for its row.
+    pub fn outcome(&self, result: Result<Confirmation, lapin::Error>) -> Outcome {
+        match result {
+            Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Outcome::Delivered,
+            Ok(Confirmation::Ack(Some(returned))) => {
+                if self.allow_unroutable {
+                    Outcome::Delivered
+                } else {
+                    Outcome::Unroutable {
+                        reply: format!("{} {}", returned.reply_code, returned.reply_text),
+                    }
+                }
+            }
+            Ok(Confirmation::Nack(_)) => Outcome::Nacked,
+            Err(e) if self.is_connected() && !is_connection_error(&e) => Outcome::ChannelClosed {
+                reason: e.to_string(),
+            },
+            Err(e) => Outcome::ConnectionLost {
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    pub async fn close(&self) {
+        let close = self
+            .connection
+            .close(200, ShortString::from("relay stopping"));
+        let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+    }
+}
+
+async fn confirm_channel(connection: &Connection) -> Result<Channel, PublishError> {
+    let channel = bounded("opening a channel", connection.create_channel()).await?;
+    bounded(
+        "confirm.select",
+        channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await?;
+    Ok(channel)
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
+}
+
+fn is_connection_error(e: &lapin::Error) -> bool {
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::IOError(_)
+            | lapin::ErrorKind::InvalidConnectionState(_)
+            | lapin::ErrorKind::MissingHeartbeatError
+    ) || e.is_amqp_hard_error()
+}
+
+/// Unix time now, for the lag of a confirm.
+pub fn since(created_at: SystemTime) -> Duration {
+    SystemTime::now()
+        .duration_since(created_at)
+        .unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn headers_keep_their_json_kinds() {
+        let t = headers_table(&json!({"s": "x", "i": -3, "f": 1.5, "b": true, "n": null,
+                                      "a": [1, "two"], "o": {"k": "v"}}))
+        .unwrap();
+        let get = |k: &str| {
+            t.inner()
+                .get(&ShortString::from(k))
+                .cloned()
+                .unwrap_or_else(|| panic!("missing {k}"))
+        };
+        assert_eq!(get("i"), AMQPValue::LongLongInt(-3));
+        assert_eq!(get("f"), AMQPValue::Double(1.5));
+        assert_eq!(get("b"), AMQPValue::Boolean(true));
+        assert_eq!(get("n"), AMQPValue::Void);
+        assert!(matches!(get("a"), AMQPValue::FieldArray(_)));
+        assert!(matches!(get("o"), AMQPValue::FieldTable(_)));
+    }
+
+    #[test]
+    fn headers_that_amqp_cannot_carry_are_refused_with_a_reason() {
+        let e = headers_table(&json!([1, 2])).unwrap_err();
+        assert!(e.contains("JSON object"), "{e}");
+        let e = headers_table(&json!({"big": 18446744073709551615u64})).unwrap_err();
+        assert!(e.contains("64-bit"), "{e}");
+        let long = "k".repeat(256);
+        assert!(headers_table(&json!({ long: 1 })).is_err());
+    }
+}

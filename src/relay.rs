@@ -1,0 +1,723 @@
+//! The loop that joins store and publisher: claim -> publish -> confirm -> mark.
+//!
+//! Publishes are pipelined: up to `max_in_flight` unconfirmed messages on one
+//! confirm-mode channel, in id order, at most one per partition key (see
+//! `ordering`). Confirms are taken in publish order; acked ids are marked in one
+//! statement sent together with the next claim. Nothing is marked before its
+//! confirm; anything unconfirmed when a fault hits simply stays pending in the
+//! database and is claimed again.
+
+use std::{
+    collections::{HashSet, VecDeque},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::FutureExt;
+use lapin::PublisherConfirm;
+use tokio::{
+    sync::{watch, Notify},
+    time::Instant,
+};
+
+use crate::{
+    config::RelayConfig,
+    leases::LeaseState,
+    metrics::{FailureReason, Metrics},
+    ordering::{Admit, KeyOrder},
+    publisher::{self, Outcome, Publisher},
+    store::{Failure, OutboxRow, Store},
+};
+
+/// A confirm that takes longer than this, with the broker not blocking us,
+/// means the channel is wedged: drop it and publish again.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// While publishing without pause, claims continue after the last id in
+/// flight; this often the relay lets the pipeline drain and claims from the
+/// start again, so rows committed late with a lower id, or of a partition just
+/// leased, wait at most about this long.
+const RESCAN_EVERY: Duration = Duration::from_secs(1);
+/// Longest idle wait without a wakeup (the loop's liveness beat for /healthz).
+const IDLE_BEAT: Duration = Duration::from_secs(10);
+
+/// How the relay is woken: the control task sets `pending` and notifies.
+#[derive(Default)]
+pub struct Wakeup {
+    pending: AtomicBool,
+    notify: Notify,
+}
+
+impl Wakeup {
+    pub fn wake(&self) {
+        self.pending.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+    fn take(&self) -> bool {
+        self.pending.swap(false, Ordering::AcqRel)
+    }
+}
+
+/// What the relay remembers of a published row until its confirm is booked.
+struct Sent {
+    id: i64,
+    partition_key: Option<String>,
+    created_at: std::time::SystemTime,
+    attempts: i32,
+    sent_at: Instant,
+}
+
+impl Sent {
+    fn of(row: &OutboxRow) -> Self {
+        Self {
+            id: row.id,
+            partition_key: row.partition_key.clone(),
+            created_at: row.created_at,
+            attempts: row.attempts,
+            sent_at: Instant::now(),
+        }
+    }
+}
+
+struct InFlight {
+    sent: Sent,
+    confirm: PublisherConfirm,
+}
+
+pub struct Relay {
+    cfg: RelayConfig,
+    metrics: Arc<Metrics>,
+    leases: watch::Receiver<LeaseState>,
+    wakeup: Arc<Wakeup>,
+    stop: watch::Receiver<bool>,
+    store: Option<Store>,
+    publisher: Option<Publisher>,
+    in_flight: VecDeque<InFlight>,
+    acked: Vec<i64>,
+    failures: Vec<Failure>,
+    /// Rows that were in flight when the broker closed the channel or the
+    /// connection: one of them may be the cause, so each goes out alone once.
+    suspects: HashSet<i64>,
+    /// One unconfirmed publish per partition key; followers wait here.
+    order: KeyOrder,
+    /// Highest id claimed while anything is held; the next claim continues after it.
+    cursor: i64,
+    /// The connection looks open but stopped answering: replace it.
+    force_reconnect: bool,
+    /// The last claim came back full (or a wakeup arrived): claim again at once.
+    more: bool,
+    /// When the next claim must start from the beginning of the pending index.
+    rescan_at: Instant,
+    db_backoff: Option<backon::ExponentialBackoff>,
+    amqp_backoff: Option<backon::ExponentialBackoff>,
+}
+
+impl Relay {
+    pub fn new(
+        cfg: RelayConfig,
+        metrics: Arc<Metrics>,
+        leases: watch::Receiver<LeaseState>,
+        wakeup: Arc<Wakeup>,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            cfg,
+            metrics,
+            leases,
+            wakeup,
+            stop,
+            store: None,
+            publisher: None,
+            in_flight: VecDeque::new(),
+            acked: Vec::new(),
+            failures: Vec::new(),
+            suspects: HashSet::new(),
+            order: KeyOrder::default(),
+            cursor: 0,
+            force_reconnect: false,
+            more: true,
+            rescan_at: Instant::now(),
+            db_backoff: None,
+            amqp_backoff: None,
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Nothing in flight, queued behind its key, or ready to go.
+    fn holds_nothing(&self) -> bool {
+        self.in_flight.is_empty() && self.order.is_idle()
+    }
+
+    /// Publishes the rows whose predecessor of the same key was just acked.
+    async fn publish_ready(&mut self) {
+        if self.stopping() {
+            // No new publishes once stopping: they stay pending.
+            self.order.abandon_waiting();
+            return;
+        }
+        let lease = self.leases.borrow().clone();
+        while let Some(row) = self.order.pop_ready() {
+            if !self.publish_row(row, &lease).await {
+                break;
+            }
+        }
+    }
+
+    /// Runs until stop is signalled and everything in flight is confirmed and marked.
+    pub async fn run(mut self) {
+        loop {
+            self.metrics.beat();
+            if self.stopping() && self.in_flight.is_empty() {
+                if self.flush().await {
+                    break;
+                }
+                // The marks could not be written; the database decides when we stop.
+                if !self.ensure_store().await {
+                    self.pause(Duration::from_millis(200)).await;
+                }
+                continue;
+            }
+            if !self.ensure_store().await || !self.ensure_publisher().await {
+                continue;
+            }
+            self.collect_ready();
+            self.publish_ready().await;
+            if self.wakeup.take() {
+                self.more = true;
+            }
+            let blocked = self.publisher.as_ref().is_some_and(Publisher::is_blocked);
+            self.metrics.broker_blocked.set(i64::from(blocked));
+            let room = self
+                .cfg
+                .max_in_flight
+                .saturating_sub(self.in_flight.len() + self.order.waiting_rows());
+            let want = self.cfg.batch_size.min(self.cfg.max_in_flight);
+            let rescan_waits = !self.holds_nothing() && Instant::now() >= self.rescan_at;
+            if !self.stopping()
+                && self.more
+                && !blocked
+                && !rescan_waits
+                && room >= want.div_ceil(2)
+            {
+                self.claim_and_publish(room.min(self.cfg.batch_size)).await;
+            } else if !self.in_flight.is_empty() {
+                self.await_front(blocked).await;
+                if self.in_flight.is_empty() || self.acked.len() >= self.cfg.batch_size {
+                    self.flush().await;
+                }
+            } else {
+                self.flush().await;
+                self.idle().await;
+            }
+        }
+        if let Some(p) = &self.publisher {
+            p.close().await;
+        }
+    }
+
+    /// Waits for a wakeup (NOTIFY, or the control task's heartbeat finding due
+    /// rows: that heartbeat is the poll), a lease change or stop. A timeout only
+    /// turns the loop once, to keep /healthz fed.
+    async fn idle(&mut self) {
+        let wake = self.wakeup.clone();
+        let store_closed = self.store.as_ref().map(Store::closed);
+        tokio::select! {
+            _ = wake.notify.notified() => {}
+            // Readiness must drop when the database goes, even while idle.
+            _ = async { match store_closed { Some(c) => c.await, None => std::future::pending().await } } => {}
+            // Only feeds /healthz: the heartbeat is the poll, so no claim here.
+            _ = tokio::time::sleep(IDLE_BEAT) => return,
+            _ = self.stop.changed() => {}
+            _ = self.leases.changed() => {}
+        }
+        self.more = true;
+    }
+
+    async fn pause(&mut self, d: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.stop.changed() => {}
+        }
+    }
+
+    async fn ensure_store(&mut self) -> bool {
+        if self.store.as_ref().is_some_and(|s| !s.is_closed()) {
+            return true;
+        }
+        if self.store.take().is_some() {
+            tracing::warn!("lost the database connection; reconnecting");
+        }
+        self.metrics.database_connected.set(0);
+        match Store::connect(&self.cfg.conn).await {
+            Ok(store) => {
+                tracing::info!("connected to PostgreSQL");
+                self.store = Some(store);
+                self.metrics.database_connected.set(1);
+                self.db_backoff = None;
+                self.more = true;
+                true
+            }
+            Err(e) => {
+                let delay = next_delay(&mut self.db_backoff);
+                tracing::warn!(error = %e, retry_in = ?delay, "database unavailable");
+                self.pause(delay).await;
+                false
+            }
+        }
+    }
+
+    async fn ensure_publisher(&mut self) -> bool {
+        if let Some(p) = &mut self.publisher {
+            if p.is_connected() && !self.force_reconnect {
+                if p.channel_usable() {
+                    return true;
+                }
+                match p.reopen_channel().await {
+                    Ok(()) => return true,
+                    Err(e) => tracing::warn!(error = %e, "cannot reopen the publishing channel"),
+                }
+            }
+            tracing::warn!("lost the RabbitMQ connection; reconnecting");
+            self.drop_in_flight(FailureReason::ConnectionLost);
+            if let Some(p) = self.publisher.take() {
+                p.close().await;
+            }
+            self.force_reconnect = false;
+        }
+        self.metrics.broker_connected.set(0);
+        match Publisher::connect(&self.cfg.amqp_url, self.cfg.allow_unroutable).await {
+            Ok(p) => {
+                tracing::info!("connected to RabbitMQ");
+                self.publisher = Some(p);
+                self.metrics.broker_connected.set(1);
+                self.amqp_backoff = None;
+                self.more = true;
+                true
+            }
+            Err(e) => {
+                let delay = next_delay(&mut self.amqp_backoff);
+                tracing::warn!(error = %e, retry_in = ?delay, "broker unavailable");
+                self.pause(delay).await;
+                false
+            }
+        }
+    }
+
+    /// Writes acked marks and failures, claims the next batch in the same round
+    /// trip, and publishes it.
+    async fn claim_and_publish(&mut self, limit: usize) {
+        let lease = self.leases.borrow().clone();
+        if lease.partitions.is_empty() || !lease.is_current() {
+            self.more = false;
+            return;
+        }
+        if !self.failures.is_empty() && !self.record_failures().await {
+            return;
+        }
+        // Recorded failures now hold their keys' later rows in SQL.
+        self.order.new_claim();
+        let Some(store) = &self.store else { return };
+        let after = if self.holds_nothing() { 0 } else { self.cursor };
+        if after == 0 {
+            self.rescan_at = Instant::now() + RESCAN_EVERY;
+        }
+        let held = self.order.held_ids();
+        let keep = !self.cfg.retention.is_zero();
+        let result = store
+            .mark_then_claim(&self.acked, keep, &lease.partitions, after, &held, limit)
+            .await;
+        let rows = match result {
+            Ok((_, rows)) => {
+                self.count_published();
+                rows
+            }
+            Err(e) => {
+                self.database_error(e);
+                return;
+            }
+        };
+        self.more = rows.len() == limit;
+        let Some(last) = rows.last() else { return };
+        self.cursor = after.max(last.id);
+        self.metrics.batch_size.observe(rows.len() as f64);
+        for row in rows {
+            let row = match self.order.admit(row) {
+                Admit::Publish(row) => row,
+                Admit::Queued | Admit::Held => continue,
+            };
+            if !self.publish_row(row, &lease).await {
+                // The broker side broke: the rest stay pending and come back.
+                self.more = true;
+                break;
+            }
+        }
+    }
+
+    /// Publishes one row. Returns false when the broker side is broken.
+    async fn publish_row(&mut self, row: OutboxRow, lease: &LeaseState) -> bool {
+        if !lease.holds(row.partition) {
+            // Lease lapsed since the claim: another relay may own it now.
+            self.metrics.failure(FailureReason::LeaseLost);
+            self.order.failed(row.partition_key.as_deref());
+            return true;
+        }
+        let prepared = match publisher::prepare(&row) {
+            Ok(p) => p,
+            Err(reason) => {
+                self.fail_row(&row, reason, FailureReason::InvalidRow, true);
+                return true;
+            }
+        };
+        let Some(publisher) = self.publisher.as_mut() else {
+            return false;
+        };
+        match publisher.check_exchange(&row).await {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => {
+                self.fail_row(&row, reason, FailureReason::ExchangeNotFound, false);
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "exchange check failed; reconnecting to the broker");
+                self.force_reconnect = true;
+                self.order.failed(row.partition_key.as_deref());
+                return false;
+            }
+        }
+        if self.suspects.contains(&row.id) {
+            return self.publish_alone(row, prepared).await;
+        }
+        let Some(publisher) = self.publisher.as_ref() else {
+            return false;
+        };
+        match publisher.publish(&row, prepared).await {
+            Ok(confirm) => {
+                self.in_flight.push_back(InFlight {
+                    sent: Sent::of(&row),
+                    confirm,
+                });
+                true
+            }
+            Err(e) => {
+                let outcome = publisher.outcome(Err(e));
+                self.broker_fault(outcome, Some(row.id));
+                false
+            }
+        }
+    }
+
+    /// A row that was in flight when a channel or connection died: sent with
+    /// nothing else in flight, so if it kills the channel again it is the cause.
+    async fn publish_alone(&mut self, row: OutboxRow, prepared: publisher::Prepared) -> bool {
+        while !self.in_flight.is_empty() {
+            self.await_front(false).await;
+        }
+        // Another row may have broken the channel meanwhile: then this one is
+        // no wiser than before and must not be charged for it.
+        let channel_ok = self
+            .publisher
+            .as_ref()
+            .is_some_and(|p| p.is_connected() && p.channel_usable());
+        let Some(publisher) = self
+            .publisher
+            .as_ref()
+            .filter(|_| channel_ok && !self.force_reconnect)
+        else {
+            self.order.failed(row.partition_key.as_deref());
+            return false;
+        };
+        self.suspects.remove(&row.id);
+        let sent = Sent::of(&row);
+        let result = match publisher.publish(&row, prepared).await {
+            Ok(confirm) => tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(lapin::Error::from(lapin::ErrorKind::MissingHeartbeatError))
+                }),
+            Err(e) => Err(e),
+        };
+        match publisher.outcome(result) {
+            outcome @ (Outcome::ChannelClosed { .. } | Outcome::ConnectionLost { .. }) => {
+                let (Outcome::ChannelClosed { reason } | Outcome::ConnectionLost { reason }) =
+                    &outcome
+                else {
+                    return false;
+                };
+                let error = format!(
+                    "the broker closed the channel when outbox row {} was published alone: {reason}",
+                    row.id
+                );
+                // ensure_publisher reopens the channel, or the connection when
+                // that is what failed (it may look open while stalled).
+                self.force_reconnect = matches!(outcome, Outcome::ConnectionLost { .. });
+                self.fail_row(&row, error, FailureReason::ChannelClosed, false);
+                false
+            }
+            other => {
+                self.settle(sent, other);
+                true
+            }
+        }
+    }
+
+    /// Takes every confirm that has already arrived, without waiting.
+    fn collect_ready(&mut self) {
+        while let Some(front) = self.in_flight.front_mut() {
+            match (&mut front.confirm).now_or_never() {
+                Some(result) => self.take_front(result),
+                None => break,
+            }
+        }
+    }
+
+    /// Waits (bounded) for the oldest in-flight confirm.
+    async fn await_front(&mut self, blocked: bool) {
+        let Some(front) = self.in_flight.front_mut() else {
+            return;
+        };
+        match tokio::time::timeout(Duration::from_millis(500), &mut front.confirm).await {
+            Ok(result) => {
+                self.take_front(result);
+                self.collect_ready();
+            }
+            Err(_) if !blocked && front.sent.sent_at.elapsed() > CONFIRM_TIMEOUT => {
+                tracing::warn!("no confirm for {CONFIRM_TIMEOUT:?}; reopening the connection");
+                self.broker_fault(
+                    Outcome::ConnectionLost {
+                        reason: "confirm timed out".into(),
+                    },
+                    None,
+                );
+                if let Some(p) = self.publisher.take() {
+                    p.close().await;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn take_front(&mut self, result: lapin::Result<lapin::Confirmation>) {
+        let Some(publisher) = self.publisher.as_ref() else {
+            return;
+        };
+        match publisher.outcome(result) {
+            outcome @ (Outcome::ChannelClosed { .. } | Outcome::ConnectionLost { .. }) => {
+                self.broker_fault(outcome, None);
+            }
+            outcome => {
+                if let Some(flight) = self.in_flight.pop_front() {
+                    self.settle(flight.sent, outcome);
+                }
+            }
+        }
+    }
+
+    /// Books a confirm that speaks about its own row.
+    fn settle(&mut self, flight: Sent, outcome: Outcome) {
+        let (reason, error) = match outcome {
+            Outcome::Delivered => {
+                self.order.acked(flight.partition_key.as_deref());
+                self.metrics
+                    .confirm_duration
+                    .observe(flight.sent_at.elapsed().as_secs_f64());
+                self.metrics
+                    .delivery_lag
+                    .observe(publisher::since(flight.created_at).as_secs_f64());
+                self.acked.push(flight.id);
+                return;
+            }
+            Outcome::Unroutable { reply } => (
+                FailureReason::Unroutable,
+                format!(
+                    "unroutable: the broker returned outbox row {} ({reply}): no queue is bound for its exchange and routing key; bind one, or set allow-unroutable",
+                    flight.id
+                ),
+            ),
+            Outcome::Nacked => (
+                FailureReason::Nack,
+                format!("the broker nacked outbox row {} (it could not store it)", flight.id),
+            ),
+            Outcome::ChannelClosed { reason } | Outcome::ConnectionLost { reason } => {
+                (FailureReason::ChannelClosed, reason)
+            }
+        };
+        self.metrics.failure(reason);
+        self.order.failed(flight.partition_key.as_deref());
+        self.failures.push(Failure {
+            id: flight.id,
+            error,
+            retry_in: retry_delay(flight.attempts),
+            park_now: false,
+        });
+    }
+
+    fn fail_row(&mut self, row: &OutboxRow, error: String, reason: FailureReason, park_now: bool) {
+        self.metrics.failure(reason);
+        if park_now {
+            tracing::warn!(id = row.id, reason = %error, "parking outbox row as a dead letter");
+            self.order.parked(row.partition_key.as_deref());
+        } else {
+            self.order.failed(row.partition_key.as_deref());
+        }
+        self.failures.push(Failure {
+            id: row.id,
+            error,
+            retry_in: retry_delay(row.attempts),
+            park_now,
+        });
+    }
+
+    /// The channel or the connection failed: nothing in flight is known to have
+    /// been delivered, nothing is charged, and every such row becomes a suspect.
+    fn broker_fault(&mut self, outcome: Outcome, culprit_hint: Option<i64>) {
+        let (reason, label) = match &outcome {
+            Outcome::ConnectionLost { reason } => (reason.clone(), FailureReason::ConnectionLost),
+            Outcome::ChannelClosed { reason } => (reason.clone(), FailureReason::ChannelClosed),
+            _ => (String::new(), FailureReason::ChannelClosed),
+        };
+        tracing::warn!(
+            in_flight = self.in_flight.len(),
+            reason = %reason,
+            "broker closed the channel or connection; unconfirmed rows stay pending and are republished"
+        );
+        self.suspects.extend(culprit_hint);
+        if label == FailureReason::ConnectionLost {
+            self.force_reconnect = true;
+        }
+        self.drop_in_flight(label);
+    }
+
+    fn drop_in_flight(&mut self, label: FailureReason) {
+        for f in self.in_flight.drain(..) {
+            self.metrics.failure(label);
+            self.suspects.insert(f.sent.id);
+        }
+        self.order.clear();
+        self.more = true;
+    }
+
+    async fn record_failures(&mut self) -> bool {
+        let Some(store) = &self.store else {
+            return false;
+        };
+        match store
+            .record_failures(&self.failures, self.cfg.max_attempts)
+            .await
+        {
+            Ok(parked) => {
+                for (id, attempts) in &parked {
+                    let error = self
+                        .failures
+                        .iter()
+                        .find(|f| f.id == *id)
+                        .map_or("", |f| f.error.as_str());
+                    tracing::warn!(id, attempts, reason = %error, "outbox row dead-lettered");
+                }
+                self.metrics.dead_lettered.inc_by(parked.len() as u64);
+                self.failures.clear();
+                true
+            }
+            Err(e) => {
+                self.database_error(e);
+                false
+            }
+        }
+    }
+
+    /// Writes acked marks and failures. Returns true when nothing is left to write.
+    async fn flush(&mut self) -> bool {
+        if self.acked.is_empty() && self.failures.is_empty() {
+            return true;
+        }
+        if !self.failures.is_empty() && !self.record_failures().await {
+            return false;
+        }
+        let Some(store) = &self.store else {
+            return false;
+        };
+        let keep = !self.cfg.retention.is_zero();
+        match store.mark_published(&self.acked, keep).await {
+            Ok(_) => {
+                self.count_published();
+                true
+            }
+            Err(e) => {
+                self.database_error(e);
+                false
+            }
+        }
+    }
+
+    fn count_published(&mut self) {
+        let n = self.acked.len() as u64;
+        self.metrics.published.inc_by(n);
+        if self.cfg.retention.is_zero() {
+            // retention 0: marking a row is deleting it.
+            self.metrics.deleted.inc_by(n);
+        }
+        self.acked.clear();
+    }
+
+    fn database_error(&mut self, e: crate::store::StoreError) {
+        tracing::warn!(error = %e, "database statement failed; confirmed rows stay pending until marked");
+        if e.is_connection_lost() {
+            self.store = None;
+            self.metrics.database_connected.set(0);
+        }
+    }
+}
+
+/// Delay before a failed row's next attempt: exponential from 1s, capped at
+/// 5 minutes, with jitter so a burst of failures does not retry in lockstep.
+pub fn retry_delay(attempts_before: i32) -> Duration {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_secs(300))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(attempts_before.clamp(0, 30) as usize)
+        .unwrap_or(Duration::from_secs(300))
+}
+
+/// Reconnect backoff: 100ms doubling to 3s, with jitter, forever. Short enough
+/// that a restarted broker or database is back in use within seconds; the
+/// jitter keeps a fleet of relays from reconnecting in lockstep.
+pub fn next_delay(state: &mut Option<backon::ExponentialBackoff>) -> Duration {
+    state
+        .get_or_insert_with(|| {
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(3))
+                .with_jitter()
+                .without_max_times()
+                .build()
+        })
+        .next()
+        .unwrap_or(Duration::from_secs(3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_grow_and_stay_bounded() {
+        let first = retry_delay(0);
+        assert!(
+            first >= Duration::from_secs(1) && first <= Duration::from_secs(2),
+            "{first:?}"
+        );
+        let fifth = retry_delay(4);
+        assert!(fifth >= Duration::from_secs(16), "{fifth:?}");
+        let late = retry_delay(1000);
+        assert!(late <= Duration::from_secs(600), "{late:?}");
+    }
+}

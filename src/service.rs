@@ -1,0 +1,116 @@
+//! `outbox-relay run`: starts the tasks, waits for SIGTERM/SIGINT, drains.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::{
+    config::RelayConfig,
+    control::{self, ControlTask},
+    http,
+    leases::LeaseState,
+    metrics::Metrics,
+    migrations,
+    relay::{Relay, Wakeup},
+    store,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Bind(#[from] http::BindError),
+    #[error(transparent)]
+    Schema(#[from] migrations::MigrateError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::new());
+    check_schema_if_reachable(&cfg).await?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut http_stop = stop_rx.clone();
+    let http = http::serve(cfg.metrics_addr, metrics.clone(), async move {
+        let _ = http_stop.wait_for(|stop| *stop).await;
+    })
+    .await?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(RunError::Signals)?;
+
+    let (lease_tx, lease_rx) = watch::channel(LeaseState::default());
+    let wakeup = Arc::new(Wakeup::default());
+    let control = tokio::spawn(
+        ControlTask {
+            cfg: cfg.clone(),
+            metrics: metrics.clone(),
+            leases: lease_tx,
+            wakeup: wakeup.clone(),
+            stop: stop_rx.clone(),
+        }
+        .run(),
+    );
+    let mut relay =
+        tokio::spawn(Relay::new(cfg.clone(), metrics.clone(), lease_rx, wakeup, stop_rx).run());
+    tracing::info!(
+        instance = %cfg.instance_id,
+        schema = %cfg.conn.schema,
+        metrics_addr = %cfg.metrics_addr,
+        "outbox relay started"
+    );
+
+    let signal = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = &mut relay => "relay loop ended",
+    };
+    tracing::info!(signal, timeout = ?cfg.shutdown_timeout, "stopping: no new claims, draining in-flight confirms");
+    metrics.set_stopping();
+    let _ = stop_tx.send(true);
+    if !relay.is_finished() {
+        match tokio::time::timeout(cfg.shutdown_timeout, &mut relay).await {
+            Ok(_) => tracing::info!("drained: every confirmed row is marked"),
+            Err(_) => {
+                relay.abort();
+                tracing::warn!("shutdown-timeout reached before every confirm arrived; unconfirmed rows stay pending and will be published again");
+            }
+        }
+    }
+    let _ = control.await;
+    // Only now, with nothing in flight, may a successor take our partitions.
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        control::release_leases(&cfg),
+    )
+    .await
+    {
+        Ok(Ok(())) => tracing::info!("leases released"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not release leases; they lapse on their own")
+        }
+        Err(_) => tracing::warn!("releasing leases timed out; they lapse on their own"),
+    }
+    let _ = http.await;
+    Ok(())
+}
+
+/// A missing or outdated schema is a setup error worth stopping for; an
+/// unreachable database is not (the relay waits for it).
+async fn check_schema_if_reachable(cfg: &RelayConfig) -> Result<(), RunError> {
+    let connect = store::connect(&cfg.conn.database_url, "outbox-relay check");
+    match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
+        Ok(Ok((client, task))) => {
+            let result = migrations::verify(&client, &cfg.conn.schema).await;
+            task.abort();
+            result.map(|_| ()).map_err(RunError::Schema)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "database not reachable at start; will keep trying");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!("database not reachable at start (timeout); will keep trying");
+            Ok(())
+        }
+    }
+}

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod fence;
 pub mod http;
 pub mod leases;
 pub mod metrics;

@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashMap,
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -13,7 +14,14 @@ use lapin::{
     PublisherConfirm,
 };
 
-use crate::{config::redact_url, store::OutboxRow};
+use async_rs::{util::RuntimeParts, Runtime, Tokio};
+use lapin::{tcp::AMQPUriTcpExt, tcp::OwnedTLSConfig, uri::AMQPUri};
+
+use crate::{
+    config::redact_url,
+    fence::{FencedReactor, WriteFence},
+    store::OutboxRow,
+};
 
 /// How long a positive exchange check is trusted before asking the broker again.
 const EXCHANGE_CHECK_TTL: Duration = Duration::from_secs(30);
@@ -183,6 +191,8 @@ fn truncate(s: &str, max: usize) -> &str {
 /// channel for passive exchange checks (a failed check closes its channel).
 pub struct Publisher {
     connection: Connection,
+    /// Refuses socket writes of a publish whose lease could have lapsed.
+    fence: Arc<WriteFence>,
     channel: Channel,
     probe: Option<Channel>,
     exchanges: HashMap<String, Instant>,
@@ -195,25 +205,46 @@ impl Publisher {
         let props = ConnectionProperties::default().with_connection_name(LongString::from(
             format!("outbox-relay {}", std::process::id()),
         ));
-        let connection =
-            match tokio::time::timeout(AMQP_TIMEOUT, Connection::connect(url, props)).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(source)) => {
-                    return Err(PublishError::Connect {
-                        url: redact_url(url),
-                        source,
-                    })
-                }
-                Err(_) => {
-                    return Err(PublishError::Timeout {
-                        what: "the connection handshake",
-                    })
-                }
-            };
+        let uri: AMQPUri = url.parse().map_err(|e: String| PublishError::Connect {
+            url: redact_url(url),
+            source: lapin::Error::from(std::io::Error::other(e)),
+        })?;
+        let fence = Arc::new(WriteFence::default());
+        let runtime = Runtime::new(RuntimeParts::new(
+            Tokio::current(),
+            FencedReactor::new(fence.clone()),
+        ));
+        let tls = OwnedTLSConfig::default();
+        // What lapin's own connect does, over a fenced socket.
+        let connect = Connection::connector(
+            uri,
+            runtime,
+            async move |uri, runtime| {
+                AMQPUriTcpExt::connect_with_config_async(&uri, tls.as_ref(), &runtime)
+                    .await
+                    .map_err(lapin::Error::from)
+            },
+            props,
+        );
+        let connection = match tokio::time::timeout(AMQP_TIMEOUT, connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(source)) => {
+                return Err(PublishError::Connect {
+                    url: redact_url(url),
+                    source,
+                })
+            }
+            Err(_) => {
+                return Err(PublishError::Timeout {
+                    what: "the connection handshake",
+                })
+            }
+        };
         let channel = confirm_channel(&connection).await?;
         let vhost = connection.status().vhost().to_string();
         Ok(Self {
             connection,
+            fence,
             channel,
             probe: None,
             exchanges: HashMap::new(),
@@ -249,6 +280,12 @@ impl Publisher {
         self.exchanges.clear();
         self.channel = confirm_channel(&self.connection).await?;
         Ok(())
+    }
+
+    /// Nothing this relay published is still unconfirmed: socket writes (e.g.
+    /// heartbeats) no longer depend on a lease.
+    pub fn open_fence(&self) {
+        self.fence.open();
     }
 
     pub fn channel_usable(&self) -> bool {
@@ -307,11 +344,15 @@ impl Publisher {
     }
 
     /// Sends one message (mandatory, persistent); the confirm arrives later.
+    /// `lease_until`: the message must not reach the socket after this instant.
     pub async fn publish(
         &self,
         row: &OutboxRow,
         prepared: Prepared,
+        lease_until: tokio::time::Instant,
     ) -> Result<PublisherConfirm, lapin::Error> {
+        self.fence.arm(lease_until.into_std());
+        freeze_point();
         fail::fail_point!("before_publish", |_| Err(lapin::Error::from(
             lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "failpoint")
         )));
@@ -365,6 +406,17 @@ impl Publisher {
             .close(200, ShortString::from("relay stopping"));
         let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
     }
+}
+
+/// Fault tests: `FAILPOINTS=publish_after_lease_check=N*off->1*return` stops
+/// the whole process (SIGSTOP to itself) after the lease check and before the
+/// write, the moment a pause hurts fencing most. A no-op without the feature.
+fn freeze_point() {
+    fail::fail_point!("publish_after_lease_check", |_| {
+        let _ = std::process::Command::new("kill")
+            .args(["-STOP", &std::process::id().to_string()])
+            .status();
+    });
 }
 
 async fn confirm_channel(connection: &Connection) -> Result<Channel, PublishError> {

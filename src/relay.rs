@@ -359,12 +359,21 @@ impl Relay {
         }
     }
 
-    /// Publishes one row. Returns false when the broker side is broken.
-    async fn publish_row(&mut self, row: OutboxRow, lease: &LeaseState) -> bool {
-        if !lease.holds(row.partition) {
-            // Lease lapsed since the claim: another relay may own it now.
+    /// Until when the row may reach the broker, or None (and the row is given
+    /// up for now) when its lease lapsed since the claim: another relay may own
+    /// its partition now.
+    fn lease_until(&mut self, row: &OutboxRow, lease: &LeaseState) -> Option<Instant> {
+        let until = lease.valid_until.filter(|_| lease.holds(row.partition));
+        if until.is_none() {
             self.metrics.failure(FailureReason::LeaseLost);
             self.order.failed(row.partition_key.as_deref());
+        }
+        until
+    }
+
+    /// Publishes one row. Returns false when the broker side is broken.
+    async fn publish_row(&mut self, row: OutboxRow, lease: &LeaseState) -> bool {
+        if self.lease_until(&row, lease).is_none() {
             return true;
         }
         let prepared = match publisher::prepare(&row) {
@@ -391,12 +400,16 @@ impl Relay {
             }
         }
         if self.suspects.contains(&row.id) {
-            return self.publish_alone(row, prepared).await;
+            return self.publish_alone(row, prepared, lease).await;
         }
+        // The exchange check may have waited on the broker: the lease again.
+        let Some(until) = self.lease_until(&row, lease) else {
+            return true;
+        };
         let Some(publisher) = self.publisher.as_ref() else {
             return false;
         };
-        match publisher.publish(&row, prepared).await {
+        match publisher.publish(&row, prepared, until).await {
             Ok(confirm) => {
                 self.in_flight.push_back(InFlight {
                     sent: Sent::of(&row),
@@ -414,10 +427,18 @@ impl Relay {
 
     /// A row that was in flight when a channel or connection died: sent with
     /// nothing else in flight, so if it kills the channel again it is the cause.
-    async fn publish_alone(&mut self, row: OutboxRow, prepared: publisher::Prepared) -> bool {
+    async fn publish_alone(
+        &mut self,
+        row: OutboxRow,
+        prepared: publisher::Prepared,
+        lease: &LeaseState,
+    ) -> bool {
         while !self.in_flight.is_empty() {
             self.await_front(false).await;
         }
+        let Some(until) = self.lease_until(&row, lease) else {
+            return true;
+        };
         // Another row may have broken the channel meanwhile: then this one is
         // no wiser than before and must not be charged for it.
         let channel_ok = self
@@ -434,7 +455,7 @@ impl Relay {
         };
         self.suspects.remove(&row.id);
         let sent = Sent::of(&row);
-        let result = match publisher.publish(&row, prepared).await {
+        let result = match publisher.publish(&row, prepared, until).await {
             Ok(confirm) => tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
                 .await
                 .unwrap_or_else(|_| {
@@ -460,6 +481,7 @@ impl Relay {
                 false
             }
             other => {
+                publisher.open_fence();
                 self.settle(sent, other);
                 true
             }
@@ -511,6 +533,9 @@ impl Relay {
                 self.broker_fault(outcome, None);
             }
             outcome => {
+                if self.in_flight.len() == 1 {
+                    publisher.open_fence();
+                }
                 if let Some(flight) = self.in_flight.pop_front() {
                     self.settle(flight.sent, outcome);
                 }
@@ -597,6 +622,13 @@ impl Relay {
         for f in self.in_flight.drain(..) {
             self.metrics.failure(label);
             self.suspects.insert(f.sent.id);
+        }
+        // A closed channel's unsent frames are discarded; a lost connection
+        // keeps its fence until it is replaced.
+        if label == FailureReason::ChannelClosed {
+            if let Some(p) = self.publisher.as_ref() {
+                p.open_fence();
+            }
         }
         self.order.clear();
         self.more = true;

@@ -1155,6 +1155,128 @@ async fn scale_frozen_relay_does_not_publish_lost_partitions() {
     }
 }
 
+/// A relay paused after it checked its lease and before the publish reached
+/// the socket (the one gap a check in the relay cannot close) must still not
+/// put that publish on the wire once its lease lapsed: the fence at the socket
+/// refuses the write and the row goes to the partition's new holder.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_relay_paused_between_lease_check_and_write_does_not_publish() {
+    let env = TestEnv::new("scale_paused").await;
+    record_lease_history(&env).await;
+    let queue = env.declare_queue("events").await;
+    let collector = env.consume(&queue, AckMode::Manual).await;
+
+    // A stops itself (SIGSTOP) at its 40th publish, after the lease check.
+    let tap_a = AmqpTap::start(&env.amqp_url);
+    let mut a = Relay::start_configured(
+        &env,
+        &[],
+        &[
+            ("OUTBOX_AMQP_URL", tap_a.url.as_str()),
+            (
+                "FAILPOINTS",
+                "publish_after_lease_check=39*off->1*return->off",
+            ),
+        ],
+        Settings::Environment,
+    )
+    .await;
+    let (mut b, tap_b) = start_tapped(&env, &[]).await;
+    let both = [a.instance.as_str(), b.instance.as_str()];
+    wait_for_leases(
+        &env,
+        Duration::from_secs(40),
+        "split between A and B",
+        |l| fairly_split(l, &both),
+    )
+    .await;
+
+    let (keys, seqs): (Vec<String>, Vec<i64>) = (0..600usize)
+        .map(|i| (format!("paused-{:02}", i % 60), (i / 60 + 1) as i64))
+        .unzip();
+    let mut written = insert_keyed(&env, &queue, &keys, &seqs).await;
+    let stopped = wait_until(Duration::from_secs(30), async || {
+        std::fs::read_to_string(format!("/proc/{}/stat", a.pid))
+            .ok()
+            .and_then(|s| {
+                s.rsplit(')')
+                    .next()
+                    .map(|r| r.trim_start().starts_with('T'))
+            })
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(
+        stopped,
+        "A never reached its failpoint; log:\n{}",
+        a.log_tail(20)
+    );
+    let stopped_at = Instant::now();
+    let sent_before = tap_a.publishes().len();
+    println!("A stopped itself between a lease check and the write, after {sent_before} publishes");
+
+    let b_only = [b.instance.as_str()];
+    let b_all = wait_for_leases(&env, Duration::from_secs(30), "B holds everything", |l| {
+        all_held_by(l, &b_only)
+    })
+    .await;
+    println!(
+        "B holds all 32 partitions {:.2} s after A stopped",
+        b_all.as_secs_f64()
+    );
+    wait_until(Duration::from_secs(30), async || {
+        stopped_at.elapsed() >= LEASE_TTL + Duration::from_secs(1)
+    })
+    .await;
+    written.extend(
+        insert_keyed(
+            &env,
+            &queue,
+            &keys,
+            &seqs.iter().map(|s| s + 10).collect::<Vec<_>>(),
+        )
+        .await,
+    );
+
+    a.signal("CONT");
+    let resumed_at = SystemTime::now();
+    collector
+        .wait_for_ids(&ids_of_written(&written), ARRIVAL_TIMEOUT)
+        .await;
+    // Give A's pending write every chance to show up at its tap.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let received = collector.stop().await;
+    let report = DeliveryReport::of(&written, &received);
+    report.print("paused between lease check and write");
+
+    let history = LeaseHistory::load(&env).await;
+    let partitions = partitions_of_rows(&env).await;
+    let out_a = publishes_out_of_lease(&tap_a, &a.instance, &partitions, &history);
+    let fenced = a
+        .logs()
+        .contains("after its partition lease could have lapsed");
+    println!(
+        "A: {} publishes after resume, {} out of lease; fence refused the late write: {fenced}",
+        tap_a.publishes_after(resumed_at).len(),
+        out_a.len()
+    );
+    assert_no_out_of_lease("A (paused, then resumed)", &out_a, tap_a.publishes().len());
+    assert!(
+        fenced,
+        "A's paused publish was neither sent in time nor refused by the fence; log:\n{}",
+        a.log_tail(30)
+    );
+    let out_b = publishes_out_of_lease(&tap_b, &b.instance, &partitions, &history);
+    assert_no_out_of_lease("B", &out_b, tap_b.publishes().len());
+    report.assert_ok();
+
+    for r in [&mut a, &mut b] {
+        r.assert_running();
+        assert_eq!(r.terminate(Duration::from_secs(20)).await.code(), Some(0));
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Retention
 // ---------------------------------------------------------------------------

@@ -1,0 +1,202 @@
+//! Lease fencing at the last step before the wire.
+//!
+//! The relay checks its partition lease before it hands a publish to lapin, but
+//! a process paused between that check and the socket write (SIGSTOP, a long
+//! GC-like stall, a frozen VM) would put the message on the wire after the
+//! lease lapsed and a successor took the partition over. AMQP has no fencing
+//! token the broker could check, so the check is repeated where the bytes
+//! leave: every AMQP connection's socket is wrapped, and while a publish is
+//! armed a write past its lease deadline fails. The connection then breaks,
+//! every unconfirmed row stays pending, and the new lease holder publishes it.
+
+use std::{
+    fmt, io,
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd},
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use async_rs::{traits::Reactor, Tokio};
+use futures_util::{
+    io::{AsyncRead, AsyncWrite},
+    FutureExt, Stream,
+};
+
+/// Shared between the relay (which arms it) and the socket (which obeys it).
+pub struct WriteFence {
+    base: Instant,
+    /// Nanoseconds after `base` from which writes fail, plus one; 0 = open.
+    deadline: AtomicU64,
+}
+
+impl fmt::Debug for WriteFence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WriteFence")
+            .field("armed", &(self.deadline.load(Ordering::Relaxed) != 0))
+            .finish()
+    }
+}
+
+impl Default for WriteFence {
+    fn default() -> Self {
+        Self {
+            base: Instant::now(),
+            deadline: AtomicU64::new(0),
+        }
+    }
+}
+
+impl WriteFence {
+    /// From now on, writes after `until` fail (until `open` is called).
+    pub fn arm(&self, until: Instant) {
+        let nanos = until.saturating_duration_since(self.base).as_nanos();
+        let nanos = u64::try_from(nanos).unwrap_or(u64::MAX - 1);
+        self.deadline.store(nanos + 1, Ordering::SeqCst);
+    }
+
+    /// Nothing unconfirmed is waiting to be written: writes are free again.
+    pub fn open(&self) {
+        self.deadline.store(0, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> io::Result<()> {
+        let deadline = self.deadline.load(Ordering::SeqCst);
+        if deadline == 0 {
+            return Ok(());
+        }
+        let now = self.base.elapsed().as_nanos();
+        if now + 1 >= u128::from(deadline) {
+            let late = Duration::from_nanos(
+                u64::try_from(now + 1 - u128::from(deadline)).unwrap_or(u64::MAX),
+            );
+            return Err(io::Error::other(format!(
+                "a publish reached the socket {late:?} after its partition lease could have lapsed \
+                 (the relay was paused); dropping the connection so the lease's new holder publishes it"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A socket whose writes obey a [`WriteFence`].
+pub struct FencedStream<S> {
+    inner: S,
+    fence: Arc<WriteFence>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FencedStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FencedStream<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.fence.check()?;
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.fence.check()?;
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+/// lapin's tokio reactor, except that the TCP streams it opens are fenced.
+#[derive(Clone, Debug)]
+pub struct FencedReactor {
+    inner: Tokio,
+    fence: Arc<WriteFence>,
+}
+
+impl FencedReactor {
+    pub fn new(fence: Arc<WriteFence>) -> Self {
+        Self {
+            inner: Tokio::current(),
+            fence,
+        }
+    }
+}
+
+impl Reactor for FencedReactor {
+    type TcpStream = FencedStream<<Tokio as Reactor>::TcpStream>;
+    type Sleep = <Tokio as Reactor>::Sleep;
+
+    // async-rs bounds this with a private trait that unix defines as AsFd + AsRawFd.
+    fn register<H: io::Read + io::Write + AsFd + AsRawFd + Send + 'static>(
+        &self,
+        socket: H,
+    ) -> io::Result<impl AsyncRead + AsyncWrite + Send + Unpin + 'static> {
+        self.inner.register(socket)
+    }
+
+    fn sleep(&self, dur: Duration) -> Self::Sleep {
+        self.inner.sleep(dur)
+    }
+
+    fn interval(&self, dur: Duration) -> impl Stream<Item = Instant> + Send + 'static {
+        self.inner.interval(dur)
+    }
+
+    fn tcp_connect_addr(
+        &self,
+        addr: SocketAddr,
+    ) -> impl std::future::Future<Output = io::Result<Self::TcpStream>> + Send + 'static {
+        let fence = self.fence.clone();
+        self.inner
+            .tcp_connect_addr(addr)
+            .map(move |stream| stream.map(|inner| FencedStream { inner, fence }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_fence_lets_every_write_through() {
+        let fence = WriteFence::default();
+        assert!(fence.check().is_ok());
+        fence.arm(Instant::now() - Duration::from_secs(1));
+        fence.open();
+        assert!(fence.check().is_ok());
+    }
+
+    #[test]
+    fn an_armed_fence_refuses_writes_only_past_its_deadline() {
+        let fence = WriteFence::default();
+        fence.arm(Instant::now() + Duration::from_secs(60));
+        assert!(fence.check().is_ok());
+        fence.arm(Instant::now() - Duration::from_millis(1));
+        let err = fence
+            .check()
+            .expect_err("a write past the lease deadline must fail");
+        assert!(err.to_string().contains("lease"), "{err}");
+    }
+}

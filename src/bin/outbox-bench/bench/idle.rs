@@ -1,0 +1,193 @@
+//! Phase 4, idle: statements per second the relay sends with nothing to do.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio_postgres::Client;
+
+use super::{pg_connect, Bench};
+use crate::{relay_proc::RelayProc, results::IdleRun, util::with_database};
+
+impl Bench {
+    pub(crate) async fn idle_once(&self, run: usize) -> Result<IdleRun> {
+        let schema = format!("bench_idle_{run}");
+        // A database of its own: its pg_stat_database counters see the relay and
+        // nothing else (the bench reads them from its main connection).
+        let own = format!("{}_bench_idle", self.database);
+        let _ = self
+            .db
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {own} WITH (FORCE)"))
+            .await;
+        let dedicated = match self
+            .db
+            .batch_execute(&format!("CREATE DATABASE {own} TEMPLATE template0"))
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                progress!("note: cannot create database {own} ({e}); measuring with and without the relay in {}", self.database);
+                false
+            }
+        };
+        let (database, url) = if dedicated {
+            (own.clone(), with_database(&self.args.database_url, &own)?)
+        } else {
+            (self.database.clone(), self.args.database_url.clone())
+        };
+        let r = async {
+            let partitions = {
+                let client = pg_connect(&url, "outbox-bench setup").await?;
+                self.fresh_schema(&client, &url, &schema).await?;
+                Self::partitions_total(&client, &schema).await?
+            };
+            self.idle_measure(&database, &url, &schema, partitions, dedicated, run)
+                .await
+        }
+        .await;
+        if dedicated {
+            if let Err(e) = self
+                .db
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {own} WITH (FORCE)"))
+                .await
+            {
+                progress!("warning: could not drop database {own}: {e}");
+            }
+        } else {
+            self.drop_schema(&schema).await;
+        }
+        r
+    }
+
+    async fn idle_measure(
+        &self,
+        database: &str,
+        url: &str,
+        schema: &str,
+        partitions: f64,
+        dedicated: bool,
+        run: usize,
+    ) -> Result<IdleRun> {
+        let window = self.args.idle_duration;
+        // Let the setup connection's statistics reach pg_stat_database, then the baseline.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let baseline_window = if dedicated {
+            Duration::from_secs(5)
+        } else {
+            window
+        };
+        let (b0, bt0) = (self.transactions(database).await?, Instant::now());
+        tokio::time::sleep(baseline_window).await;
+        let (b1, bt1) = (self.transactions(database).await?, Instant::now());
+        let baseline_per_s = (b1 - b0) as f64 / (bt1 - bt0).as_secs_f64();
+
+        let label = format!("idle-{run}");
+        let mut relay = RelayProc::spawn(self, url, schema, &label)?;
+        let measured = async {
+            relay.wait_ready(partitions, Duration::from_secs(30)).await?;
+            // Past start-up (first heartbeat, first retention pass, first claim),
+            // and past PostgreSQL's statistics delay: a backend that went idle
+            // right after start-up (the relay's claim connection, after preparing
+            // its statements) reports its transactions up to 10 s later
+            // (PGSTAT_IDLE_INTERVAL), which would land in the window.
+            tokio::time::sleep(Duration::from_secs(12)).await;
+            let (c0, t0) = (self.transactions(database).await?, Instant::now());
+            let sampler = tokio::spawn(count_statements(
+                self.db.clone(),
+                database.to_string(),
+                SystemTime::now(),
+                t0 + window,
+            ));
+            tokio::time::sleep(window).await;
+            let (c1, t1) = (self.transactions(database).await?, Instant::now());
+            let statements = sampler
+                .await
+                .context("statement sampler")?
+                .context("sampling pg_stat_activity")?;
+            if let Some(status) = relay.exited() {
+                bail!("the relay exited during the idle window: {status}");
+            }
+            let window_s = (t1 - t0).as_secs_f64();
+            let total_per_s = (c1 - c0) as f64 / window_s;
+            Ok(IdleRun {
+                method: if dedicated {
+                    format!(
+                        "statements: each new query_start of the relay's backends in pg_stat_activity, sampled every 10 ms \
+                         (idle statements are ~1 s apart, so none is missed); transactions: xact_commit+xact_rollback of \
+                         database {database}, which only the relay uses, minus a 5 s baseline without the relay"
+                    )
+                } else {
+                    format!(
+                        "statements: new query_start values of backends named outbox-relay* in {database}, sampled every 10 ms \
+                         (other relays on this server would be counted too); transactions: xact_commit+xact_rollback of {database} \
+                         with the relay minus the same without it (other clients add noise)"
+                    )
+                },
+                statements_per_s: statements as f64 / window_s,
+                xacts_per_s: total_per_s - baseline_per_s,
+                baseline_per_s,
+                window_s,
+                stop_note: None,
+            })
+        }
+        .await;
+        let measured = match measured {
+            Ok(m) => Ok(m),
+            Err(e) => Err(anyhow!("{e:#}\nrelay log tail:\n{}", relay.log_tail(15))),
+        };
+        let stop_note = relay.stop().await;
+        let mut run = measured?;
+        run.stop_note = stop_note;
+        Ok(run)
+    }
+
+    /// Transactions committed or rolled back in a database (cumulative).
+    async fn transactions(&self, database: &str) -> Result<i64> {
+        Ok(self
+            .db
+            .query_one(
+                "SELECT coalesce(sum(xact_commit + xact_rollback), 0)::bigint
+                   FROM pg_stat_database WHERE datname = $1",
+                &[&database],
+            )
+            .await?
+            .get(0))
+    }
+}
+
+/// Counts the statements the relay's backends start until `end`: every new
+/// `query_start` seen in pg_stat_activity (sampled every 10 ms, from another
+/// database, so the sampling itself is not counted).
+async fn count_statements(
+    db: Arc<Client>,
+    database: String,
+    since: SystemTime,
+    end: Instant,
+) -> Result<u64, tokio_postgres::Error> {
+    let mut last: HashMap<i32, SystemTime> = HashMap::new();
+    let mut started = 0u64;
+    while Instant::now() < end {
+        let rows = db
+            .query(
+                "SELECT pid, query_start FROM pg_stat_activity
+                  WHERE datname = $1 AND application_name LIKE 'outbox-relay%'
+                    AND query_start IS NOT NULL",
+                &[&database],
+            )
+            .await?;
+        for row in rows {
+            let pid: i32 = row.get(0);
+            let query_start: SystemTime = row.get(1);
+            match last.insert(pid, query_start) {
+                Some(previous) if previous != query_start => started += 1,
+                None if query_start >= since => started += 1,
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(started)
+}

@@ -1,0 +1,323 @@
+//! The bench: connections, schema set-up and the evidence when a phase fails.
+//! The phases are `impl Bench` blocks in the submodules.
+
+use std::{
+    fmt::Write as _,
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::Arc,
+};
+
+use anyhow::{bail, Context, Result};
+use lapin::{
+    options::{QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions},
+    types::{FieldTable, LongString, ShortString},
+    Channel, Connection, ConnectionProperties,
+};
+use tokio_postgres::{Client, NoTls};
+
+use crate::{
+    consumer::Consumer,
+    relay_proc::{metric, RelayProc},
+    sysinfo::{clock_ticks, tcp_ports_to},
+    util::redact,
+    Args,
+};
+
+mod ceiling;
+mod drain;
+mod growth;
+mod idle;
+mod machine;
+mod steady;
+
+pub(crate) use machine::Machine;
+
+pub(crate) struct Bench {
+    pub(crate) args: Args,
+    pub(crate) relay_bin: PathBuf,
+    pub(crate) log_dir: PathBuf,
+    db: Arc<Client>,
+    /// The PostgreSQL backend serving `db`.
+    backend_pid: i32,
+    /// The PostgreSQL server's TCP port, to find the relay's connections.
+    server_port: i32,
+    database: String,
+    _amqp: Connection,
+    admin: Channel,
+    clk_tck: f64,
+}
+
+impl Bench {
+    pub(crate) async fn connect(args: Args, relay_bin: PathBuf) -> Result<Self> {
+        let db = pg_connect(&args.database_url, "outbox-bench").await?;
+        let row = db
+            .query_one(
+                "SELECT current_database(), pg_backend_pid(), inet_server_port()",
+                &[],
+            )
+            .await?;
+        let database: String = row.get(0);
+        let backend_pid: i32 = row.get(1);
+        let server_port: Option<i32> = row.get(2);
+        let amqp = Connection::connect(
+            &args.amqp_url,
+            ConnectionProperties::default()
+                .with_connection_name(LongString::from("outbox-bench admin")),
+        )
+        .await
+        .with_context(|| format!("connecting to RabbitMQ at {}", redact(&args.amqp_url)))?;
+        let admin = amqp.create_channel().await?;
+        // A fresh durable classic queue: whatever an earlier run left is gone.
+        admin
+            .queue_delete(
+                ShortString::from(args.queue.as_str()),
+                QueueDeleteOptions::default(),
+            )
+            .await
+            .context("deleting the bench queue")?;
+        admin
+            .queue_declare(
+                ShortString::from(args.queue.as_str()),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .context("declaring the bench queue")?;
+        let log_dir = std::env::temp_dir().join(format!("outbox-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&log_dir)?;
+        Ok(Self {
+            args,
+            relay_bin,
+            log_dir,
+            db: Arc::new(db),
+            backend_pid,
+            server_port: server_port.unwrap_or(5432),
+            database,
+            _amqp: amqp,
+            admin,
+            clk_tck: clock_ticks(),
+        })
+    }
+
+    pub(crate) async fn cleanup(&self) {
+        let _ = self
+            .admin
+            .queue_delete(
+                ShortString::from(self.args.queue.as_str()),
+                QueueDeleteOptions::default(),
+            )
+            .await;
+    }
+
+    async fn purge(&self) -> Result<()> {
+        self.admin
+            .queue_purge(
+                ShortString::from(self.args.queue.as_str()),
+                QueuePurgeOptions::default(),
+            )
+            .await
+            .context("purging the bench queue")?;
+        Ok(())
+    }
+
+    /// A command for the relay binary that sees only the settings given here.
+    pub(crate) fn relay_command(&self, database_url: &str) -> Command {
+        let mut cmd = Command::new(&self.relay_bin);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("OUTBOX_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env("OUTBOX_DATABASE_URL", database_url)
+            .env("OUTBOX_AMQP_URL", &self.args.amqp_url)
+            .env("OUTBOX_LOG", "warn")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Drops the schema if an earlier run left it, and migrates it afresh.
+    async fn fresh_schema(&self, db: &Client, database_url: &str, schema: &str) -> Result<()> {
+        db.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .await
+            .with_context(|| format!("dropping schema {schema}"))?;
+        let out = self
+            .relay_command(database_url)
+            .args(["migrate", "--schema", schema])
+            .output()
+            .context("running outbox-relay migrate")?;
+        if !out.status.success() {
+            bail!(
+                "outbox-relay migrate --schema {schema} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    async fn drop_schema(&self, schema: &str) {
+        if let Err(e) = self
+            .db
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .await
+        {
+            progress!("warning: could not drop schema {schema}: {e}");
+        }
+    }
+
+    /// Bulk-inserts rows of `payload_bytes` each to the bench queue.
+    async fn insert_rows(&self, schema: &str, n: u64, published: bool) -> Result<()> {
+        let sql = format!(
+            "INSERT INTO {schema}.messages (routing_key, payload, published_at)
+             SELECT $1, convert_to(rpad(i::text, $2, '.'), 'UTF8'), CASE WHEN $3 THEN now() END
+               FROM generate_series(1, $4::bigint) i"
+        );
+        let payload_bytes = i32::try_from(self.args.payload_bytes).context("payload size")?;
+        self.db
+            .execute(
+                &sql,
+                &[&self.args.queue, &payload_bytes, &published, &(n as i64)],
+            )
+            .await
+            .with_context(|| format!("inserting {n} rows into {schema}.messages"))?;
+        Ok(())
+    }
+
+    /// Statistics as autovacuum would have them, and no checkpoint debt from setup.
+    async fn settle_table(&self, schema: &str) -> Result<()> {
+        self.db
+            .batch_execute(&format!("ANALYZE {schema}.messages"))
+            .await?;
+        if let Err(e) = self.db.batch_execute("CHECKPOINT").await {
+            progress!(
+                "note: CHECKPOINT not allowed ({e}); setup writes may overlap the measurement"
+            );
+        }
+        Ok(())
+    }
+
+    async fn outbox_counts(&self, schema: &str) -> Result<OutboxCounts> {
+        let row = self
+            .db
+            .query_one(
+                &format!(
+                    "SELECT count(*) FILTER (WHERE published_at IS NULL AND dead_lettered_at IS NULL),
+                            count(*) FILTER (WHERE published_at IS NOT NULL),
+                            count(*) FILTER (WHERE dead_lettered_at IS NOT NULL)
+                       FROM {schema}.messages"
+                ),
+                &[],
+            )
+            .await?;
+        Ok(OutboxCounts {
+            pending: row.get(0),
+            published: row.get(1),
+            dead_lettered: row.get(2),
+        })
+    }
+
+    /// PostgreSQL backends serving the relay: matched through the local ports of
+    /// the relay's TCP connections to the server.
+    async fn relay_backends(&self, relay: &RelayProc) -> Vec<i32> {
+        let ports = tcp_ports_to(relay.pid(), self.server_port);
+        if ports.is_empty() {
+            return Vec::new();
+        }
+        self.db
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE client_port = ANY($1::int4[])",
+                &[&ports],
+            )
+            .await
+            .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+            .unwrap_or_default()
+    }
+
+    async fn partitions_total(db: &Client, schema: &str) -> Result<f64> {
+        let n: i64 = db
+            .query_one(&format!("SELECT count(*) FROM {schema}.leases"), &[])
+            .await?
+            .get(0);
+        Ok(n as f64)
+    }
+
+    /// What went wrong, with the evidence: database state and the relay's log.
+    async fn evidence(&self, schema: &str, relay: &mut RelayProc, consumer: &Consumer) -> String {
+        let mut s = String::new();
+        let (deliveries, distinct) = consumer.counts();
+        let _ = write!(
+            s,
+            "consumer saw {distinct} distinct messages ({deliveries} deliveries); "
+        );
+        match self.outbox_counts(schema).await {
+            Ok(c) => {
+                let _ = write!(
+                    s,
+                    "{schema}.messages: {} pending, {} published, {} dead-lettered; ",
+                    c.pending, c.published, c.dead_lettered
+                );
+            }
+            Err(e) => {
+                let _ = write!(s, "cannot count {schema}.messages: {e}; ");
+            }
+        }
+        match relay.exited() {
+            Some(status) => {
+                let _ = write!(s, "relay exited: {status}; ");
+            }
+            None => {
+                let _ = write!(s, "relay still running (pid {}); ", relay.pid());
+                if let Ok((_, m)) = relay.get("/metrics").await {
+                    for name in [
+                        "outbox_relay_messages_published_total",
+                        "outbox_relay_partitions_owned",
+                        "outbox_relay_broker_connected",
+                        "outbox_relay_database_connected",
+                        "outbox_relay_broker_blocked",
+                    ] {
+                        if let Some(v) = metric(&m, name) {
+                            let _ = write!(s, "{name} {v}; ");
+                        }
+                    }
+                    for line in m.lines().filter(|l| {
+                        l.starts_with("outbox_relay_publish_failures_total{") && !l.ends_with(" 0")
+                    }) {
+                        let _ = write!(s, "{line}; ");
+                    }
+                }
+            }
+        }
+        let _ = write!(
+            s,
+            "relay log {}, last lines:\n{}",
+            relay.log.display(),
+            relay.log_tail(15)
+        );
+        s
+    }
+}
+
+struct OutboxCounts {
+    pending: i64,
+    published: i64,
+    dead_lettered: i64,
+}
+
+async fn pg_connect(url: &str, application_name: &str) -> Result<Client> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .with_context(|| format!("parsing the database URL {}", redact(url)))?;
+    config.application_name(application_name);
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {}", redact(url)))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}

@@ -1,0 +1,319 @@
+//! The relay as a child process, its HTTP endpoints and its metrics text.
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{bench::Bench, sysinfo::proc_stat};
+
+pub(crate) struct RelayProc {
+    child: Child,
+    port: u16,
+    pub(crate) log: PathBuf,
+}
+
+impl RelayProc {
+    pub(crate) fn spawn(
+        bench: &Bench,
+        database_url: &str,
+        schema: &str,
+        label: &str,
+    ) -> Result<Self> {
+        let port = free_port()?;
+        let log = bench.log_dir.join(format!("relay-{label}.log"));
+        let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = bench
+            .relay_command(database_url)
+            .args([
+                "run",
+                "--schema",
+                schema,
+                "--metrics-addr",
+                &format!("127.0.0.1:{port}"),
+                "--instance-id",
+                &format!("bench-{label}"),
+            ])
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {}", bench.relay_bin.display()))?;
+        Ok(Self { child, port, log })
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// (utime, stime) in clock ticks.
+    pub(crate) fn cpu(&self) -> Option<(u64, u64)> {
+        proc_stat(&self.pid().to_string()).map(|(_, u, s)| (u, s))
+    }
+
+    pub(crate) fn peak_rss_kib(&self) -> Option<u64> {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()?
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
+    pub(crate) async fn get(&self, path: &str) -> Result<(u16, String)> {
+        let port = self.port;
+        let path = path.to_string();
+        tokio::task::spawn_blocking(move || http_get(port, &path))
+            .await?
+            .map_err(Into::into)
+    }
+
+    /// Ready (both sides connected) and holding every partition.
+    pub(crate) async fn wait_ready(&mut self, partitions: f64, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                bail!(
+                    "the relay exited at start ({status}); log:\n{}",
+                    self.log_tail(15)
+                );
+            }
+            if let Ok((200, _)) = self.get("/readyz").await {
+                if let Ok((200, m)) = self.get("/metrics").await {
+                    if metric(&m, "outbox_relay_partitions_owned").is_some_and(|p| p >= partitions)
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the relay was not ready with all {partitions} partitions within {timeout:?}; log:\n{}",
+                    self.log_tail(15)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub(crate) async fn scrape(&self) -> Result<String> {
+        let (code, text) = self.get("/metrics").await?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        Ok(text)
+    }
+
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let tail = all[all.len().saturating_sub(lines)..].join("\n");
+        if tail.is_empty() {
+            "(empty)".into()
+        } else {
+            tail
+        }
+    }
+
+    /// SIGTERM, then wait; a note when the stop was not clean.
+    pub(crate) async fn stop(mut self) -> Option<String> {
+        if let Some(status) = self.exited() {
+            return Some(format!("the relay had already exited ({status})"));
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.exited() {
+                return (!status.success())
+                    .then(|| format!("the relay exited with {status} after SIGTERM"));
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return Some("the relay did not exit within 20 s of SIGTERM; killed".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((code, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A plain (unlabelled) sample's value.
+pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// (le, cumulative count) of a histogram, in le order.
+pub(crate) fn histogram_buckets(text: &str, name: &str) -> Vec<(f64, u64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut buckets: Vec<(f64, u64)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, rest) = rest.split_once("\"}")?;
+            let count = rest.split_whitespace().next()?.parse::<f64>().ok()?;
+            Some((le.parse().ok()?, count as u64))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+pub(crate) struct HistQ {
+    pub(crate) count: u64,
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    pub(crate) max_le: f64,
+}
+
+/// Quantiles of the observations made between two scrapes, interpolated
+/// linearly inside buckets (the way Prometheus' histogram_quantile does).
+pub(crate) fn hist_quantiles(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<HistQ> {
+    let delta: Vec<(f64, u64)> = after
+        .iter()
+        .map(|&(le, c)| {
+            let b = before.iter().find(|(l, _)| *l == le).map_or(0, |&(_, c)| c);
+            (le, c.saturating_sub(b))
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let q = |q: f64| {
+        let rank = q * total as f64;
+        let mut prev_le = 0.0;
+        let mut prev_c = 0u64;
+        for &(le, c) in &delta {
+            if c as f64 >= rank {
+                if le.is_infinite() {
+                    return prev_le;
+                }
+                let in_bucket = (c - prev_c) as f64;
+                let frac = if in_bucket > 0.0 {
+                    (rank - prev_c as f64) / in_bucket
+                } else {
+                    1.0
+                };
+                return prev_le + (le - prev_le) * frac;
+            }
+            prev_le = le;
+            prev_c = c;
+        }
+        prev_le
+    };
+    let max_le = delta
+        .iter()
+        .find(|(_, c)| *c == total)
+        .map_or(f64::INFINITY, |&(le, _)| le);
+    Some(HistQ {
+        count: total,
+        p50: q(0.50),
+        p99: q(0.99),
+        max_le,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_interpolate_within_buckets() {
+        let before = vec![(0.001, 0), (0.002, 0), (0.004, 0), (f64::INFINITY, 0)];
+        let after = vec![(0.001, 50), (0.002, 90), (0.004, 100), (f64::INFINITY, 100)];
+        let h = hist_quantiles(&before, &after).unwrap();
+        assert_eq!(h.count, 100);
+        assert!((h.p50 - 0.001).abs() < 1e-9, "{}", h.p50);
+        assert!((h.p99 - 0.0038).abs() < 1e-9, "{}", h.p99);
+        assert_eq!(h.max_le, 0.004);
+    }
+
+    #[test]
+    fn metrics_text_is_parsed() {
+        let text = "# TYPE x histogram\nx_bucket{le=\"0.001\"} 3\nx_bucket{le=\"+Inf\"} 4\nx_count 4\nouts 7\nout 2\n";
+        assert_eq!(
+            histogram_buckets(text, "x"),
+            vec![(0.001, 3), (f64::INFINITY, 4)]
+        );
+        assert_eq!(metric(text, "out"), Some(2.0));
+    }
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
+    }
+}

@@ -1,0 +1,164 @@
+//! The report: the markdown written to stdout and bench/RESULTS.md.
+
+use std::fmt::Write as _;
+
+use crate::{
+    bench::{Bench, Machine},
+    results::Results,
+    sysinfo::load_average,
+    util::{git_commit, steady_connections, thousands, utc_now},
+};
+
+mod details;
+mod summary;
+
+fn runs_note(values: &[f64]) -> String {
+    match values.len() {
+        0 => String::new(),
+        1 => " (1 run)".into(),
+        n => format!(" (median of {n} runs)"),
+    }
+}
+
+struct Row {
+    figure: String,
+    measured: String,
+    target: String,
+    result: String,
+}
+
+fn verdict(ok: Option<bool>) -> String {
+    match ok {
+        Some(true) => "met".into(),
+        Some(false) => "**not met**".into(),
+        None => "no data".into(),
+    }
+}
+
+pub(crate) fn render(bench: &Bench, machine: &Machine, r: &Results) -> String {
+    let args = &bench.args;
+    let rows = summary::rows(args, r);
+
+    let mut out = String::new();
+    let _ = writeln!(out, "# outbox-relay benchmark results\n");
+    let _ = writeln!(
+        out,
+        "Measured {} on commit {}. Rerun with `make bench` (knobs: `cargo run --release --bin outbox-bench -- --help`).\n",
+        utc_now(),
+        git_commit()
+    );
+    let _ = writeln!(out, "## Machine\n");
+    let _ = writeln!(
+        out,
+        "- CPU: {}; memory {}; Linux {}",
+        machine.cpu, machine.memory, machine.kernel
+    );
+    let _ = writeln!(
+        out,
+        "- PostgreSQL {} on the same host ({})",
+        machine.postgres, machine.postgres_settings
+    );
+    let _ = writeln!(out, "- RabbitMQ {} on the same host", machine.rabbitmq);
+    let _ = writeln!(
+        out,
+        "- Load average at start {}, at end {} (other work on the machine skews the figures; see \"other\" CPU below)",
+        machine.load_start,
+        load_average()
+    );
+    if let Some(share) = other_share(r) {
+        let _ = writeln!(
+            out,
+            "- Other work during the ceiling, drain and growth windows: {:.0}% of the machine's CPU \
+             (about 0% on a quiet machine; above ~10% the figures are pessimistic and vary from run to run)",
+            share * 100.0
+        );
+    }
+    let _ = writeln!(out, "\n## Workload\n");
+    let _ = writeln!(
+        out,
+        "- Messages of {} bytes, persistent, mandatory, to the durable classic queue `{}` through the default exchange; \
+         the bench consumes them (auto-ack) and purges the queue before each phase.",
+        args.payload_bytes, args.queue
+    );
+    let _ = writeln!(
+        out,
+        "- Relay: `{}` as a child process with its defaults ({}), `OUTBOX_LOG=warn`, one fresh schema per phase \
+         (`bench_<phase>_...`, dropped afterwards). Bulk-loaded tables are ANALYZEd and CHECKPOINTed before the relay starts.",
+        bench.relay_bin.display(),
+        machine.relay_defaults
+    );
+    let mut runs = Vec::new();
+    if !r.ceiling.is_empty() || !r.drain.is_empty() {
+        runs.push(format!(
+            "ceiling and drain {} each (alternating; ratios within a run)",
+            args.runs
+        ));
+    }
+    for (phase, count, ran) in [
+        ("steady", args.steady_runs, !r.steady.is_empty()),
+        ("idle", args.idle_runs, !r.idle.is_empty()),
+        ("growth", args.growth_runs, !r.growth.is_empty()),
+    ] {
+        if ran {
+            runs.push(format!("{phase} {count}"));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "- Runs: {}. Figures are medians over runs.",
+        runs.join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "- Steady state: {} connections insert one row per transaction (plain INSERT, autocommit) on a shared schedule for {:?} per rate; \
+         lag is created_at → consumer receipt (created_at from the database, matched by message id), and the relay's own \
+         `outbox_relay_delivery_lag_seconds` (created_at → broker confirm) interpolated from its buckets over the same window.",
+        args.steady_rates
+            .iter()
+            .map(|&r| format!("{} (at {}/s)", steady_connections(args.steady_connections, r), thousands(r as f64)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        args.steady_duration
+    );
+    let _ = writeln!(out, "\n## Results\n");
+    let _ = writeln!(out, "| Figure | Measured | Target | Result |");
+    let _ = writeln!(out, "|---|---|---|---|");
+    for row in &rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} |",
+            row.figure, row.measured, row.target, row.result
+        );
+    }
+
+    details::write(&mut out, args, r);
+    out
+}
+
+/// Busy CPU of everything not measured (other users, kernel threads, other
+/// PostgreSQL processes) over the ceiling, drain and growth windows, as a share
+/// of the machine.
+fn other_share(r: &Results) -> Option<f64> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let mut other = 0.0;
+    let mut capacity = 0.0;
+    for c in r.ceiling.iter().flatten() {
+        other += c.cpu.total_s - c.cpu.rabbitmq_s - c.cpu.bench_s;
+        capacity += c.cpu.wall_s * cores;
+    }
+    let growth = r
+        .growth
+        .iter()
+        .flatten()
+        .filter_map(|(_, d)| d.as_ref().ok());
+    for d in r.drain.iter().flatten().chain(growth) {
+        other += d.cpu.total_s
+            - d.cpu.relay_pg_s
+            - d.cpu.rabbitmq_s
+            - d.cpu.bench_s
+            - d.relay_user_s
+            - d.relay_sys_s;
+        capacity += d.cpu.wall_s * cores;
+    }
+    (capacity > 0.0).then(|| (other / capacity).max(0.0))
+}

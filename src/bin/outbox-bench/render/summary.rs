@@ -1,0 +1,276 @@
+//! The results table: one row per figure, with its target.
+
+use super::{runs_note, verdict, Row};
+use crate::{
+    results::{DrainRun, HistQuantiles, Quantiles, Results, SteadyRun},
+    util::{median, thousands},
+    Args, TARGET_CPU_PER_10K, TARGET_DRAIN_RATIO, TARGET_GROWTH_RATIO, TARGET_IDLE_PER_S,
+    TARGET_LAG_1000_P50_MS, TARGET_LAG_1000_P99_MS, TARGET_LAG_5000_P99_MS, TARGET_RSS_MIB,
+};
+
+/// The rows of the results table, in phase order.
+pub(super) fn rows(args: &Args, r: &Results) -> Vec<Row> {
+    let n = args.messages;
+    let mut rows: Vec<Row> = Vec::new();
+    let info = |figure: String, measured: String| Row {
+        figure,
+        measured,
+        target: "–".into(),
+        result: "".into(),
+    };
+
+    // 1 and 2: ceiling, drain, ratio.
+    let ceilings: Vec<f64> = r
+        .ceiling
+        .iter()
+        .flatten()
+        .map(|c| n as f64 / c.consumed_s)
+        .collect();
+    let drains: Vec<&DrainRun> = r.drain.iter().flatten().collect();
+    if !r.ceiling.is_empty() {
+        rows.push(info(
+            format!("1. Ceiling: bare lapin publisher, confirms, window {} (until the consumer saw all)", args.ceiling_window),
+            median(ceilings.clone()).map_or("failed".into(), |m| {
+                format!("{} msg/s{}", thousands(m), runs_note(&ceilings))
+            }),
+        ));
+    }
+    if !r.drain.is_empty() {
+        let consumed: Vec<f64> = drains.iter().map(|d| d.consumed_rate()).collect();
+        let db: Vec<f64> = drains.iter().map(|d| d.db_rate()).collect();
+        rows.push(info(
+            format!(
+                "2. Drain {}: relay start → consumer saw all",
+                thousands(n as f64)
+            ),
+            median(consumed.clone()).map_or("failed".into(), |m| {
+                format!("{} msg/s{}", thousands(m), runs_note(&consumed))
+            }),
+        ));
+        rows.push(info(
+            format!(
+                "2. Drain {}: relay start → database shows 0 pending",
+                thousands(n as f64)
+            ),
+            median(db.clone()).map_or("failed".into(), |m| {
+                format!("{} msg/s{}", thousands(m), runs_note(&db))
+            }),
+        ));
+        // Ratios within one run: run i's drain over run i's ceiling.
+        let ratios: Vec<f64> = r
+            .ceiling
+            .iter()
+            .zip(&r.drain)
+            .filter_map(|(c, d)| match (c, d) {
+                (Ok(c), Ok(d)) => Some(d.consumed_rate() / (n as f64 / c.consumed_s)),
+                _ => None,
+            })
+            .collect();
+        if !r.ceiling.is_empty() {
+            let m = median(ratios.clone());
+            rows.push(Row {
+                figure: "2. Drain / ceiling (same run, both until the consumer saw all)".into(),
+                measured: m.map_or("no data".into(), |m| {
+                    format!("{m:.2}{}", runs_note(&ratios))
+                }),
+                target: format!("≥ {TARGET_DRAIN_RATIO}"),
+                result: verdict(m.map(|m| m >= TARGET_DRAIN_RATIO)),
+            });
+        }
+    }
+
+    // 3. steady state.
+    for &rate in &args.steady_rates {
+        let runs: Vec<&SteadyRun> = r
+            .steady
+            .iter()
+            .filter(|(ra, _)| *ra == rate)
+            .filter_map(|(_, s)| s.as_ref().ok())
+            .collect();
+        if r.steady.iter().all(|(ra, _)| *ra != rate) {
+            continue;
+        }
+        let med = |f: &dyn Fn(&SteadyRun) -> f64| median(runs.iter().map(|s| f(s)).collect());
+        let hist = |f: &dyn Fn(&HistQuantiles) -> f64| {
+            median(
+                runs.iter()
+                    .filter_map(|s| s.hist_ms.as_ref().map(f))
+                    .collect(),
+            )
+        };
+        let note = runs_note(&runs.iter().map(|s| s.insert_rate).collect::<Vec<_>>());
+        let achieved = med(&|s| s.insert_rate);
+        rows.push(info(
+            format!(
+                "3. Steady {}/s for {:?}: application insert rate reached",
+                thousands(rate as f64),
+                args.steady_duration
+            ),
+            achieved.map_or("failed".into(), |a| {
+                let short = if a < 0.95 * rate as f64 {
+                    " (**below the asked rate**)"
+                } else {
+                    ""
+                };
+                format!("{} rows/s{short}{note}", thousands(a))
+            }),
+        ));
+        let cell = |consumer: Option<f64>, histogram: Option<f64>, approx: &str| match consumer {
+            Some(c) => format!(
+                "{c:.1} ms (relay histogram {approx}{})",
+                histogram.map_or("n/a".into(), |h| format!("{h:.1} ms"))
+            ),
+            None => "failed".into(),
+        };
+        let p50 = med(&|s| s.lag_ms.p50);
+        let p99 = med(&|s| s.lag_ms.p99);
+        let max = med(&|s| s.lag_ms.max);
+        let (t50, t99) = match rate {
+            1000 => (Some(TARGET_LAG_1000_P50_MS), Some(TARGET_LAG_1000_P99_MS)),
+            5000 => (None, Some(TARGET_LAG_5000_P99_MS)),
+            _ => (None, None),
+        };
+        for (label, value, hvalue, target, approx) in [
+            ("p50", p50, hist(&|h| h.p50), t50, "≈ "),
+            ("p99", p99, hist(&|h| h.p99), t99, "≈ "),
+            ("max", max, hist(&|h| h.max_le), None, "≤ "),
+        ] {
+            rows.push(Row {
+                figure: format!(
+                    "3. Lag at {}/s, created_at → consumer receipt, {label}",
+                    thousands(rate as f64)
+                ),
+                measured: cell(value, hvalue, approx),
+                target: target.map_or("–".into(), |t| format!("≤ {t} ms")),
+                result: target.map_or(String::new(), |t| verdict(value.map(|v| v <= t))),
+            });
+        }
+        let split =
+            |f: &dyn Fn(&SteadyRun) -> Quantiles| match (med(&|s| f(s).p50), med(&|s| f(s).p99)) {
+                (Some(p50), Some(p99)) => format!("p50 {p50:.1} ms, p99 {p99:.1} ms"),
+                _ => "failed".into(),
+            };
+        rows.push(info(
+            format!(
+                "3. Lag at {}/s split at the application's commit: created_at → commit acked / commit acked → consumer",
+                thousands(rate as f64)
+            ),
+            format!(
+                "{} / {}",
+                split(&|s| s.commit_ms),
+                split(&|s| s.after_commit_ms)
+            ),
+        ));
+    }
+
+    // 4. idle.
+    if !r.idle.is_empty() {
+        let v: Vec<f64> = r
+            .idle
+            .iter()
+            .flatten()
+            .map(|i| i.statements_per_s)
+            .collect();
+        let x: Vec<f64> = r.idle.iter().flatten().map(|i| i.xacts_per_s).collect();
+        // Judged on the cumulative counter (transactions in a database only the
+        // relay uses; each idle statement is its own transaction); the sampled
+        // statement count is the cross-check.
+        let m = median(x.clone());
+        rows.push(Row {
+            figure: format!(
+                "4. Idle: SQL statements/s sent by the relay with nothing to do ({:?}): transactions in its own database",
+                args.idle_duration
+            ),
+            measured: m.map_or("failed".into(), |m| {
+                format!(
+                    "{m:.2}/s{} (statements seen in pg_stat_activity: {}/s)",
+                    runs_note(&x),
+                    median(v.clone()).map_or("n/a".into(), |v| format!("{v:.2}"))
+                )
+            }),
+            target: format!("≤ {TARGET_IDLE_PER_S}/s"),
+            result: verdict(m.map(|m| m <= TARGET_IDLE_PER_S)),
+        });
+    }
+
+    // 5. footprint over the drains.
+    if !r.drain.is_empty() {
+        let rss: Vec<f64> = drains
+            .iter()
+            .map(|d| d.peak_rss_kib as f64 / 1024.0)
+            .collect();
+        let cpu: Vec<f64> = drains.iter().map(|d| d.cpu_per_10k()).collect();
+        let m = median(rss.clone());
+        rows.push(Row {
+            figure: "5. Relay peak RSS (VmHWM) over a drain".into(),
+            measured: m.map_or("failed".into(), |m| {
+                format!("{m:.1} MiB{}", runs_note(&rss))
+            }),
+            target: format!("≤ {TARGET_RSS_MIB} MiB"),
+            result: verdict(m.map(|m| m <= TARGET_RSS_MIB)),
+        });
+        let m = median(cpu.clone());
+        rows.push(Row {
+            figure: "5. Relay CPU (user+sys) per 10,000 messages over a drain".into(),
+            measured: m.map_or("failed".into(), |m| {
+                format!("{m:.3} CPU-s{}", runs_note(&cpu))
+            }),
+            target: format!("≤ {TARGET_CPU_PER_10K} CPU-s"),
+            result: verdict(m.map(|m| m <= TARGET_CPU_PER_10K)),
+        });
+    }
+
+    // 6. growth.
+    if !r.growth.is_empty() {
+        for &kept in &args.growth_kept {
+            let v: Vec<f64> = r
+                .growth
+                .iter()
+                .flatten()
+                .filter(|(k, _)| *k == kept)
+                .filter_map(|(_, d)| d.as_ref().ok().map(DrainRun::consumed_rate))
+                .collect();
+            rows.push(info(
+                format!(
+                    "6. Drain {} with {} published rows kept (→ consumer saw all)",
+                    thousands(n as f64),
+                    thousands(kept as f64)
+                ),
+                median(v.clone()).map_or("failed".into(), |m| {
+                    format!("{} msg/s{}", thousands(m), runs_note(&v))
+                }),
+            ));
+        }
+        if let (Some(&small), Some(&large)) = (args.growth_kept.first(), args.growth_kept.last()) {
+            if small != large {
+                let ratios: Vec<f64> = r
+                    .growth
+                    .iter()
+                    .filter_map(|run| {
+                        let rate = |k: u64| {
+                            run.iter()
+                                .find(|(kk, _)| *kk == k)
+                                .and_then(|(_, d)| d.as_ref().ok())
+                                .map(DrainRun::consumed_rate)
+                        };
+                        Some(rate(large)? / rate(small)?)
+                    })
+                    .collect();
+                let m = median(ratios.clone());
+                rows.push(Row {
+                    figure: format!(
+                        "6. Rate with {} kept / rate with {} kept (same run)",
+                        thousands(large as f64),
+                        thousands(small as f64)
+                    ),
+                    measured: m.map_or("no data".into(), |m| {
+                        format!("{m:.2}{}", runs_note(&ratios))
+                    }),
+                    target: format!("≥ {TARGET_GROWTH_RATIO}"),
+                    result: verdict(m.map(|m| m >= TARGET_GROWTH_RATIO)),
+                });
+            }
+        }
+    }
+    rows
+}

@@ -16,6 +16,7 @@
 //!    a database of its own, so nothing else is counted);
 //! 5. footprint: peak RSS and CPU per 10,000 messages, taken over the drains;
 //! 6. growth: drain rate with few and with many published rows kept.
+//! 7. scale: drain rate with one, two and three relays sharing the partitions.
 //!
 //! `cargo run --release --bin outbox-bench -- --help` lists the knobs.
 
@@ -75,6 +76,7 @@ enum Phase {
     Steady,
     Idle,
     Growth,
+    Scale,
 }
 
 #[derive(Debug, Parser)]
@@ -94,7 +96,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "ceiling,drain,steady,idle,growth"
+        default_value = "ceiling,drain,steady,idle,growth,scale"
     )]
     phases: Vec<Phase>,
     /// Messages per ceiling, drain and growth run.
@@ -115,6 +117,12 @@ struct Args {
     /// Runs of the growth phase (each run covers every kept size).
     #[arg(long, default_value_t = 1)]
     growth_runs: usize,
+    /// Relay counts of the scale-out phase, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    scale_relays: Vec<usize>,
+    /// Runs of the scale-out phase (each run covers every relay count).
+    #[arg(long, default_value_t = 1)]
+    scale_runs: usize,
     /// Unconfirmed publishes at most in the ceiling publisher.
     #[arg(long, default_value_t = 2000)]
     ceiling_window: usize,
@@ -273,6 +281,22 @@ async fn run(args: Args) -> Result<bool> {
                 kept_runs.push((kept, r.map_err(|e| format!("{e:#}"))));
             }
             results.growth.push(kept_runs);
+        }
+    }
+    if has(Phase::Scale) {
+        let runs = bench.args.scale_runs.max(1);
+        for run in 1..=runs {
+            let mut counts = Vec::new();
+            for &relays in &bench.args.scale_relays {
+                progress!(
+                    "scale run {run}/{runs}: {} rows drained by {relays} relay(s)",
+                    bench.args.messages
+                );
+                let r = bench.scale_once(relays, run).await;
+                report_run("scale", run, &r);
+                counts.push((relays, r.map_err(|e| format!("{e:#}"))));
+            }
+            results.scale.push(counts);
         }
     }
     bench.cleanup().await;

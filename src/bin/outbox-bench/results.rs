@@ -24,6 +24,25 @@ pub(crate) struct DrainRun {
     pub(crate) stop_note: Option<String>,
 }
 
+/// Phase 7: one drain shared by several relays.
+#[derive(Debug, Clone)]
+pub(crate) struct ScaleRun {
+    pub(crate) messages: u64,
+    /// Relays started → partitions fairly split.
+    pub(crate) split_s: f64,
+    /// Rows committed → consumer saw all.
+    pub(crate) drain_s: f64,
+    /// Each relay's messages_published_total.
+    pub(crate) per_relay: Vec<u64>,
+    pub(crate) duplicates: u64,
+}
+
+impl ScaleRun {
+    pub(crate) fn rate(&self) -> f64 {
+        self.messages as f64 / self.drain_s
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct SteadyRun {
     pub(crate) inserted: u64,
@@ -100,6 +119,8 @@ pub(crate) struct Results {
     pub(crate) steady: Vec<(u64, Result<SteadyRun, String>)>,
     pub(crate) idle: Vec<Result<IdleRun, String>>,
     pub(crate) growth: Vec<Vec<(u64, Result<DrainRun, String>)>>,
+    /// Per run: (relays, result) for each relay count.
+    pub(crate) scale: Vec<Vec<(usize, Result<ScaleRun, String>)>>,
 }
 
 impl Results {
@@ -110,6 +131,10 @@ impl Results {
             && self.idle.iter().all(Result::is_ok)
             && self
                 .growth
+                .iter()
+                .all(|run| run.iter().all(|(_, r)| r.is_ok()))
+            && self
+                .scale
                 .iter()
                 .all(|run| run.iter().all(|(_, r)| r.is_ok()))
     }

@@ -29,6 +29,7 @@ mod drain;
 mod growth;
 mod idle;
 mod machine;
+mod scale;
 mod steady;
 
 pub(crate) use machine::Machine;

@@ -156,6 +156,37 @@ pub(super) fn write(out: &mut String, args: &Args, r: &Results) {
         }
     }
 
+    if !r.scale.is_empty() {
+        let _ = writeln!(out, "\n### Scale-out, per run\n");
+        let _ = writeln!(
+            out,
+            "| run | relays | fair split after s | commit → consumer saw all s | msg/s | published_total per relay then (last marks may lag) | duplicates |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+        for (i, run) in r.scale.iter().enumerate() {
+            for (relays, s) in run {
+                match s {
+                    Ok(s) => {
+                        let _ = writeln!(
+                            out,
+                            "| {} | {relays} | {:.1} | {:.2} | {} | {:?} | {} |",
+                            i + 1,
+                            s.split_s,
+                            s.drain_s,
+                            thousands(s.rate()),
+                            s.per_relay,
+                            s.duplicates
+                        );
+                    }
+                    Err(_) => {
+                        let _ =
+                            writeln!(out, "| {} | {relays} | failed, see notes | | | | |", i + 1);
+                    }
+                }
+            }
+        }
+    }
+
     let mut notes = Vec::new();
     let mut note =
         |what: String, e: &String| notes.push(format!("- {what}: {}", e.replace('\n', "\n  ")));
@@ -188,6 +219,16 @@ pub(super) fn write(out: &mut String, args: &Args, r: &Results) {
         for (kept, d) in run {
             if let Err(e) = d {
                 note(format!("growth run {} with {kept} kept failed", i + 1), e);
+            }
+        }
+    }
+    for (i, run) in r.scale.iter().enumerate() {
+        for (relays, s) in run {
+            if let Err(e) = s {
+                note(
+                    format!("scale run {} with {relays} relays failed", i + 1),
+                    e,
+                );
             }
         }
     }

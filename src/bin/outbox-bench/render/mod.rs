@@ -98,6 +98,7 @@ pub(crate) fn render(bench: &Bench, machine: &Machine, r: &Results) -> String {
         ("steady", args.steady_runs, !r.steady.is_empty()),
         ("idle", args.idle_runs, !r.idle.is_empty()),
         ("growth", args.growth_runs, !r.growth.is_empty()),
+        ("scale", args.scale_runs, !r.scale.is_empty()),
     ] {
         if ran {
             runs.push(format!("{phase} {count}"));

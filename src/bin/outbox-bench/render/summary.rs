@@ -2,7 +2,7 @@
 
 use super::{runs_note, verdict, Row};
 use crate::{
-    results::{DrainRun, HistQuantiles, Quantiles, Results, SteadyRun},
+    results::{DrainRun, HistQuantiles, Quantiles, Results, ScaleRun, SteadyRun},
     util::{median, thousands},
     Args, TARGET_CPU_PER_10K, TARGET_DRAIN_RATIO, TARGET_GROWTH_RATIO, TARGET_IDLE_PER_S,
     TARGET_LAG_1000_P50_MS, TARGET_LAG_1000_P99_MS, TARGET_LAG_5000_P99_MS, TARGET_RSS_MIB,
@@ -270,6 +270,51 @@ pub(super) fn rows(args: &Args, r: &Results) -> Vec<Row> {
                     result: verdict(m.map(|m| m >= TARGET_GROWTH_RATIO)),
                 });
             }
+        }
+    }
+
+    // 7. scale-out.
+    let scale_rate = |relays: usize| -> Vec<f64> {
+        r.scale
+            .iter()
+            .flatten()
+            .filter(|(n, _)| *n == relays)
+            .filter_map(|(_, s)| s.as_ref().ok().map(ScaleRun::rate))
+            .collect()
+    };
+    for &relays in &args.scale_relays {
+        let v = scale_rate(relays);
+        rows.push(info(
+            format!(
+                "7. {} rows committed at once, {relays} relay(s): commit → consumer saw all",
+                thousands(n as f64)
+            ),
+            median(v.clone()).map_or("failed".into(), |m| {
+                format!("{} msg/s{}", thousands(m), runs_note(&v))
+            }),
+        ));
+    }
+    if let Some(&one) = args.scale_relays.first() {
+        for &relays in args.scale_relays.iter().skip(1) {
+            let ratios: Vec<f64> = r
+                .scale
+                .iter()
+                .filter_map(|run| {
+                    let rate = |k: usize| {
+                        run.iter()
+                            .find(|(kk, _)| *kk == k)
+                            .and_then(|(_, s)| s.as_ref().ok())
+                            .map(ScaleRun::rate)
+                    };
+                    Some(rate(relays)? / rate(one)?)
+                })
+                .collect();
+            rows.push(info(
+                format!("7. Rate with {relays} relays / rate with {one} (same run)"),
+                median(ratios.clone()).map_or("no data".into(), |m| {
+                    format!("{m:.2}{}", runs_note(&ratios))
+                }),
+            ));
         }
     }
     rows

@@ -1,8 +1,8 @@
 //! The loop that joins store and publisher: claim -> publish -> confirm -> mark.
 //!
 //! Publishes are pipelined: up to `max_in_flight` unconfirmed messages on one
-//! confirm-mode channel, in id order, at most one per partition key (see
-//! `ordering`). Confirms are taken in publish order; acked ids are marked in one
+//! confirm-mode channel, in id order; rows of one partition key only while
+//! they share a route (see `ordering`). Confirms are taken in publish order; acked ids are marked in one
 //! statement sent together with the next claim. Nothing is marked before its
 //! confirm; anything unconfirmed when a fault hits simply stays pending in the
 //! database and is claimed again.
@@ -17,7 +17,6 @@ use std::{
 };
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures_util::FutureExt;
 use lapin::PublisherConfirm;
 use tokio::{
     sync::{watch, Notify},
@@ -32,6 +31,9 @@ use crate::{
     publisher::{self, Outcome, Publisher},
     store::{Failure, OutboxRow, Store},
 };
+
+mod confirms;
+pub use confirms::retry_delay;
 
 /// A confirm that takes longer than this, with the broker not blocking us,
 /// means the channel is wedged: drop it and publish again.
@@ -487,236 +489,6 @@ impl Relay {
             }
         }
     }
-
-    /// Takes every confirm that has already arrived, without waiting.
-    fn collect_ready(&mut self) {
-        while let Some(front) = self.in_flight.front_mut() {
-            match (&mut front.confirm).now_or_never() {
-                Some(result) => self.take_front(result),
-                None => break,
-            }
-        }
-    }
-
-    /// Waits (bounded) for the oldest in-flight confirm.
-    async fn await_front(&mut self, blocked: bool) {
-        let Some(front) = self.in_flight.front_mut() else {
-            return;
-        };
-        match tokio::time::timeout(Duration::from_millis(500), &mut front.confirm).await {
-            Ok(result) => {
-                self.take_front(result);
-                self.collect_ready();
-            }
-            Err(_) if !blocked && front.sent.sent_at.elapsed() > CONFIRM_TIMEOUT => {
-                tracing::warn!("no confirm for {CONFIRM_TIMEOUT:?}; reopening the connection");
-                self.broker_fault(
-                    Outcome::ConnectionLost {
-                        reason: "confirm timed out".into(),
-                    },
-                    None,
-                );
-                if let Some(p) = self.publisher.take() {
-                    p.close().await;
-                }
-            }
-            Err(_) => {}
-        }
-    }
-
-    fn take_front(&mut self, result: lapin::Result<lapin::Confirmation>) {
-        let Some(publisher) = self.publisher.as_ref() else {
-            return;
-        };
-        match publisher.outcome(result) {
-            outcome @ (Outcome::ChannelClosed { .. } | Outcome::ConnectionLost { .. }) => {
-                self.broker_fault(outcome, None);
-            }
-            outcome => {
-                if self.in_flight.len() == 1 {
-                    publisher.open_fence();
-                }
-                if let Some(flight) = self.in_flight.pop_front() {
-                    self.settle(flight.sent, outcome);
-                }
-            }
-        }
-    }
-
-    /// Books a confirm that speaks about its own row.
-    fn settle(&mut self, flight: Sent, outcome: Outcome) {
-        let (reason, error) = match outcome {
-            Outcome::Delivered => {
-                self.order.acked(flight.partition_key.as_deref());
-                self.metrics
-                    .confirm_duration
-                    .observe(flight.sent_at.elapsed().as_secs_f64());
-                self.metrics
-                    .delivery_lag
-                    .observe(publisher::since(flight.created_at).as_secs_f64());
-                self.acked.push(flight.id);
-                return;
-            }
-            Outcome::Unroutable { reply } => (
-                FailureReason::Unroutable,
-                format!(
-                    "unroutable: the broker returned outbox row {} ({reply}): no queue is bound for its exchange and routing key; bind one, or set allow-unroutable",
-                    flight.id
-                ),
-            ),
-            Outcome::Nacked => (
-                FailureReason::Nack,
-                format!("the broker nacked outbox row {} (it could not store it)", flight.id),
-            ),
-            Outcome::ChannelClosed { reason } | Outcome::ConnectionLost { reason } => {
-                (FailureReason::ChannelClosed, reason)
-            }
-        };
-        self.metrics.failure(reason);
-        self.order.failed(flight.partition_key.as_deref());
-        self.failures.push(Failure {
-            id: flight.id,
-            error,
-            retry_in: retry_delay(flight.attempts),
-            park_now: false,
-        });
-    }
-
-    fn fail_row(&mut self, row: &OutboxRow, error: String, reason: FailureReason, park_now: bool) {
-        self.metrics.failure(reason);
-        if park_now {
-            tracing::warn!(id = row.id, reason = %error, "parking outbox row as a dead letter");
-            self.order.parked(row.partition_key.as_deref());
-        } else {
-            self.order.failed(row.partition_key.as_deref());
-        }
-        self.failures.push(Failure {
-            id: row.id,
-            error,
-            retry_in: retry_delay(row.attempts),
-            park_now,
-        });
-    }
-
-    /// The channel or the connection failed: nothing in flight is known to have
-    /// been delivered, nothing is charged, and every such row becomes a suspect.
-    fn broker_fault(&mut self, outcome: Outcome, culprit_hint: Option<i64>) {
-        let (reason, label) = match &outcome {
-            Outcome::ConnectionLost { reason } => (reason.clone(), FailureReason::ConnectionLost),
-            Outcome::ChannelClosed { reason } => (reason.clone(), FailureReason::ChannelClosed),
-            _ => (String::new(), FailureReason::ChannelClosed),
-        };
-        tracing::warn!(
-            in_flight = self.in_flight.len(),
-            reason = %reason,
-            "broker closed the channel or connection; unconfirmed rows stay pending and are republished"
-        );
-        self.suspects.extend(culprit_hint);
-        if label == FailureReason::ConnectionLost {
-            self.force_reconnect = true;
-        }
-        self.drop_in_flight(label);
-    }
-
-    fn drop_in_flight(&mut self, label: FailureReason) {
-        for f in self.in_flight.drain(..) {
-            self.metrics.failure(label);
-            self.suspects.insert(f.sent.id);
-        }
-        // A closed channel's unsent frames are discarded; a lost connection
-        // keeps its fence until it is replaced.
-        if label == FailureReason::ChannelClosed {
-            if let Some(p) = self.publisher.as_ref() {
-                p.open_fence();
-            }
-        }
-        self.order.clear();
-        self.more = true;
-    }
-
-    async fn record_failures(&mut self) -> bool {
-        let Some(store) = &self.store else {
-            return false;
-        };
-        match store
-            .record_failures(&self.failures, self.cfg.max_attempts)
-            .await
-        {
-            Ok(parked) => {
-                for (id, attempts) in &parked {
-                    let error = self
-                        .failures
-                        .iter()
-                        .find(|f| f.id == *id)
-                        .map_or("", |f| f.error.as_str());
-                    tracing::warn!(id, attempts, reason = %error, "outbox row dead-lettered");
-                }
-                self.metrics.dead_lettered.inc_by(parked.len() as u64);
-                self.failures.clear();
-                true
-            }
-            Err(e) => {
-                self.database_error(e);
-                false
-            }
-        }
-    }
-
-    /// Writes acked marks and failures. Returns true when nothing is left to write.
-    async fn flush(&mut self) -> bool {
-        if self.acked.is_empty() && self.failures.is_empty() {
-            return true;
-        }
-        if !self.failures.is_empty() && !self.record_failures().await {
-            return false;
-        }
-        let Some(store) = &self.store else {
-            return false;
-        };
-        let keep = !self.cfg.retention.is_zero();
-        match store.mark_published(&self.acked, keep).await {
-            Ok(_) => {
-                self.count_published();
-                true
-            }
-            Err(e) => {
-                self.database_error(e);
-                false
-            }
-        }
-    }
-
-    fn count_published(&mut self) {
-        let n = self.acked.len() as u64;
-        self.metrics.published.inc_by(n);
-        if self.cfg.retention.is_zero() {
-            // retention 0: marking a row is deleting it.
-            self.metrics.deleted.inc_by(n);
-        }
-        self.acked.clear();
-    }
-
-    fn database_error(&mut self, e: crate::store::StoreError) {
-        tracing::warn!(error = %e, "database statement failed; confirmed rows stay pending until marked");
-        if e.is_connection_lost() {
-            self.store = None;
-            self.metrics.database_connected.set(0);
-        }
-    }
-}
-
-/// Delay before a failed row's next attempt: exponential from 1s, capped at
-/// 5 minutes, with jitter so a burst of failures does not retry in lockstep.
-pub fn retry_delay(attempts_before: i32) -> Duration {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_secs(1))
-        .with_max_delay(Duration::from_secs(300))
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build()
-        .nth(attempts_before.clamp(0, 30) as usize)
-        .unwrap_or(Duration::from_secs(300))
 }
 
 /// Reconnect backoff: 100ms doubling to 3s, with jitter, forever. Short enough
@@ -734,22 +506,4 @@ pub fn next_delay(state: &mut Option<backon::ExponentialBackoff>) -> Duration {
         })
         .next()
         .unwrap_or(Duration::from_secs(3))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_delays_grow_and_stay_bounded() {
-        let first = retry_delay(0);
-        assert!(
-            first >= Duration::from_secs(1) && first <= Duration::from_secs(2),
-            "{first:?}"
-        );
-        let fifth = retry_delay(4);
-        assert!(fifth >= Duration::from_secs(16), "{fifth:?}");
-        let late = retry_delay(1000);
-        assert!(late <= Duration::from_secs(600), "{late:?}");
-    }
 }

@@ -9,7 +9,7 @@ export OUTBOX_DATABASE_URL OUTBOX_AMQP_URL
 
 CARGO ?= cargo
 
-.PHONY: build services demo test lint bench deploy-check
+.PHONY: build services demo test lint bench deploy-check table-sizes
 
 build:
 	$(CARGO) build --release
@@ -41,3 +41,8 @@ bench: services
 
 deploy-check:
 	bash scripts/deploy-check.sh
+
+# Table and index sizes under a steady load of >= 1,000,000 rows (a few minutes);
+# settings: SIZES_* variables, see scripts/table-sizes.sh.
+table-sizes: services build
+	bash scripts/table-sizes.sh

@@ -92,6 +92,10 @@ impl ControlTask {
         closed: &mut watch::Receiver<bool>,
     ) -> Result<(), String> {
         let schema = self.cfg.conn.schema.clone();
+        client
+            .batch_execute(&store::server_statement_timeout())
+            .await
+            .map_err(|e| format!("setting statement_timeout: {e}"))?;
         migrations::verify(client, &schema)
             .await
             .map_err(|e| e.to_string())?;

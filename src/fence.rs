@@ -5,9 +5,10 @@
 //! GC-like stall, a frozen VM) would put the message on the wire after the
 //! lease lapsed and a successor took the partition over. AMQP has no fencing
 //! token the broker could check, so the check is repeated where the bytes
-//! leave: every AMQP connection's socket is wrapped, and while a publish is
-//! armed a write past its lease deadline fails. The connection then breaks,
-//! every unconfirmed row stays pending, and the new lease holder publishes it.
+//! leave: every AMQP connection's socket is wrapped, and while publishes are
+//! being handed over (armed until lapin reports them written) a write past
+//! their lease deadline fails. The connection then breaks, every unconfirmed
+//! row stays pending, and the new lease holder publishes it.
 
 use std::{
     fmt, io,
@@ -60,7 +61,7 @@ impl WriteFence {
         self.deadline.store(nanos + 1, Ordering::SeqCst);
     }
 
-    /// Nothing unconfirmed is waiting to be written: writes are free again.
+    /// The armed publishes are written: writes are free again.
     pub fn open(&self) {
         self.deadline.store(0, Ordering::SeqCst);
     }
@@ -77,7 +78,7 @@ impl WriteFence {
             );
             return Err(io::Error::other(format!(
                 "a publish reached the socket {late:?} after its partition lease could have lapsed \
-                 (the relay was paused); dropping the connection so the lease's new holder publishes it"
+                 (the relay was paused or starved); dropping the connection so the lease's new holder publishes it"
             )));
         }
         Ok(())

@@ -84,6 +84,17 @@ impl Sent {
     }
 }
 
+/// What the checks say about a claimed row.
+enum Checked {
+    Send(OutboxRow, publisher::Prepared),
+    /// A suspect from a broken channel: published with nothing else in flight.
+    Alone(OutboxRow, publisher::Prepared),
+    /// Charged, parked or given up for now; the next row may go.
+    Skip,
+    /// The broker side is broken: stop publishing.
+    Broken,
+}
+
 struct InFlight {
     sent: Sent,
     confirm: PublisherConfirm,
@@ -348,16 +359,40 @@ impl Relay {
         let Some(last) = rows.last() else { return };
         self.cursor = after.max(last.id);
         self.metrics.batch_size.observe(rows.len() as f64);
+        // Checked rows are handed to lapin together: one wake-up of its I/O
+        // thread per batch instead of one per message.
+        let mut batch = Vec::with_capacity(rows.len());
+        let mut broken = false;
         for row in rows {
             let row = match self.order.admit(row) {
                 Admit::Publish(row) => row,
                 Admit::Queued | Admit::Held => continue,
             };
-            if !self.publish_row(row, &lease).await {
-                // The broker side broke: the rest stay pending and come back.
-                self.more = true;
-                break;
+            match self.check_row(row, &lease).await {
+                Checked::Send(row, prepared) => batch.push((row, prepared)),
+                Checked::Skip => {}
+                Checked::Alone(row, prepared) => {
+                    if !self.send_batch(std::mem::take(&mut batch), &lease).await
+                        || !self.publish_alone(row, prepared, &lease).await
+                    {
+                        broken = true;
+                        break;
+                    }
+                }
+                Checked::Broken => {
+                    broken = true;
+                    break;
+                }
             }
+        }
+        if broken {
+            // The broker side broke: what is not sent stays pending and comes back.
+            for (row, _) in &batch {
+                self.order.failed(row.partition_key.as_deref());
+            }
+            self.more = true;
+        } else if !self.send_batch(batch, &lease).await {
+            self.more = true;
         }
     }
 
@@ -375,56 +410,98 @@ impl Relay {
 
     /// Publishes one row. Returns false when the broker side is broken.
     async fn publish_row(&mut self, row: OutboxRow, lease: &LeaseState) -> bool {
+        match self.check_row(row, lease).await {
+            Checked::Send(row, prepared) => self.send_batch(vec![(row, prepared)], lease).await,
+            Checked::Alone(row, prepared) => self.publish_alone(row, prepared, lease).await,
+            Checked::Skip => true,
+            Checked::Broken => false,
+        }
+    }
+
+    /// Everything a row must pass before it may be sent: its lease, its shape,
+    /// its exchange. Rows that fail are charged or given up here.
+    async fn check_row(&mut self, row: OutboxRow, lease: &LeaseState) -> Checked {
         if self.lease_until(&row, lease).is_none() {
-            return true;
+            return Checked::Skip;
         }
         let prepared = match publisher::prepare(&row) {
             Ok(p) => p,
             Err(reason) => {
                 self.fail_row(&row, reason, FailureReason::InvalidRow, true);
-                return true;
+                return Checked::Skip;
             }
         };
         let Some(publisher) = self.publisher.as_mut() else {
-            return false;
+            return Checked::Broken;
         };
         match publisher.check_exchange(&row).await {
             Ok(Ok(())) => {}
             Ok(Err(reason)) => {
                 self.fail_row(&row, reason, FailureReason::ExchangeNotFound, false);
-                return true;
+                return Checked::Skip;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "exchange check failed; reconnecting to the broker");
                 self.force_reconnect = true;
                 self.order.failed(row.partition_key.as_deref());
-                return false;
+                return Checked::Broken;
             }
         }
         if self.suspects.contains(&row.id) {
-            return self.publish_alone(row, prepared, lease).await;
+            return Checked::Alone(row, prepared);
         }
-        // The exchange check may have waited on the broker: the lease again.
-        let Some(until) = self.lease_until(&row, lease) else {
+        Checked::Send(row, prepared)
+    }
+
+    /// Hands checked rows to the broker in one go; each becomes in flight.
+    /// Returns false when the broker side is broken.
+    async fn send_batch(
+        &mut self,
+        batch: Vec<(OutboxRow, publisher::Prepared)>,
+        lease: &LeaseState,
+    ) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        // Exchange checks may have waited on the broker: the lease again (one
+        // lease state for the whole batch, so it holds for all or for none).
+        let Some(until) = lease.valid_until.filter(|_| lease.is_current()) else {
+            for (row, _) in &batch {
+                self.metrics.failure(FailureReason::LeaseLost);
+                self.order.failed(row.partition_key.as_deref());
+            }
             return true;
         };
         let Some(publisher) = self.publisher.as_ref() else {
+            for (row, _) in &batch {
+                self.order.failed(row.partition_key.as_deref());
+            }
             return false;
         };
-        match publisher.publish(&row, prepared, until).await {
-            Ok(confirm) => {
-                self.in_flight.push_back(InFlight {
-                    sent: Sent::of(&row),
+        let (rows, prepared): (Vec<OutboxRow>, Vec<publisher::Prepared>) =
+            batch.into_iter().unzip();
+        let results = publisher.publish_batch(&rows, prepared, until).await;
+        for (row, result) in rows.iter().zip(results) {
+            match result {
+                Ok(confirm) => self.in_flight.push_back(InFlight {
+                    sent: Sent::of(row),
                     confirm,
-                });
-                true
-            }
-            Err(e) => {
-                let outcome = publisher.outcome(Err(e));
-                self.broker_fault(outcome, Some(row.id));
-                false
+                }),
+                Err(e) => {
+                    let outcome = self.publisher.as_ref().map_or(
+                        Outcome::ConnectionLost {
+                            reason: e.to_string(),
+                        },
+                        |p| p.outcome(Err(e)),
+                    );
+                    // Later rows of the batch failed the same way; like the
+                    // ones in flight, they stay pending and come back.
+                    self.broker_fault(outcome, Some(row.id));
+                    return false;
+                }
             }
         }
+        true
     }
 
     /// A row that was in flight when a channel or connection died: sent with
@@ -483,7 +560,6 @@ impl Relay {
                 false
             }
             other => {
-                publisher.open_fence();
                 self.settle(sent, other);
                 true
             }

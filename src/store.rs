@@ -17,6 +17,14 @@ use crate::{
 /// closing) would otherwise wait forever.
 pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The server cancels a statement a little before [`STATEMENT_TIMEOUT`]:
+/// otherwise a query the relay gave up on keeps running (and holding its
+/// snapshot) on the server until it tries to send its result.
+pub fn server_statement_timeout() -> String {
+    let ms = STATEMENT_TIMEOUT.as_millis() * 5 / 6;
+    format!("SET statement_timeout = {ms}")
+}
+
 /// Bounds a statement by [`STATEMENT_TIMEOUT`].
 async fn bounded<T>(
     what: &'static str,
@@ -192,9 +200,12 @@ impl Store {
         // A mark lost in a database crash only means the row is published again
         // (same message_id): at-least-once holds without waiting for the WAL flush.
         client
-            .batch_execute("SET synchronous_commit TO off")
+            .batch_execute(&format!(
+                "SET synchronous_commit TO off; {}",
+                server_statement_timeout()
+            ))
             .await
-            .map_err(StoreError::query("setting synchronous_commit"))?;
+            .map_err(StoreError::query("setting up the session"))?;
         let s = &conn.schema;
         let prepare = |sql: String| {
             let client = &client;

@@ -1167,7 +1167,7 @@ async fn scale_relay_paused_between_lease_check_and_write_does_not_publish() {
     let queue = env.declare_queue("events").await;
     let collector = env.consume(&queue, AckMode::Manual).await;
 
-    // A stops itself (SIGSTOP) at its 40th publish, after the lease check.
+    // A stops itself (SIGSTOP) in its second batch of publishes, after the lease check.
     let tap_a = AmqpTap::start(&env.amqp_url);
     let mut a = Relay::start_configured(
         &env,
@@ -1176,7 +1176,7 @@ async fn scale_relay_paused_between_lease_check_and_write_does_not_publish() {
             ("OUTBOX_AMQP_URL", tap_a.url.as_str()),
             (
                 "FAILPOINTS",
-                "publish_after_lease_check=39*off->1*return->off",
+                "publish_after_lease_check=1*off->1*return->off",
             ),
         ],
         Settings::Environment,
@@ -1195,7 +1195,14 @@ async fn scale_relay_paused_between_lease_check_and_write_does_not_publish() {
     let (keys, seqs): (Vec<String>, Vec<i64>) = (0..600usize)
         .map(|i| (format!("paused-{:02}", i % 60), (i / 60 + 1) as i64))
         .unzip();
-    let mut written = insert_keyed(&env, &queue, &keys, &seqs).await;
+    let half = keys.len() / 2;
+    let mut written = insert_keyed(&env, &queue, &keys[..half], &seqs[..half]).await;
+    let first_batch = wait_until(Duration::from_secs(30), async || {
+        !tap_a.publishes().is_empty()
+    })
+    .await;
+    assert!(first_batch, "A published nothing; log:\n{}", a.log_tail(20));
+    written.extend(insert_keyed(&env, &queue, &keys[half..], &seqs[half..]).await);
     let stopped = wait_until(Duration::from_secs(30), async || {
         std::fs::read_to_string(format!("/proc/{}/stat", a.pid))
             .ok()

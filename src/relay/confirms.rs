@@ -59,9 +59,6 @@ impl Relay {
                 self.broker_fault(outcome, None);
             }
             outcome => {
-                if self.in_flight.len() == 1 {
-                    publisher.open_fence();
-                }
                 if let Some(flight) = self.in_flight.pop_front() {
                     self.settle(flight.sent, outcome);
                 }
@@ -154,13 +151,6 @@ impl Relay {
         for f in self.in_flight.drain(..) {
             self.metrics.failure(label);
             self.suspects.insert(f.sent.id);
-        }
-        // A closed channel's unsent frames are discarded; a lost connection
-        // keeps its fence until it is replaced.
-        if label == FailureReason::ChannelClosed {
-            if let Some(p) = self.publisher.as_ref() {
-                p.open_fence();
-            }
         }
         self.order.clear();
         self.more = true;

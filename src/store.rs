@@ -83,7 +83,7 @@ pub struct BacklogStats {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot connect to PostgreSQL at {url}: {source}; check the database URL, that the server is up and accepts connections")]
+    #[error("cannot connect to PostgreSQL at {url}: {}; check the database URL, that the server is up and accepts connections", cause(source))]
     Connect {
         url: String,
         #[source]
@@ -92,7 +92,8 @@ pub enum StoreError {
     #[error("database URL: {0}")]
     Tls(#[from] tls::TlsError),
     #[error(
-        "schema '{schema}' is not ready: {source}; run `outbox-relay migrate --schema {schema}`"
+        "schema '{schema}' is not ready: {}; run `outbox-relay migrate --schema {schema}`",
+        cause(source)
     )]
     Prepare {
         schema: String,
@@ -101,12 +102,24 @@ pub enum StoreError {
     },
     #[error("{what} got no answer within {}s; the connection is treated as lost", STATEMENT_TIMEOUT.as_secs())]
     Timeout { what: &'static str },
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed: {}", cause(source))]
     Query {
         what: &'static str,
         #[source]
         source: tokio_postgres::Error,
     },
+}
+
+/// tokio-postgres prints "db error" or "error connecting to server" alone;
+/// the server's message or the I/O error is in the source chain.
+fn cause(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    match std::error::Error::source(e) {
+        Some(inner) => format!("{e}: {inner}"),
+        None => e.to_string(),
+    }
 }
 
 impl StoreError {

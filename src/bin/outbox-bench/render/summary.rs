@@ -223,13 +223,7 @@ pub(super) fn rows(args: &Args, r: &Results) -> Vec<Row> {
     // 6. growth.
     if !r.growth.is_empty() {
         for &kept in &args.growth_kept {
-            let v: Vec<f64> = r
-                .growth
-                .iter()
-                .flatten()
-                .filter(|(k, _)| *k == kept)
-                .filter_map(|(_, d)| d.as_ref().ok().map(DrainRun::consumed_rate))
-                .collect();
+            let v = rates_of(&r.growth, kept, DrainRun::consumed_rate);
             rows.push(info(
                 format!(
                     "6. Drain {} with {} published rows kept (→ consumer saw all)",
@@ -243,19 +237,7 @@ pub(super) fn rows(args: &Args, r: &Results) -> Vec<Row> {
         }
         if let (Some(&small), Some(&large)) = (args.growth_kept.first(), args.growth_kept.last()) {
             if small != large {
-                let ratios: Vec<f64> = r
-                    .growth
-                    .iter()
-                    .filter_map(|run| {
-                        let rate = |k: u64| {
-                            run.iter()
-                                .find(|(kk, _)| *kk == k)
-                                .and_then(|(_, d)| d.as_ref().ok())
-                                .map(DrainRun::consumed_rate)
-                        };
-                        Some(rate(large)? / rate(small)?)
-                    })
-                    .collect();
+                let ratios = same_run_ratios(&r.growth, large, small, DrainRun::consumed_rate);
                 let m = median(ratios.clone());
                 rows.push(Row {
                     figure: format!(
@@ -274,16 +256,8 @@ pub(super) fn rows(args: &Args, r: &Results) -> Vec<Row> {
     }
 
     // 7. scale-out.
-    let scale_rate = |relays: usize| -> Vec<f64> {
-        r.scale
-            .iter()
-            .flatten()
-            .filter(|(n, _)| *n == relays)
-            .filter_map(|(_, s)| s.as_ref().ok().map(ScaleRun::rate))
-            .collect()
-    };
     for &relays in &args.scale_relays {
-        let v = scale_rate(relays);
+        let v = rates_of(&r.scale, relays, ScaleRun::rate);
         rows.push(info(
             format!(
                 "7. {} rows committed at once, {relays} relay(s): commit → consumer saw all",
@@ -296,19 +270,7 @@ pub(super) fn rows(args: &Args, r: &Results) -> Vec<Row> {
     }
     if let Some(&one) = args.scale_relays.first() {
         for &relays in args.scale_relays.iter().skip(1) {
-            let ratios: Vec<f64> = r
-                .scale
-                .iter()
-                .filter_map(|run| {
-                    let rate = |k: usize| {
-                        run.iter()
-                            .find(|(kk, _)| *kk == k)
-                            .and_then(|(_, s)| s.as_ref().ok())
-                            .map(ScaleRun::rate)
-                    };
-                    Some(rate(relays)? / rate(one)?)
-                })
-                .collect();
+            let ratios = same_run_ratios(&r.scale, relays, one, ScaleRun::rate);
             rows.push(info(
                 format!("7. Rate with {relays} relays / rate with {one} (same run)"),
                 median(ratios.clone()).map_or("no data".into(), |m| {
@@ -318,4 +280,38 @@ pub(super) fn rows(args: &Args, r: &Results) -> Vec<Row> {
         }
     }
     rows
+}
+
+/// Runs that each cover several settings (kept rows, relay count): one
+/// setting's rate from every run that succeeded.
+fn rates_of<K: PartialEq, T>(
+    runs: &[Vec<(K, Result<T, String>)>],
+    setting: K,
+    rate: impl Fn(&T) -> f64,
+) -> Vec<f64> {
+    runs.iter()
+        .flatten()
+        .filter(|(k, _)| *k == setting)
+        .filter_map(|(_, r)| r.as_ref().ok().map(&rate))
+        .collect()
+}
+
+/// Rate of `top` over rate of `bottom`, within each run that has both.
+fn same_run_ratios<K: PartialEq + Copy, T>(
+    runs: &[Vec<(K, Result<T, String>)>],
+    top: K,
+    bottom: K,
+    rate: impl Fn(&T) -> f64,
+) -> Vec<f64> {
+    runs.iter()
+        .filter_map(|run| {
+            let of = |k: K| {
+                run.iter()
+                    .find(|(kk, _)| *kk == k)
+                    .and_then(|(_, r)| r.as_ref().ok())
+                    .map(&rate)
+            };
+            Some(of(top)? / of(bottom)?)
+        })
+        .collect()
 }

@@ -2,8 +2,8 @@
 //!
 //! Publishes are pipelined: up to `max_in_flight` unconfirmed messages on one
 //! confirm-mode channel, in id order; rows of one partition key only while
-//! they share a route (see `ordering`). Confirms are taken in publish order; acked ids are marked in one
-//! statement sent together with the next claim. Nothing is marked before its
+//! they share a route (see `ordering`). Confirms are taken in publish order;
+//! acked ids are marked in one statement sent together with the next claim. Nothing is marked before its
 //! confirm; anything unconfirmed when a fault hits simply stays pending in the
 //! database and is claimed again.
 
@@ -480,20 +480,19 @@ impl Relay {
         };
         let (rows, prepared): (Vec<OutboxRow>, Vec<publisher::Prepared>) =
             batch.into_iter().unzip();
-        let results = publisher.publish_batch(&rows, prepared, until).await;
+        let results: Vec<Result<PublisherConfirm, Outcome>> = publisher
+            .publish_batch(&rows, prepared, until)
+            .await
+            .into_iter()
+            .map(|r| r.map_err(|e| publisher.outcome(Err(e))))
+            .collect();
         for (row, result) in rows.iter().zip(results) {
             match result {
                 Ok(confirm) => self.in_flight.push_back(InFlight {
                     sent: Sent::of(row),
                     confirm,
                 }),
-                Err(e) => {
-                    let outcome = self.publisher.as_ref().map_or(
-                        Outcome::ConnectionLost {
-                            reason: e.to_string(),
-                        },
-                        |p| p.outcome(Err(e)),
-                    );
+                Err(outcome) => {
                     // Later rows of the batch failed the same way; like the
                     // ones in flight, they stay pending and come back.
                     self.broker_fault(outcome, Some(row.id));

@@ -111,11 +111,9 @@ pub enum StoreError {
 }
 
 /// tokio-postgres prints "db error" or "error connecting to server" alone;
-/// the server's message or the I/O error is in the source chain.
+/// the server's message or the I/O error is its source. Both are said, so the
+/// CLI's cause chain (`cli::with_causes`) finds nothing left to add.
 fn cause(e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        return format!("{}: {}", db.severity(), db.message());
-    }
     match std::error::Error::source(e) {
         Some(inner) => format!("{e}: {inner}"),
         None => e.to_string(),

@@ -693,14 +693,19 @@ fn ids_of_written(written: &[Written]) -> HashSet<String> {
 
 /// A relay that reaches the broker through its own tap.
 async fn start_tapped(env: &TestEnv, args: &[&str]) -> (Relay, AmqpTap) {
+    start_tapped_with(env, args, &[]).await
+}
+
+/// [`start_tapped`] with extra environment variables (e.g. FAILPOINTS).
+async fn start_tapped_with(
+    env: &TestEnv,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (Relay, AmqpTap) {
     let tap = AmqpTap::start(&env.amqp_url);
-    let relay = Relay::start_configured(
-        env,
-        args,
-        &[("OUTBOX_AMQP_URL", tap.url.as_str())],
-        Settings::Environment,
-    )
-    .await;
+    let mut all = vec![("OUTBOX_AMQP_URL", tap.url.as_str())];
+    all.extend_from_slice(envs);
+    let relay = Relay::start_configured(env, args, &all, Settings::Environment).await;
     (relay, tap)
 }
 
@@ -1168,18 +1173,13 @@ async fn scale_relay_paused_between_lease_check_and_write_does_not_publish() {
     let collector = env.consume(&queue, AckMode::Manual).await;
 
     // A stops itself (SIGSTOP) in its second batch of publishes, after the lease check.
-    let tap_a = AmqpTap::start(&env.amqp_url);
-    let mut a = Relay::start_configured(
+    let (mut a, tap_a) = start_tapped_with(
         &env,
         &[],
-        &[
-            ("OUTBOX_AMQP_URL", tap_a.url.as_str()),
-            (
-                "FAILPOINTS",
-                "publish_after_lease_check=1*off->1*return->off",
-            ),
-        ],
-        Settings::Environment,
+        &[(
+            "FAILPOINTS",
+            "publish_after_lease_check=1*off->1*return->off",
+        )],
     )
     .await;
     let (mut b, tap_b) = start_tapped(&env, &[]).await;

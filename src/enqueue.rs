@@ -5,6 +5,24 @@ use std::time::SystemTime;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
+use crate::schema_name::{self, InvalidSchemaName};
+
+/// Why [`enqueue`] wrote no row.
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    /// Nothing was sent to the database: pass the schema `outbox-relay
+    /// migrate --schema` created.
+    #[error("invalid outbox schema name: {0}")]
+    InvalidSchema(#[from] InvalidSchemaName),
+    /// The INSERT failed; the transaction is aborted and must be rolled back.
+    #[error("inserting into {schema}.messages failed: {source}")]
+    Database {
+        schema: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
 /// One message to write; `payload` is delivered byte for byte.
 #[derive(Debug, Clone, Default)]
 pub struct NewMessage {
@@ -37,11 +55,15 @@ impl NewMessage {
 /// Inserts the message into `<schema>.messages` through `client`, which should
 /// be the application's own `Transaction`: the row commits or rolls back with
 /// the business change. Returns the AMQP message-id.
+///
+/// `schema` must be a plain lower-case identifier, as the relay requires: it
+/// is written into the statement unquoted, as in every other statement.
 pub async fn enqueue<C: GenericClient>(
     client: &C,
     schema: &str,
     message: &NewMessage,
-) -> Result<Uuid, tokio_postgres::Error> {
+) -> Result<Uuid, EnqueueError> {
+    schema_name::validate(schema)?;
     let headers = message
         .headers
         .clone()
@@ -67,6 +89,10 @@ pub async fn enqueue<C: GenericClient>(
                 &message.available_at,
             ],
         )
-        .await?;
+        .await
+        .map_err(|source| EnqueueError::Database {
+            schema: schema.to_string(),
+            source,
+        })?;
     Ok(row.get(0))
 }

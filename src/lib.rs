@@ -20,4 +20,6 @@ pub mod store;
 pub mod tls;
 
 mod enqueue;
-pub use enqueue::{enqueue, NewMessage};
+mod schema_name;
+pub use enqueue::{enqueue, EnqueueError, NewMessage};
+pub use schema_name::InvalidSchemaName;

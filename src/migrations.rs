@@ -2,7 +2,10 @@
 
 use tokio_postgres::Client;
 
-use crate::store::StoreError;
+use crate::{
+    schema_name::{self, InvalidSchemaName},
+    store::StoreError,
+};
 
 pub struct Migration {
     pub version: i32,
@@ -24,6 +27,8 @@ pub fn latest_version() -> i32 {
 pub enum MigrateError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("invalid schema name: {0}")]
+    InvalidSchema(#[from] InvalidSchemaName),
     #[error("applying migration {name} to schema '{schema}' failed: {source}")]
     Apply {
         name: &'static str,
@@ -47,6 +52,7 @@ pub enum MigrateError {
     },
 }
 
+/// The schema name goes into the SQL unquoted, as everywhere (see `schema_name`).
 fn preamble(schema: &str) -> String {
     format!(
         "CREATE SCHEMA IF NOT EXISTS {schema};\n\
@@ -64,6 +70,7 @@ pub async fn apply(
     client: &mut Client,
     schema: &str,
 ) -> Result<Vec<&'static Migration>, MigrateError> {
+    schema_name::validate(schema)?;
     let apply_err = |name: &'static str| {
         let schema = schema.to_string();
         move |source| MigrateError::Apply {
@@ -121,6 +128,7 @@ pub async fn pending_sql(client: &Client, schema: &str) -> Result<String, Migrat
 }
 
 async fn applied_versions(client: &Client, schema: &str) -> Result<Vec<i32>, MigrateError> {
+    schema_name::validate(schema)?;
     let exists: bool = client
         .query_one(
             "SELECT to_regclass($1) IS NOT NULL",

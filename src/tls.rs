@@ -37,8 +37,11 @@ pub enum TlsError {
 
 /// The URL without `sslmode`/`sslrootcert`, the mode, and the root cert path.
 pub fn split_tls_params(url: &str) -> Result<(String, SslMode, Option<String>), TlsError> {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, q),
+    // The query starts at the first '?' after the user info, which
+    // tokio-postgres ends at the first '@': a password may hold a raw '?'.
+    let authority = url.find('@').map_or(0, |at| at + 1);
+    let (base, query) = match url[authority..].find('?') {
+        Some(q) => (&url[..authority + q], &url[authority + q + 1..]),
         None => return Ok((url.to_string(), SslMode::Prefer, None)),
     };
     let mut mode = SslMode::Prefer;
@@ -249,5 +252,14 @@ mod tests {
             SslMode::Prefer
         );
         assert!(split_tls_params("postgres://h/db?sslmode=bogus").is_err());
+
+        // A raw '?' in the password is not the start of the query.
+        let (url, mode, _) =
+            split_tls_params("postgres://u:Se?cr3t@h/db?sslmode=verify-full").unwrap();
+        assert_eq!(mode, SslMode::VerifyFull);
+        assert_eq!(url, "postgres://u:Se?cr3t@h/db?sslmode=require");
+        let (url, mode, _) = split_tls_params("postgres://u:Se?cr3t@h/db").unwrap();
+        assert_eq!(mode, SslMode::Prefer);
+        assert_eq!(url, "postgres://u:Se?cr3t@h/db");
     }
 }

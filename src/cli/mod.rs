@@ -13,7 +13,7 @@ use std::{
 use tokio_postgres::Client;
 
 use crate::{
-    config::{redact_url, Connections},
+    config::{redact_url, scrub, url_secrets, Connections},
     migrations, store,
 };
 
@@ -167,54 +167,11 @@ impl Out {
 /// every "pw" would garble output, and the URLs themselves are redacted anyway.
 const MIN_SCRUBBED_SECRET: usize = 3;
 
-/// The password of a URL (userinfo or `password=` parameter), as written and
-/// percent-decoded.
+/// The passwords of a URL (see `config::url_secrets`) long enough to scrub.
 fn url_passwords(url: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    if let Some((_, rest)) = url.split_once("://") {
-        let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
-        if let Some((userinfo, _)) = authority.rsplit_once('@') {
-            if let Some((_, pw)) = userinfo.split_once(':') {
-                found.push(pw.to_string());
-            }
-        }
-    }
-    if let Some((_, query)) = url.split_once('?') {
-        for kv in query.split('&') {
-            if let Some((k, v)) = kv.split_once('=') {
-                if k.eq_ignore_ascii_case("password") {
-                    found.push(v.to_string());
-                }
-            }
-        }
-    }
-    let decoded: Vec<String> = found.iter().filter_map(|s| percent_decode(s)).collect();
-    found.extend(decoded);
+    let mut found = url_secrets(url);
     found.retain(|s| s.len() >= MIN_SCRUBBED_SECRET);
     found
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-fn scrub(text: &str, secrets: &[String]) -> String {
-    secrets
-        .iter()
-        .fold(text.to_string(), |t, s| t.replace(s.as_str(), "***"))
 }
 
 /// The error's message, then any cause it does not already spell out
@@ -329,12 +286,12 @@ mod tests {
         let text = "auth failed for p@ss-word and p%40ss-word";
         assert_eq!(scrub(text, &pw), "auth failed for *** and ***");
         let q = url_passwords("postgres://db/x?user=a&password=topsecret");
-        assert_eq!(q, vec!["topsecret".to_string(), "topsecret".to_string()]);
+        assert_eq!(q, vec!["topsecret".to_string()]);
+        let raw = url_passwords("postgres://u:Se/cr3t@127.0.0.1/test");
+        assert_eq!(raw, vec!["Se/cr3t".to_string()]);
         assert!(url_passwords("amqp://guest@host/%2f").is_empty());
         // Too short to scrub from free text without garbling it.
         assert!(url_passwords("amqp://u:pw@host").is_empty());
-        assert_eq!(percent_decode("bad%zz"), None);
-        assert_eq!(percent_decode("trail%4"), Some("trail%4".to_string()));
     }
 
     #[test]

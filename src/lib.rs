@@ -4,10 +4,12 @@
 //! The library also gives Rust applications [`enqueue`], to write an outbox
 //! row inside their own transaction.
 
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod fence;
+pub mod housekeeping;
 pub mod http;
 pub mod leases;
 pub mod metrics;
@@ -15,9 +17,11 @@ pub mod migrations;
 pub mod ordering;
 pub mod publisher;
 pub mod relay;
+pub mod rows;
 pub mod service;
 pub mod store;
 pub mod tls;
+pub mod wakeup;
 
 mod enqueue;
 mod schema_name;

@@ -68,6 +68,7 @@ pub struct Metrics {
     pub delivery_lag: Histogram,
     pub batch_size: Histogram,
     pub confirm_duration: Histogram,
+    pub claim_duration: Histogram,
     pub partitions_owned: Gauge,
     pub broker_connected: Gauge,
     pub database_connected: Gauge,
@@ -143,6 +144,12 @@ impl Metrics {
             "From publish to the broker's confirm",
             confirm_duration.clone(),
         );
+        let claim_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        registry.register(
+            "claim_duration_seconds",
+            "One claim statement (with the marks sent in the same round trip)",
+            claim_duration.clone(),
+        );
         let partitions_owned = Gauge::default();
         registry.register(
             "partitions_owned",
@@ -187,6 +194,7 @@ impl Metrics {
             delivery_lag,
             batch_size,
             confirm_duration,
+            claim_duration,
             partitions_owned,
             broker_connected,
             database_connected,
@@ -309,6 +317,7 @@ mod tests {
             "outbox_relay_delivery_lag_seconds_bucket",
             "outbox_relay_batch_size_bucket",
             "outbox_relay_confirm_duration_seconds_bucket",
+            "outbox_relay_claim_duration_seconds_bucket",
             "outbox_relay_partitions_owned",
             "outbox_relay_broker_connected",
             "outbox_relay_database_connected",

@@ -13,11 +13,23 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_outbox.sql",
-    sql: include_str!("../sql/0001_outbox.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_outbox.sql",
+        sql: include_str!("../sql/0001_outbox.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_guards.sql",
+        sql: include_str!("../sql/0002_guards.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "0003_quiet_commits.sql",
+        sql: include_str!("../sql/0003_quiet_commits.sql"),
+    },
+];
 
 pub fn latest_version() -> i32 {
     MIGRATIONS.last().map_or(0, |m| m.version)

@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use crate::store::OutboxRow;
+use crate::rows::OutboxRow;
 
 /// What to do with a claimed row now.
 // Returned and matched at once for every row: boxing would only add an allocation.
@@ -46,6 +46,8 @@ fn route(row: &OutboxRow) -> (&str, &str) {
 pub struct KeyOrder {
     keys: HashMap<String, KeyState>,
     queued_rows: usize,
+    /// Payload bytes of queued and ready rows.
+    queued_bytes: usize,
     /// Keys with a failed row since the last claim.
     held: HashSet<String>,
     /// Rows released by their predecessors' confirms: publish these next.
@@ -71,6 +73,7 @@ impl KeyOrder {
             state.unconfirmed += 1;
             Admit::Publish(row)
         } else {
+            self.queued_bytes += row.payload.len();
             state.queued.push_back(row);
             self.queued_rows += 1;
             Admit::Queued
@@ -96,6 +99,7 @@ impl KeyOrder {
         if let Some(state) = self.keys.get_mut(key) {
             state.unconfirmed = state.unconfirmed.saturating_sub(1);
             self.queued_rows -= state.queued.len();
+            self.queued_bytes -= state.queued.iter().map(|r| r.payload.len()).sum::<usize>();
             state.queued.clear();
             if state.unconfirmed == 0 {
                 self.keys.remove(key);
@@ -135,7 +139,23 @@ impl KeyOrder {
     /// The next released row; it counts as unconfirmed until the caller
     /// reports `acked`, `failed` or `parked` for it.
     pub fn pop_ready(&mut self) -> Option<OutboxRow> {
-        self.ready.pop_front()
+        let row = self.ready.pop_front()?;
+        self.queued_bytes -= row.payload.len();
+        Some(row)
+    }
+
+    /// Ids of the rows waiting for confirms or ready to go.
+    pub fn waiting_ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.keys
+            .values()
+            .flat_map(|s| s.queued.iter())
+            .chain(self.ready.iter())
+            .map(|r| r.id)
+    }
+
+    /// Payload bytes held in rows waiting for confirms or ready to go.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
     }
 
     /// A new claim starts: failures are recorded by now, so the claim query
@@ -171,6 +191,7 @@ impl KeyOrder {
         }
         self.keys.retain(|_, s| s.unconfirmed > 0);
         self.queued_rows = 0;
+        self.queued_bytes = 0;
     }
 
     /// The channel or connection failed: nothing is in flight any more.
@@ -178,6 +199,7 @@ impl KeyOrder {
         self.keys.clear();
         self.ready.clear();
         self.queued_rows = 0;
+        self.queued_bytes = 0;
     }
 
     /// Key -> last id the relay holds (in flight, queued or ready), for the
@@ -212,6 +234,7 @@ mod tests {
             headers: serde_json::json!({}),
             created_at: std::time::SystemTime::now(),
             attempts: 0,
+            defect: None,
         }
     }
 

@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashMap,
+    sync::atomic::{AtomicBool, Ordering},
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -20,7 +21,7 @@ use lapin::{tcp::AMQPUriTcpExt, tcp::OwnedTLSConfig, uri::AMQPUri};
 use crate::{
     config::redact_url,
     fence::{FencedReactor, WriteFence},
-    store::OutboxRow,
+    rows::OutboxRow,
 };
 
 /// How long a positive exchange check is trusted before asking the broker again.
@@ -57,20 +58,134 @@ pub enum PublishError {
     Timeout { what: &'static str },
 }
 
-/// What the broker said about one publish.
+/// What the broker said about one publish, speaking about that message alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Verdict {
     /// Acked and routed to at least one queue (or unroutable and that is allowed).
     Delivered,
     /// Acked but returned: no queue is bound for this exchange and routing key.
     Unroutable { reply: String },
     /// The broker refused to take responsibility for the message.
     Nacked,
+}
+
+/// Trouble that says nothing about the message itself: nobody is charged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerFault {
     /// The broker closed the channel. Every unconfirmed publish on it fails with
     /// the same error, so it does not say which row caused it.
     ChannelClosed { reason: String },
-    /// The connection went away; nothing is known about the message.
+    /// The connection went away, stalled, or the channel answered in a way it
+    /// should not (a return for another message, a confirm not requested):
+    /// nothing is known about the message.
     ConnectionLost { reason: String },
+}
+
+impl BrokerFault {
+    pub fn reason(&self) -> &str {
+        match self {
+            BrokerFault::ChannelClosed { reason } | BrokerFault::ConnectionLost { reason } => {
+                reason
+            }
+        }
+    }
+}
+
+/// The broker's answer to one publish, resolved in the publisher's terms.
+pub struct Confirm {
+    inner: PublisherConfirm,
+    message_id: uuid::Uuid,
+    allow_unroutable: bool,
+    connection: lapin::ConnectionStatus,
+    channel_suspect: Arc<AtomicBool>,
+}
+
+impl std::future::Future for Confirm {
+    type Output = Result<Verdict, BrokerFault>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = &mut *self;
+        std::pin::Pin::new(&mut this.inner)
+            .poll(cx)
+            .map(|result| this.interpret(result))
+    }
+}
+
+impl Confirm {
+    fn interpret(
+        &self,
+        result: Result<Confirmation, lapin::Error>,
+    ) -> Result<Verdict, BrokerFault> {
+        let (answer, channel_suspect) = judge(
+            result,
+            self.message_id,
+            self.allow_unroutable,
+            &self.connection,
+        );
+        if channel_suspect {
+            self.channel_suspect.store(true, Ordering::Release);
+        }
+        answer
+    }
+}
+
+/// What the broker's answer to the publish of `message_id` means, and whether
+/// the channel answered in a way it should not (it is then replaced).
+fn judge(
+    result: Result<Confirmation, lapin::Error>,
+    message_id: uuid::Uuid,
+    allow_unroutable: bool,
+    connection: &lapin::ConnectionStatus,
+) -> (Result<Verdict, BrokerFault>, bool) {
+    match result {
+        Ok(Confirmation::Ack(None)) => (Ok(Verdict::Delivered), false),
+        Ok(Confirmation::Ack(Some(returned))) => {
+            let returned_id = returned
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_string());
+            if returned_id.as_deref() != Some(message_id.to_string().as_str()) {
+                // The broker's return and ack do not pair up: the channel's
+                // bookkeeping cannot be trusted.
+                let reason = format!(
+                    "the broker returned message {} with the confirm of message {message_id}; reopening the channel",
+                    returned_id.as_deref().unwrap_or("(no message-id)"),
+                );
+                return (Err(BrokerFault::ConnectionLost { reason }), true);
+            }
+            if allow_unroutable {
+                (Ok(Verdict::Delivered), false)
+            } else {
+                let reply = format!("{} {}", returned.reply_code, returned.reply_text);
+                (Ok(Verdict::Unroutable { reply }), false)
+            }
+        }
+        Ok(Confirmation::Nack(_)) => (Ok(Verdict::Nacked), false),
+        Ok(Confirmation::NotRequested) => {
+            let reason = "the publishing channel is not in confirm mode; reopening it".into();
+            (Err(BrokerFault::ConnectionLost { reason }), true)
+        }
+        Err(e) => (Err(fault(connection, e)), false),
+    }
+}
+
+/// What a failed publish or confirm means: a closed channel while the
+/// connection stands, or a lost connection.
+fn fault(connection: &lapin::ConnectionStatus, e: lapin::Error) -> BrokerFault {
+    if connection.connected() && !is_connection_error(&e) {
+        BrokerFault::ChannelClosed {
+            reason: e.to_string(),
+        }
+    } else {
+        BrokerFault::ConnectionLost {
+            reason: e.to_string(),
+        }
+    }
 }
 
 /// A row turned into an AMQP message, or the reason it can never be one.
@@ -82,6 +197,9 @@ pub struct Prepared {
 
 /// Checks and converts a row without touching the broker.
 pub fn prepare(row: &OutboxRow) -> Result<Prepared, String> {
+    if let Some(defect) = &row.defect {
+        return Err(defect.clone());
+    }
     let short = |what: &str, v: &str| {
         ShortString::try_new(v).map_err(|_| {
             format!(
@@ -149,9 +267,11 @@ fn amqp_value(v: &serde_json::Value) -> Result<AMQPValue, String> {
         J::Null => AMQPValue::Void,
         J::Bool(b) => AMQPValue::Boolean(*b),
         J::Number(n) => {
+            // jsonb keeps no int/float distinction and prints every value of
+            // 2^63 or more as an integer: those cannot be carried exactly.
             if let Some(i) = n.as_i64() {
                 AMQPValue::LongLongInt(i)
-            } else if let Some(f) = n.as_f64().filter(|_| n.is_f64()) {
+            } else if let Some(f) = n.as_f64().filter(|f| n.is_f64() && f.abs() < 2f64.powi(63)) {
                 AMQPValue::Double(f)
             } else {
                 return Err(format!(
@@ -196,6 +316,8 @@ pub struct Publisher {
     /// Refuses socket writes of a publish whose lease could have lapsed.
     fence: Arc<WriteFence>,
     channel: Channel,
+    /// The channel answered in a way it should not: replace it.
+    channel_suspect: Arc<AtomicBool>,
     probe: Option<Channel>,
     exchanges: HashMap<String, Instant>,
     allow_unroutable: bool,
@@ -207,7 +329,7 @@ impl Publisher {
         let props = ConnectionProperties::default().with_connection_name(LongString::from(
             format!("outbox-relay {}", std::process::id()),
         ));
-        let uri: AMQPUri = url.parse().map_err(|e: String| PublishError::Connect {
+        let uri = amqp_uri(url).map_err(|e| PublishError::Connect {
             url: redact_url(url),
             source: lapin::Error::from(std::io::Error::other(e)),
         })?;
@@ -248,15 +370,12 @@ impl Publisher {
             connection,
             fence,
             channel,
+            channel_suspect: Arc::default(),
             probe: None,
             exchanges: HashMap::new(),
             allow_unroutable,
             vhost,
         })
-    }
-
-    pub fn connection(&self) -> &Connection {
-        &self.connection
     }
 
     /// The virtual host the connection was opened on.
@@ -280,12 +399,17 @@ impl Publisher {
             )));
         }
         self.exchanges.clear();
+        if self.channel.status().connected() {
+            let close = self.channel.close(200, ShortString::from("reopening"));
+            let _ = tokio::time::timeout(AMQP_TIMEOUT, close).await;
+        }
         self.channel = confirm_channel(&self.connection).await?;
+        self.channel_suspect = Arc::default();
         Ok(())
     }
 
     pub fn channel_usable(&self) -> bool {
-        self.channel.status().connected()
+        self.channel.status().connected() && !self.channel_suspect.load(Ordering::Acquire)
     }
 
     /// Asks the broker (passively, cached) whether the row's exchange exists.
@@ -346,14 +470,14 @@ impl Publisher {
         row: &OutboxRow,
         prepared: Prepared,
         lease_until: tokio::time::Instant,
-    ) -> Result<PublisherConfirm, lapin::Error> {
+    ) -> Result<Confirm, BrokerFault> {
         let mut results = self
             .publish_batch(std::slice::from_ref(row), vec![prepared], lease_until)
             .await;
         results.pop().unwrap_or_else(|| {
-            Err(lapin::Error::from(
-                lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Error),
-            ))
+            Err(BrokerFault::ConnectionLost {
+                reason: "the publish was not handed to the connection".into(),
+            })
         })
     }
 
@@ -366,7 +490,7 @@ impl Publisher {
         rows: &[OutboxRow],
         prepared: Vec<Prepared>,
         lease_until: tokio::time::Instant,
-    ) -> Vec<Result<PublisherConfirm, lapin::Error>> {
+    ) -> Vec<Result<Confirm, BrokerFault>> {
         self.fence.arm(lease_until.into_std());
         freeze_point();
         let mut results = Vec::with_capacity(rows.len());
@@ -384,13 +508,26 @@ impl Publisher {
                 // it is reported as a lost connection (and the fence stays
                 // armed: lapin may still hold some of these frames).
                 results.resize_with(rows.len(), || {
-                    Err(lapin::Error::from(
-                        lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Error),
-                    ))
+                    Err(BrokerFault::ConnectionLost {
+                        reason: format!(
+                            "the socket took no publish for {}s",
+                            AMQP_TIMEOUT.as_secs()
+                        ),
+                    })
                 });
                 return results;
             };
-            results.extend(sent);
+            let status = self.connection.status();
+            results.extend(chunk.iter().zip(sent).map(|(row, sent)| {
+                sent.map(|inner| Confirm {
+                    inner,
+                    message_id: row.message_id,
+                    allow_unroutable: self.allow_unroutable,
+                    connection: status.clone(),
+                    channel_suspect: self.channel_suspect.clone(),
+                })
+                .map_err(|e| fault(status, e))
+            }));
         }
         // lapin reports a publish done once its frames are written to the
         // socket (a TLS layer may still hold them while the socket is full), so
@@ -422,35 +559,28 @@ impl Publisher {
             .await
     }
 
-    /// What a resolved confirm (or a publish error) means for its row.
-    pub fn outcome(&self, result: Result<Confirmation, lapin::Error>) -> Outcome {
-        match result {
-            Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Outcome::Delivered,
-            Ok(Confirmation::Ack(Some(returned))) => {
-                if self.allow_unroutable {
-                    Outcome::Delivered
-                } else {
-                    Outcome::Unroutable {
-                        reply: format!("{} {}", returned.reply_code, returned.reply_text),
-                    }
-                }
-            }
-            Ok(Confirmation::Nack(_)) => Outcome::Nacked,
-            Err(e) if self.is_connected() && !is_connection_error(&e) => Outcome::ChannelClosed {
-                reason: e.to_string(),
-            },
-            Err(e) => Outcome::ConnectionLost {
-                reason: e.to_string(),
-            },
-        }
-    }
-
     pub async fn close(&self) {
         let close = self
             .connection
             .close(200, ShortString::from("relay stopping"));
         let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
     }
+}
+
+/// The URL as lapin's parser reads it, with the host mended: it reads the
+/// host with `Url::domain()`, which is empty for an IP address, and then falls
+/// back to "localhost", so `amqp://10.0.0.5/` would reach the local broker.
+pub fn amqp_uri(url: &str) -> Result<AMQPUri, String> {
+    let mut uri: AMQPUri = url.parse()?;
+    let parsed = url::Url::parse(url).map_err(|e| e.to_string())?;
+    if let Some(host) = parsed.host() {
+        uri.authority.host = match host {
+            url::Host::Domain(d) => d.to_string(),
+            url::Host::Ipv4(ip) => ip.to_string(),
+            url::Host::Ipv6(ip) => ip.to_string(),
+        };
+    }
+    Ok(uri)
 }
 
 /// Fault tests: `FAILPOINTS=publish_after_lease_check=N*off->1*return` stops
@@ -498,6 +628,81 @@ pub fn since(created_at: SystemTime) -> Duration {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn returned(message_id: Option<&str>) -> Confirmation {
+        let mut delivery =
+            lapin::message::Delivery::mock(1, "".into(), "q".into(), false, Vec::new());
+        if let Some(id) = message_id {
+            delivery.properties = BasicProperties::default().with_message_id(id.into());
+        }
+        Confirmation::Ack(Some(lapin::message::BasicReturnMessage {
+            delivery,
+            reply_code: 312,
+            reply_text: "NO_ROUTE".into(),
+        }))
+    }
+
+    #[test]
+    fn a_return_counts_only_for_the_message_it_names() {
+        let id = uuid::Uuid::new_v4();
+        let status = lapin::ConnectionStatus::default();
+        let (own, suspect) = judge(Ok(returned(Some(&id.to_string()))), id, false, &status);
+        assert!(matches!(own, Ok(Verdict::Unroutable { .. })), "{own:?}");
+        assert!(!suspect);
+        let (allowed, _) = judge(Ok(returned(Some(&id.to_string()))), id, true, &status);
+        assert_eq!(allowed, Ok(Verdict::Delivered));
+        let other = uuid::Uuid::new_v4().to_string();
+        for confirmation in [returned(Some(&other)), returned(None)] {
+            let (answer, suspect) = judge(Ok(confirmation), id, false, &status);
+            assert!(
+                matches!(answer, Err(BrokerFault::ConnectionLost { .. })),
+                "a return for another message charges nobody: {answer:?}"
+            );
+            assert!(suspect, "and the channel is replaced");
+        }
+    }
+
+    #[test]
+    fn a_confirm_that_was_not_requested_is_a_broker_fault() {
+        let status = lapin::ConnectionStatus::default();
+        let (answer, suspect) = judge(
+            Ok(Confirmation::NotRequested),
+            uuid::Uuid::new_v4(),
+            false,
+            &status,
+        );
+        assert!(matches!(answer, Err(BrokerFault::ConnectionLost { .. })));
+        assert!(suspect);
+        let (ack, _) = judge(
+            Ok(Confirmation::Ack(None)),
+            uuid::Uuid::new_v4(),
+            false,
+            &status,
+        );
+        assert_eq!(ack, Ok(Verdict::Delivered));
+        let (nack, _) = judge(
+            Ok(Confirmation::Nack(None)),
+            uuid::Uuid::new_v4(),
+            false,
+            &status,
+        );
+        assert_eq!(nack, Ok(Verdict::Nacked));
+    }
+
+    #[test]
+    fn amqp_urls_keep_an_ip_address_host() {
+        let host = |u: &str| amqp_uri(u).map(|u| u.authority.host);
+        assert_eq!(
+            host("amqp://u:p@10.1.2.3:5673/%2f").as_deref(),
+            Ok("10.1.2.3")
+        );
+        assert_eq!(host("amqps://[::1]:5671/").as_deref(), Ok("::1"));
+        assert_eq!(
+            host("amqp://rabbit.internal/").as_deref(),
+            Ok("rabbit.internal")
+        );
+        assert_eq!(host("amqp://u:p@127.0.0.1/").as_deref(), Ok("127.0.0.1"));
+    }
 
     #[test]
     fn headers_keep_their_json_kinds() {

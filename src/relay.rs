@@ -9,31 +9,25 @@
 
 use std::{
     collections::{HashSet, VecDeque},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::Arc,
     time::Duration,
 };
 
-use backon::{BackoffBuilder, ExponentialBuilder};
-use lapin::PublisherConfirm;
-use tokio::{
-    sync::{watch, Notify},
-    time::Instant,
-};
+use tokio::{sync::watch, time::Instant};
 
 use crate::{
+    backoff::next_delay,
     config::RelayConfig,
     leases::LeaseState,
     metrics::{FailureReason, Metrics},
     ordering::{Admit, KeyOrder},
-    publisher::{self, Outcome, Publisher},
-    store::{Failure, OutboxRow, Store},
+    publisher::{self, BrokerFault, Confirm, Publisher},
+    rows::{Failure, OutboxRow},
+    store::{ClaimLimits, HeldWindow, Store},
+    wakeup::Wakeup,
 };
 
 mod confirms;
-pub use confirms::retry_delay;
 
 /// A confirm that takes longer than this, with the broker not blocking us,
 /// means the channel is wedged: drop it and publish again.
@@ -45,23 +39,20 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 /// Longest idle wait without a wakeup (the loop's liveness beat for /healthz).
 const IDLE_BEAT: Duration = Duration::from_secs(10);
-
-/// How the relay is woken: the control task sets `pending` and notifies.
-#[derive(Default)]
-pub struct Wakeup {
-    pending: AtomicBool,
-    notify: Notify,
-}
-
-impl Wakeup {
-    pub fn wake(&self) {
-        self.pending.store(true, Ordering::Release);
-        self.notify.notify_one();
-    }
-    fn take(&self) -> bool {
-        self.pending.swap(false, Ordering::AcqRel)
-    }
-}
+/// Payload bytes the relay holds at most in claimed and queued rows (one
+/// larger row still goes, alone): memory follows bytes, not row counts.
+const PAYLOAD_BUDGET: usize = 8 * 1024 * 1024;
+/// Culprits remembered at most (each is parked after max-attempts anyway).
+const MAX_CULPRITS: usize = 10_000;
+/// A relay woken this soon after it began to wait is under steady load: it
+/// stops asking for notifications (each makes an application's commit take
+/// PostgreSQL's database-wide notify lock) and polls instead.
+const HOT_GAP: Duration = Duration::from_millis(10);
+/// Polling finds nothing for this long: the relay asks for notifications again.
+const LINGER: Duration = Duration::from_millis(50);
+/// Gaps between polls: short while rows keep coming, doubling while none do.
+const MIN_POLL_GAP: Duration = Duration::from_millis(1);
+const MAX_POLL_GAP: Duration = Duration::from_millis(8);
 
 /// What the relay remembers of a published row until its confirm is booked.
 struct Sent {
@@ -97,7 +88,7 @@ enum Checked {
 
 struct InFlight {
     sent: Sent,
-    confirm: PublisherConfirm,
+    confirm: Confirm,
 }
 
 pub struct Relay {
@@ -111,9 +102,11 @@ pub struct Relay {
     in_flight: VecDeque<InFlight>,
     acked: Vec<i64>,
     failures: Vec<Failure>,
-    /// Rows that were in flight when the broker closed the channel or the
-    /// connection: one of them may be the cause, so each goes out alone once.
+    /// Rows that were in flight when the broker closed the channel: one of
+    /// them may be the cause, so each goes out alone once.
     suspects: HashSet<i64>,
+    /// Rows that closed the channel when sent alone: they always go alone.
+    culprits: HashSet<i64>,
     /// One unconfirmed publish per partition key; followers wait here.
     order: KeyOrder,
     /// Highest id claimed while anything is held; the next claim continues after it.
@@ -126,6 +119,14 @@ pub struct Relay {
     rescan_at: Instant,
     db_backoff: Option<backon::ExponentialBackoff>,
     amqp_backoff: Option<backon::ExponentialBackoff>,
+    /// What the database was last told: does this relay wait for a NOTIFY?
+    /// (None: unknown, e.g. after a reconnect.)
+    flagged_idle: Option<bool>,
+    /// How long the last wait for a notification lasted.
+    woken_after: Option<Duration>,
+    /// Polling without finding anything since then.
+    quiet_since: Option<Instant>,
+    poll_gap: Duration,
 }
 
 impl Relay {
@@ -148,6 +149,7 @@ impl Relay {
             acked: Vec::new(),
             failures: Vec::new(),
             suspects: HashSet::new(),
+            culprits: HashSet::new(),
             order: KeyOrder::default(),
             cursor: 0,
             force_reconnect: false,
@@ -155,6 +157,10 @@ impl Relay {
             rescan_at: Instant::now(),
             db_backoff: None,
             amqp_backoff: None,
+            flagged_idle: None,
+            woken_after: None,
+            quiet_since: None,
+            poll_gap: MIN_POLL_GAP,
         }
     }
 
@@ -217,6 +223,7 @@ impl Relay {
                 && !blocked
                 && !rescan_waits
                 && room >= want.div_ceil(2)
+                && self.order.queued_bytes() < PAYLOAD_BUDGET / 2
             {
                 self.claim_and_publish(room.min(self.cfg.batch_size)).await;
             } else if !self.in_flight.is_empty() {
@@ -226,7 +233,7 @@ impl Relay {
                 }
             } else {
                 self.flush().await;
-                self.idle().await;
+                self.wait_for_work(blocked).await;
             }
         }
         if let Some(p) = &self.publisher {
@@ -241,7 +248,7 @@ impl Relay {
         let wake = self.wakeup.clone();
         let store_closed = self.store.as_ref().map(Store::closed);
         tokio::select! {
-            _ = wake.notify.notified() => {}
+            _ = wake.notified() => {}
             // Readiness must drop when the database goes, even while idle.
             _ = async { match store_closed { Some(c) => c.await, None => std::future::pending().await } } => {}
             // Only feeds /healthz: the heartbeat is the poll, so no claim here.
@@ -250,6 +257,71 @@ impl Relay {
             _ = self.leases.changed() => {}
         }
         self.more = true;
+    }
+
+    /// Nothing in flight and nothing claimed. Under steady load the relay polls
+    /// (with its flag saying so, applications' commits carry no NOTIFY); once
+    /// polls find nothing for `LINGER` it flags itself idle, claims once more
+    /// (for rows committed while the flag was changing) and waits.
+    async fn wait_for_work(&mut self, blocked: bool) {
+        if !self.cfg.listen {
+            // Nobody listens: the heartbeat is the poll, notifications are waste.
+            if self.flagged_idle != Some(false) {
+                self.flag_idle(false).await;
+            }
+            self.idle().await;
+            return;
+        }
+        if self.flagged_idle == Some(true) || blocked || self.stopping() {
+            let started = Instant::now();
+            self.idle().await;
+            self.woken_after = Some(started.elapsed());
+            return;
+        }
+        let quiet = *self.quiet_since.get_or_insert_with(Instant::now);
+        if quiet.elapsed() < LINGER {
+            let gap = self.poll_gap;
+            self.poll_gap = (gap * 2).min(MAX_POLL_GAP);
+            let wake = self.wakeup.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(gap) => {}
+                _ = wake.notified() => {}
+                _ = self.stop.changed() => {}
+            }
+        } else {
+            self.flag_idle(true).await;
+            self.woken_after = None;
+        }
+        self.more = true;
+    }
+
+    /// Tells the database whether this relay waits for notifications.
+    async fn flag_idle(&mut self, idle: bool) {
+        let Some(store) = &self.store else { return };
+        if let Err(e) = store.set_idle(&self.cfg.instance_id, idle).await {
+            self.database_error(e);
+        }
+        // Even when it failed: the flag only decides who notifies (a poll
+        // still finds every row), so a failure must not make the loop spin.
+        self.flagged_idle = Some(idle);
+    }
+
+    /// The ids the relay holds, for the claim to go around them.
+    fn held_window(&self) -> HeldWindow {
+        if self.holds_nothing() {
+            return HeldWindow::default();
+        }
+        let lowest = self
+            .in_flight
+            .iter()
+            .map(|f| f.sent.id)
+            .chain(self.order.waiting_ids())
+            .min()
+            .unwrap_or(self.cursor);
+        HeldWindow {
+            lowest,
+            highest: self.cursor,
+        }
     }
 
     async fn pause(&mut self, d: Duration) {
@@ -271,6 +343,7 @@ impl Relay {
             Ok(store) => {
                 tracing::info!("connected to PostgreSQL");
                 self.store = Some(store);
+                self.flagged_idle = None;
                 self.metrics.database_connected.set(1);
                 self.db_backoff = None;
                 self.more = true;
@@ -291,18 +364,26 @@ impl Relay {
                 if p.channel_usable() {
                     return true;
                 }
+                // Nothing unconfirmed on the old channel can be confirmed now.
+                self.drop_in_flight(FailureReason::ChannelClosed);
+                let Some(p) = self.publisher.as_mut() else {
+                    return false;
+                };
                 match p.reopen_channel().await {
                     Ok(()) => return true,
                     Err(e) => tracing::warn!(error = %e, "cannot reopen the publishing channel"),
                 }
             }
             tracing::warn!("lost the RabbitMQ connection; reconnecting");
-            self.drop_in_flight(FailureReason::ConnectionLost);
             if let Some(p) = self.publisher.take() {
                 p.close().await;
             }
-            self.force_reconnect = false;
         }
+        // Whatever was in flight or waiting on the old connection is pending
+        // again, and the key bookkeeping starts over (for every way the
+        // publisher went: lost, timed out, replaced).
+        self.drop_in_flight(FailureReason::ConnectionLost);
+        self.force_reconnect = false;
         self.metrics.broker_connected.set(0);
         match Publisher::connect(&self.cfg.amqp_url, self.cfg.allow_unroutable).await {
             Ok(p) => {
@@ -336,28 +417,43 @@ impl Relay {
         // Recorded failures now hold their keys' later rows in SQL.
         self.order.new_claim();
         let Some(store) = &self.store else { return };
-        let after = if self.holds_nothing() { 0 } else { self.cursor };
-        if after == 0 {
+        let window = self.held_window();
+        if window.highest == 0 {
             self.rescan_at = Instant::now() + RESCAN_EVERY;
         }
         let held = self.order.held_ids();
         let keep = !self.cfg.retention.is_zero();
+        let limits = ClaimLimits {
+            rows: limit,
+            max_payload_bytes: self.cfg.max_payload_bytes,
+            payload_budget: PAYLOAD_BUDGET.saturating_sub(self.order.queued_bytes()),
+        };
+        let started = Instant::now();
         let result = store
-            .mark_then_claim(&self.acked, keep, &lease.partitions, after, &held, limit)
+            .mark_then_claim(&self.acked, keep, &lease.partitions, window, &held, limits)
             .await;
+        self.metrics
+            .claim_duration
+            .observe(started.elapsed().as_secs_f64());
         let rows = match result {
-            Ok((_, rows)) => {
+            Ok((_, claim)) => {
                 self.count_published();
-                rows
+                self.more = claim.more;
+                claim.rows
             }
             Err(e) => {
                 self.database_error(e);
                 return;
             }
         };
-        self.more = rows.len() == limit;
         let Some(last) = rows.last() else { return };
-        self.cursor = after.max(last.id);
+        self.cursor = window.highest.max(last.id);
+        self.quiet_since = None;
+        self.poll_gap = MIN_POLL_GAP;
+        // Woken at once after it began to wait: rows come steadily, stop
+        // asking for notifications (after this batch is on its way).
+        let hot =
+            self.flagged_idle != Some(false) && self.woken_after.take().is_none_or(|d| d < HOT_GAP);
         self.metrics.batch_size.observe(rows.len() as f64);
         // Checked rows are handed to lapin together: one wake-up of its I/O
         // thread per batch instead of one per message.
@@ -385,14 +481,14 @@ impl Relay {
                 }
             }
         }
-        if broken {
-            // The broker side broke: what is not sent stays pending and comes back.
-            for (row, _) in &batch {
-                self.order.failed(row.partition_key.as_deref());
-            }
+        if broken || !self.send_batch(batch, &lease).await {
+            // The broker side broke: what is not sent stays pending and comes
+            // back once the publisher is replaced (which resets the keys).
+            self.force_reconnect |= self.publisher.as_ref().is_none_or(|p| !p.is_connected());
             self.more = true;
-        } else if !self.send_batch(batch, &lease).await {
-            self.more = true;
+        }
+        if hot && self.cfg.listen {
+            self.flag_idle(false).await;
         }
     }
 
@@ -443,11 +539,10 @@ impl Relay {
             Err(e) => {
                 tracing::warn!(error = %e, "exchange check failed; reconnecting to the broker");
                 self.force_reconnect = true;
-                self.order.failed(row.partition_key.as_deref());
                 return Checked::Broken;
             }
         }
-        if self.suspects.contains(&row.id) {
+        if self.suspects.contains(&row.id) || self.culprits.contains(&row.id) {
             return Checked::Alone(row, prepared);
         }
         Checked::Send(row, prepared)
@@ -473,29 +568,21 @@ impl Relay {
             return true;
         };
         let Some(publisher) = self.publisher.as_ref() else {
-            for (row, _) in &batch {
-                self.order.failed(row.partition_key.as_deref());
-            }
             return false;
         };
         let (rows, prepared): (Vec<OutboxRow>, Vec<publisher::Prepared>) =
             batch.into_iter().unzip();
-        let results: Vec<Result<PublisherConfirm, Outcome>> = publisher
-            .publish_batch(&rows, prepared, until)
-            .await
-            .into_iter()
-            .map(|r| r.map_err(|e| publisher.outcome(Err(e))))
-            .collect();
+        let results = publisher.publish_batch(&rows, prepared, until).await;
         for (row, result) in rows.iter().zip(results) {
             match result {
                 Ok(confirm) => self.in_flight.push_back(InFlight {
                     sent: Sent::of(row),
                     confirm,
                 }),
-                Err(outcome) => {
+                Err(fault) => {
                     // Later rows of the batch failed the same way; like the
                     // ones in flight, they stay pending and come back.
-                    self.broker_fault(outcome, Some(row.id));
+                    self.broker_fault(fault, Some(row.id));
                     return false;
                 }
             }
@@ -531,54 +618,46 @@ impl Relay {
             self.order.failed(row.partition_key.as_deref());
             return false;
         };
-        self.suspects.remove(&row.id);
         let sent = Sent::of(&row);
         let result = match publisher.publish(&row, prepared, until).await {
             Ok(confirm) => tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
                 .await
                 .unwrap_or_else(|_| {
-                    Err(lapin::Error::from(lapin::ErrorKind::MissingHeartbeatError))
+                    Err(BrokerFault::ConnectionLost {
+                        reason: format!("no confirm within {}s", CONFIRM_TIMEOUT.as_secs()),
+                    })
                 }),
-            Err(e) => Err(e),
+            Err(fault) => Err(fault),
         };
-        match publisher.outcome(result) {
-            outcome @ (Outcome::ChannelClosed { .. } | Outcome::ConnectionLost { .. }) => {
-                let (Outcome::ChannelClosed { reason } | Outcome::ConnectionLost { reason }) =
-                    &outcome
-                else {
-                    return false;
-                };
+        match result {
+            Ok(verdict) => {
+                self.suspects.remove(&row.id);
+                self.settle(sent, verdict);
+                true
+            }
+            Err(BrokerFault::ChannelClosed { reason }) => {
+                // Alone on a channel of a connection that stands: this row
+                // closed it. Charged, and from now on always sent alone.
                 let error = format!(
                     "the broker closed the channel when outbox row {} was published alone: {reason}",
                     row.id
                 );
-                // ensure_publisher reopens the channel, or the connection when
-                // that is what failed (it may look open while stalled).
-                self.force_reconnect = matches!(outcome, Outcome::ConnectionLost { .. });
+                self.suspects.remove(&row.id);
+                if self.culprits.len() >= MAX_CULPRITS {
+                    self.culprits.clear();
+                }
+                self.culprits.insert(row.id);
                 self.fail_row(&row, error, FailureReason::ChannelClosed, false);
                 false
             }
-            other => {
-                self.settle(sent, other);
-                true
+            Err(BrokerFault::ConnectionLost { reason }) => {
+                // Says nothing about the row (a lost or stalled connection, a
+                // timeout, a long broker alarm): not charged, still a suspect.
+                tracing::warn!(id = row.id, reason = %reason, "connection trouble while a suspect row was published alone; it stays pending");
+                self.metrics.failure(FailureReason::ConnectionLost);
+                self.force_reconnect = true;
+                false
             }
         }
     }
-}
-
-/// Reconnect backoff: 100ms doubling to 3s, with jitter, forever. Short enough
-/// that a restarted broker or database is back in use within seconds; the
-/// jitter keeps a fleet of relays from reconnecting in lockstep.
-pub fn next_delay(state: &mut Option<backon::ExponentialBackoff>) -> Duration {
-    state
-        .get_or_insert_with(|| {
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(100))
-                .with_max_delay(Duration::from_secs(3))
-                .with_jitter()
-                .without_max_times()
-                .build()
-        })
-        .next()
-        .unwrap_or(Duration::from_secs(3))
 }

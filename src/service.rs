@@ -7,12 +7,14 @@ use tokio::sync::watch;
 use crate::{
     config::RelayConfig,
     control::{self, ControlTask},
+    housekeeping::HousekeepingTask,
     http,
     leases::LeaseState,
     metrics::Metrics,
     migrations,
-    relay::{Relay, Wakeup},
+    relay::Relay,
     store,
+    wakeup::Wakeup,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,14 @@ pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
         }
         .run(),
     );
+    let housekeeping = tokio::spawn(
+        HousekeepingTask {
+            cfg: cfg.clone(),
+            metrics: metrics.clone(),
+            stop: stop_rx.clone(),
+        }
+        .run(),
+    );
     let mut relay =
         tokio::spawn(Relay::new(cfg.clone(), metrics.clone(), lease_rx, wakeup, stop_rx).run());
     tracing::info!(
@@ -77,6 +87,7 @@ pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
         }
     }
     let _ = control.await;
+    let _ = housekeeping.await;
     // Only now, with nothing in flight, may a successor take our partitions.
     match tokio::time::timeout(
         std::time::Duration::from_secs(3),

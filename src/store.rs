@@ -5,11 +5,11 @@ pub mod admin;
 
 use std::time::{Duration, SystemTime};
 
-use tokio_postgres::{Client, Statement};
-use uuid::Uuid;
+use tokio_postgres::{Client, Row, Statement};
 
 use crate::{
     config::{redact_url, Connections},
+    rows::{Failure, OutboxRow},
     tls,
 };
 
@@ -20,9 +20,25 @@ pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The server cancels a statement a little before [`STATEMENT_TIMEOUT`]:
 /// otherwise a query the relay gave up on keeps running (and holding its
 /// snapshot) on the server until it tries to send its result.
-pub fn server_statement_timeout() -> String {
+fn server_statement_timeout() -> String {
     let ms = STATEMENT_TIMEOUT.as_millis() * 5 / 6;
     format!("SET statement_timeout = {ms}")
+}
+
+/// Settings every relay session takes: the server-side statement timeout, and
+/// on the hot path asynchronous commit (a mark lost in a database crash only
+/// means the row is published again, same message_id: at-least-once holds
+/// without waiting for the WAL flush).
+pub async fn set_session(client: &Client, hot_path: bool) -> Result<(), StoreError> {
+    let sync = if hot_path {
+        "SET synchronous_commit TO off; "
+    } else {
+        ""
+    };
+    client
+        .batch_execute(&format!("{sync}{}", server_statement_timeout()))
+        .await
+        .map_err(StoreError::query("setting up the session"))
 }
 
 /// Bounds a statement by [`STATEMENT_TIMEOUT`].
@@ -36,42 +52,12 @@ async fn bounded<T>(
     }
 }
 
-/// One pending outbox row, as claimed for publishing.
-#[derive(Debug, Clone)]
-pub struct OutboxRow {
-    pub id: i64,
-    pub message_id: Uuid,
-    pub exchange: String,
-    pub routing_key: String,
-    pub partition: i16,
-    pub partition_key: Option<String>,
-    pub payload: Vec<u8>,
-    pub content_type: Option<String>,
-    pub message_type: Option<String>,
-    pub correlation_id: Option<String>,
-    pub headers: serde_json::Value,
-    pub created_at: SystemTime,
-    pub attempts: i32,
-}
-
-/// A failed publish attempt of one row, to be recorded.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    pub id: i64,
-    pub error: String,
-    /// When to try again, if attempts are left.
-    pub retry_in: Duration,
-    /// Park at once: the row can never be published as it is.
-    pub park_now: bool,
-}
-
 /// What the relay's heartbeat learns: its leases, the next due row, the backlog.
 #[derive(Debug, Clone, Default)]
 pub struct Heartbeat {
     pub partitions: Vec<i16>,
     /// Seconds until the next pending row of our partitions is due (<= 0: now).
     pub next_due_in: Option<f64>,
-    pub stats: Option<BacklogStats>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -102,6 +88,13 @@ pub enum StoreError {
     },
     #[error("{what} got no answer within {}s; the connection is treated as lost", STATEMENT_TIMEOUT.as_secs())]
     Timeout { what: &'static str },
+    /// A value the server sent that the relay cannot read: the connection is fine.
+    #[error("reading {what} failed: {}", cause(source))]
+    Decode {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("{what} failed: {}", cause(source))]
     Query {
         what: &'static str,
@@ -125,12 +118,19 @@ impl StoreError {
         move |source| StoreError::Query { what, source }
     }
 
-    /// The connection is gone: reconnect rather than retry on this one.
+    fn decode(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+        move |source| StoreError::Decode { what, source }
+    }
+
+    /// The connection is gone: reconnect rather than retry on this one. A
+    /// statement's error without a server error is the transport's (values
+    /// are decoded apart, as `Decode`, which never means a lost connection).
     pub fn is_connection_lost(&self) -> bool {
         match self {
             StoreError::Query { source, .. } | StoreError::Prepare { source, .. } => {
                 source.is_closed() || source.as_db_error().is_none()
             }
+            StoreError::Decode { .. } => false,
             StoreError::Connect { .. } | StoreError::Tls(_) | StoreError::Timeout { .. } => true,
         }
     }
@@ -196,6 +196,7 @@ pub struct Store {
     mark: Statement,
     delete: Statement,
     fail: Statement,
+    idle: Statement,
 }
 
 impl Store {
@@ -208,28 +209,9 @@ impl Store {
             }
             let _ = closed_tx.send(true);
         });
-        // A mark lost in a database crash only means the row is published again
-        // (same message_id): at-least-once holds without waiting for the WAL flush.
-        client
-            .batch_execute(&format!(
-                "SET synchronous_commit TO off; {}",
-                server_statement_timeout()
-            ))
-            .await
-            .map_err(StoreError::query("setting up the session"))?;
+        set_session(&client, true).await?;
         let s = &conn.schema;
-        let prepare = |sql: String| {
-            let client = &client;
-            async move {
-                client
-                    .prepare(&sql)
-                    .await
-                    .map_err(|source| StoreError::Prepare {
-                        schema: s.clone(),
-                        source,
-                    })
-            }
-        };
+        let prepare = |sql: String| prepare_in(&client, s, sql);
         // Rows of a partition key wait behind an earlier row of that key that is
         // not due yet (scheduled, or backing off after a failure): order first.
         // MATERIALIZED and without GROUP BY: computed once per claim from the
@@ -239,27 +221,48 @@ impl Store {
             "WITH waiting AS MATERIALIZED (
                 SELECT partition_key, id FROM {s}.messages
                  WHERE published_at IS NULL AND dead_lettered_at IS NULL
-                   AND available_at > now() AND partition_key IS NOT NULL)
-             SELECT id, message_id, exchange, routing_key, partition, partition_key, payload,
-                    content_type, message_type, correlation_id, headers, created_at, attempts
-               FROM {s}.messages m
-              WHERE published_at IS NULL AND dead_lettered_at IS NULL
-                AND available_at <= now()
-                AND partition = ANY($1::smallint[])
-                AND id > $2
-                AND NOT EXISTS (SELECT 1 FROM waiting w
-                                 WHERE w.partition_key = m.partition_key AND w.id < m.id)
-                -- Claiming after a cursor ($2 > 0) skips rows below it that
-                -- committed late. A row may only follow such a row of its key if
-                -- the relay holds it: $4 maps key -> last id the relay holds.
-                AND ($2 = 0 OR m.partition_key IS NULL OR NOT EXISTS (
-                     SELECT 1 FROM {s}.messages p
-                      WHERE p.partition_key = m.partition_key
-                        AND p.id > coalesce(($4::jsonb ->> m.partition_key)::bigint, 0)
-                        AND p.id <= $2 AND p.id < m.id
-                        AND p.published_at IS NULL AND p.dead_lettered_at IS NULL))
-              ORDER BY id
-              LIMIT $3"
+                   AND available_at > now() AND partition_key IS NOT NULL
+                   AND partition = ANY($1::smallint[])),
+             claimed AS (
+                SELECT id, message_id, exchange, routing_key, partition, partition_key,
+                       payload, octet_length(payload) AS size, content_type, message_type,
+                       correlation_id, headers, created_at, attempts
+                  FROM {s}.messages m
+                 WHERE published_at IS NULL AND dead_lettered_at IS NULL
+                   AND available_at <= now()
+                   AND partition = ANY($1::smallint[])
+                   -- The relay holds (in flight or queued) most rows of ids $7..$2:
+                   -- it claims around them, so a row that commits late below the
+                   -- window, or any row above it, is found without waiting.
+                   AND (id > $2 OR id < $7)
+                   AND NOT EXISTS (SELECT 1 FROM waiting w
+                                    WHERE w.partition_key = m.partition_key AND w.id < m.id)
+                   -- A row of the window that the relay does not hold (it
+                   -- committed late) must not be overtaken by a later row of its
+                   -- key: $4 maps key -> last id the relay holds.
+                   AND ($2 = 0 OR m.partition_key IS NULL OR NOT EXISTS (
+                        SELECT 1 FROM {s}.messages p
+                         WHERE p.partition_key = m.partition_key
+                           AND p.id > coalesce(($4::jsonb ->> m.partition_key)::bigint, 0)
+                           AND p.id >= $7 AND p.id <= $2 AND p.id < m.id
+                           AND p.published_at IS NULL AND p.dead_lettered_at IS NULL))
+                 ORDER BY id
+                 LIMIT $3),
+             -- Payload bytes loaded by this claim stay within $6 (the first row
+             -- always goes); a payload over $5 is never loaded (octet_length
+             -- reads the stored size, not the value), its row is parked.
+             sized AS (
+                SELECT c.*, (size <= $5::int) AS fits,
+                       sum(CASE WHEN size <= $5::int THEN size ELSE 0 END) OVER (ORDER BY id) AS upto,
+                       count(*) OVER () AS claimed,
+                       row_number() OVER (ORDER BY id) AS nth
+                  FROM claimed c)
+             SELECT id, message_id, exchange, routing_key, partition, partition_key,
+                    CASE WHEN fits THEN payload END, size, content_type, message_type,
+                    correlation_id, headers::text, created_at, attempts, claimed
+               FROM sized
+              WHERE upto <= $6::bigint OR nth = 1
+              ORDER BY id"
         ))
         .await?;
         let mark = prepare(format!(
@@ -283,6 +286,13 @@ impl Store {
           RETURNING m.id, m.dead_lettered_at IS NOT NULL, m.attempts"
         ))
         .await?;
+        // Whether this relay waits for a NOTIFY (see migration 3): the
+        // applications' insert trigger notifies only while a relay does.
+        let idle = prepare(format!(
+            "INSERT INTO {s}.relays (instance, idle) VALUES ($1, $2)
+             ON CONFLICT (instance) DO UPDATE SET idle = EXCLUDED.idle"
+        ))
+        .await?;
         Ok(Self {
             client,
             task,
@@ -291,6 +301,7 @@ impl Store {
             mark,
             delete,
             fail,
+            idle,
         })
     }
 
@@ -306,43 +317,47 @@ impl Store {
         }
     }
 
-    /// Due pending rows of the given partitions in id order, with ids above
-    /// `after` (0: from the start). `held` maps each partition key the relay
+    /// Due pending rows of the given partitions in id order, outside the
+    /// window of ids the relay holds. `held` maps each partition key the relay
     /// holds rows of (in flight or queued) to the last such id.
     pub async fn claim_batch(
         &self,
         partitions: &[i16],
-        after: i64,
+        window: HeldWindow,
         held: &serde_json::Value,
-        limit: usize,
-    ) -> Result<Vec<OutboxRow>, StoreError> {
-        let limit = limit as i64;
+        limits: ClaimLimits,
+    ) -> Result<Claim, StoreError> {
+        let limit = limits.rows as i64;
+        let max_payload = i32::try_from(limits.max_payload_bytes).unwrap_or(i32::MAX);
+        let budget = i64::try_from(limits.payload_budget).unwrap_or(i64::MAX);
         let rows = bounded(
             "claiming pending outbox rows",
-            self.client
-                .query(&self.claim, &[&partitions, &after, &limit, held]),
+            self.client.query(
+                &self.claim,
+                &[
+                    &partitions,
+                    &window.highest,
+                    &limit,
+                    held,
+                    &max_payload,
+                    &budget,
+                    &window.lowest,
+                ],
+            ),
         )
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(OutboxRow {
-                    id: r.try_get(0)?,
-                    message_id: r.try_get(1)?,
-                    exchange: r.try_get(2)?,
-                    routing_key: r.try_get(3)?,
-                    partition: r.try_get(4)?,
-                    partition_key: r.try_get(5)?,
-                    payload: r.try_get(6)?,
-                    content_type: r.try_get(7)?,
-                    message_type: r.try_get(8)?,
-                    correlation_id: r.try_get(9)?,
-                    headers: r.try_get(10)?,
-                    created_at: r.try_get(11)?,
-                    attempts: r.try_get(12)?,
-                })
-            })
-            .collect::<Result<_, tokio_postgres::Error>>()
-            .map_err(StoreError::query("reading claimed outbox rows"))
+        let claimed: i64 = match rows.first() {
+            Some(r) => r.try_get(14).map_err(StoreError::decode("claim size"))?,
+            None => 0,
+        };
+        let rows = rows
+            .iter()
+            .map(|r| decode_row(r, limits.max_payload_bytes))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Claim {
+            more: claimed >= limit || (rows.len() as i64) < claimed,
+            rows,
+        })
     }
 
     /// Marks confirmed rows published, or deletes them when nothing is kept.
@@ -381,11 +396,28 @@ impl Store {
                 .query(&self.fail, &[&ids, &errors, &delays, &park, &max_attempts]),
         )
         .await?;
-        Ok(rows
-            .iter()
-            .filter(|r| r.get::<_, bool>(1))
-            .map(|r| (r.get(0), r.get(2)))
-            .collect())
+        let parked = |r: &Row| -> Result<Option<(i64, i32)>, tokio_postgres::Error> {
+            Ok(if r.try_get::<_, bool>(1)? {
+                Some((r.try_get(0)?, r.try_get(2)?))
+            } else {
+                None
+            })
+        };
+        rows.iter()
+            .map(parked)
+            .filter_map(Result::transpose)
+            .collect::<Result<_, _>>()
+            .map_err(StoreError::decode("recorded failures"))
+    }
+
+    /// Says whether this relay waits for a notification to find new rows.
+    pub async fn set_idle(&self, instance: &str, idle: bool) -> Result<(), StoreError> {
+        bounded(
+            "saying whether the relay waits for notifications",
+            self.client.execute(&self.idle, &[&instance, &idle]),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Runs mark and claim back to back on the one connection (pipelined: one
@@ -395,14 +427,123 @@ impl Store {
         published: &[i64],
         keep: bool,
         partitions: &[i16],
-        after: i64,
+        window: HeldWindow,
         held: &serde_json::Value,
-        limit: usize,
-    ) -> Result<(u64, Vec<OutboxRow>), StoreError> {
+        limits: ClaimLimits,
+    ) -> Result<(u64, Claim), StoreError> {
         let mark = self.mark_published(published, keep);
-        let claim = self.claim_batch(partitions, after, held, limit);
+        let claim = self.claim_batch(partitions, window, held, limits);
         tokio::try_join!(mark, claim)
     }
+}
+
+/// The ids the relay holds lie in `lowest..=highest` (both 0 when it holds
+/// nothing): a claim skips that range and takes rows below and above it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HeldWindow {
+    pub lowest: i64,
+    pub highest: i64,
+}
+
+/// How much one claim may take.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimLimits {
+    pub rows: usize,
+    /// Rows with a larger payload are returned without it, as defective.
+    pub max_payload_bytes: usize,
+    /// Payload bytes one claim loads at most (the first row always comes).
+    pub payload_budget: usize,
+}
+
+/// The rows of one claim, in id order.
+#[derive(Debug)]
+pub struct Claim {
+    pub rows: Vec<OutboxRow>,
+    /// Limited by rows or bytes: more are probably due.
+    pub more: bool,
+}
+
+/// One claimed row, column by column: a column that cannot be decoded makes
+/// the row defective (it is parked with the reason), never the claim failed.
+/// Only the id and partition must decode; they are integers PostgreSQL wrote.
+fn decode_row(r: &Row, max_payload_bytes: usize) -> Result<OutboxRow, StoreError> {
+    let id: i64 = r.try_get(0).map_err(StoreError::decode("row id"))?;
+    let partition: i16 = r.try_get(4).map_err(StoreError::decode("row partition"))?;
+    let mut problems = Vec::new();
+    macro_rules! column {
+        ($i:expr, $name:expr, $t:ty) => {
+            match r.try_get::<_, $t>($i) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    problems.push(format!("column {} cannot be read: {}", $name, cause(&e)));
+                    None
+                }
+            }
+        };
+    }
+    let message_id = column!(1, "message_id", uuid::Uuid);
+    let exchange = column!(2, "exchange", String);
+    let routing_key = column!(3, "routing_key", String);
+    let partition_key = column!(5, "partition_key", Option<String>).flatten();
+    let payload = column!(6, "payload", Option<Vec<u8>>).flatten();
+    let size = column!(7, "payload size", i32).unwrap_or(0);
+    let content_type = column!(8, "content_type", Option<String>).flatten();
+    let message_type = column!(9, "message_type", Option<String>).flatten();
+    let correlation_id = column!(10, "correlation_id", Option<String>).flatten();
+    let headers = column!(11, "headers", String).and_then(|text| {
+        serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| {
+                problems.push(format!(
+                    "headers are valid jsonb but not usable JSON here ({e}): use at most 128 levels of nesting and numbers that fit a 64-bit float"
+                ))
+            })
+            .ok()
+    });
+    let created_at = column!(12, "created_at", SystemTime);
+    let attempts = column!(13, "attempts", i32).unwrap_or(0);
+    if usize::try_from(size).is_ok_and(|size| size > max_payload_bytes) {
+        problems.push(format!(
+            "payload is {size} bytes, over max-payload-bytes ({max_payload_bytes}): send a smaller message (e.g. a reference to the data) or raise max-payload-bytes"
+        ));
+    }
+    let (
+        Some(message_id),
+        Some(exchange),
+        Some(routing_key),
+        Some(payload),
+        Some(headers),
+        Some(created_at),
+    ) = (
+        message_id,
+        exchange,
+        routing_key,
+        payload,
+        headers,
+        created_at,
+    )
+    else {
+        let why = format!(
+            "outbox row {id} cannot be published: {}",
+            problems.join("; ")
+        );
+        return Ok(OutboxRow::defective(id, partition, partition_key, why));
+    };
+    Ok(OutboxRow {
+        id,
+        message_id,
+        exchange,
+        routing_key,
+        partition,
+        partition_key,
+        payload,
+        content_type,
+        message_type,
+        correlation_id,
+        headers,
+        created_at,
+        attempts,
+        defect: None,
+    })
 }
 
 impl Drop for Store {
@@ -411,40 +552,27 @@ impl Drop for Store {
     }
 }
 
-/// The control connection's statements: heartbeat and lease release.
+/// The control connection's statements: heartbeat and lease release. Nothing
+/// else runs on that connection, so a renewal never waits behind slow work.
 pub struct Control {
     heartbeat: Statement,
     release: Statement,
-    retention: Statement,
 }
 
 impl Control {
     pub async fn prepare(client: &Client, schema: &str) -> Result<Self, StoreError> {
-        let prepare = |sql: String| async move {
-            client
-                .prepare(&sql)
-                .await
-                .map_err(|source| StoreError::Prepare {
-                    schema: schema.to_string(),
-                    source,
-                })
-        };
         Ok(Self {
-            heartbeat: prepare(format!(
-                "SELECT partitions, next_due_in, pending, oldest_pending_created_at, dead_lettered
-                   FROM {schema}.relay_heartbeat($1, make_interval(secs => $2::float8), $3)"
-            ))
+            heartbeat: prepare_in(
+                client,
+                schema,
+                format!(
+                    "SELECT partitions, next_due_in
+                       FROM {schema}.relay_heartbeat($1, make_interval(secs => $2::float8))"
+                ),
+            )
             .await?,
-            release: prepare(format!("SELECT {schema}.relay_release($1)")).await?,
-            // Oldest first through the published_at index, a bounded batch per
-            // statement: short row locks, never a lock on the table.
-            retention: prepare(format!(
-                "DELETE FROM {schema}.messages WHERE id IN (
-                     SELECT id FROM {schema}.messages
-                      WHERE published_at < now() - make_interval(secs => $1::float8)
-                      ORDER BY published_at LIMIT $2)"
-            ))
-            .await?,
+            release: prepare_in(client, schema, format!("SELECT {schema}.relay_release($1)"))
+                .await?,
         })
     }
 
@@ -453,15 +581,11 @@ impl Control {
         client: &Client,
         instance: &str,
         ttl: Duration,
-        with_stats: bool,
     ) -> Result<Heartbeat, StoreError> {
         // Bounded by the lease ttl: a heartbeat later than that is worthless.
         let row = match tokio::time::timeout(
             ttl,
-            client.query_one(
-                &self.heartbeat,
-                &[&instance, &ttl.as_secs_f64(), &with_stats],
-            ),
+            client.query_one(&self.heartbeat, &[&instance, &ttl.as_secs_f64()]),
         )
         .await
         {
@@ -472,19 +596,10 @@ impl Control {
                 })
             }
         };
-        let stats = if with_stats {
-            Some(BacklogStats {
-                pending: row.get::<_, Option<i64>>(2).unwrap_or(0),
-                oldest_pending_created_at: row.get(3),
-                dead_lettered: row.get::<_, Option<i64>>(4).unwrap_or(0),
-            })
-        } else {
-            None
-        };
+        let decode = || StoreError::decode("relay heartbeat (leases)");
         Ok(Heartbeat {
-            partitions: row.get(0),
-            next_due_in: row.get(1),
-            stats,
+            partitions: row.try_get(0).map_err(decode())?,
+            next_due_in: row.try_get(1).map_err(decode())?,
         })
     }
 
@@ -494,6 +609,66 @@ impl Control {
             .await
             .map(|_| ())
             .map_err(StoreError::query("releasing leases"))
+    }
+}
+
+/// Backlog statistics and retention: slow-ish work, on a connection of its own.
+pub struct Housekeeping {
+    stats: Statement,
+    retention: Statement,
+}
+
+/// Counts stop here, so a statistics query stays cheap on a huge backlog.
+pub const COUNT_CAP: i64 = 1_000_000;
+
+impl Housekeeping {
+    pub async fn prepare(client: &Client, schema: &str) -> Result<Self, StoreError> {
+        Ok(Self {
+            // Both counts walk partial indexes and stop at COUNT_CAP; the oldest
+            // pending row is the first of the pending index.
+            stats: prepare_in(
+                client,
+                schema,
+                format!(
+                    "SELECT (SELECT count(*) FROM (SELECT 1 FROM {schema}.messages
+                              WHERE published_at IS NULL AND dead_lettered_at IS NULL
+                              LIMIT {COUNT_CAP}) p),
+                            (SELECT created_at FROM {schema}.messages
+                              WHERE published_at IS NULL AND dead_lettered_at IS NULL
+                              ORDER BY id LIMIT 1),
+                            (SELECT count(*) FROM (SELECT 1 FROM {schema}.messages
+                              WHERE dead_lettered_at IS NOT NULL LIMIT {COUNT_CAP}) d)"
+                ),
+            )
+            .await?,
+            // Oldest first through the published_at index, a bounded batch per
+            // statement: short row locks, never a lock on the table.
+            retention: prepare_in(
+                client,
+                schema,
+                format!(
+                    "DELETE FROM {schema}.messages WHERE id IN (
+                         SELECT id FROM {schema}.messages
+                          WHERE published_at < now() - make_interval(secs => $1::float8)
+                          ORDER BY published_at LIMIT $2)"
+                ),
+            )
+            .await?,
+        })
+    }
+
+    pub async fn backlog(&self, client: &Client) -> Result<BacklogStats, StoreError> {
+        let row = bounded(
+            "reading backlog statistics",
+            client.query_one(&self.stats, &[]),
+        )
+        .await?;
+        let decode = || StoreError::decode("backlog statistics");
+        Ok(BacklogStats {
+            pending: row.try_get(0).map_err(decode())?,
+            oldest_pending_created_at: row.try_get(1).map_err(decode())?,
+            dead_lettered: row.try_get(2).map_err(decode())?,
+        })
     }
 
     /// Deletes at most `limit` rows published longer than `retention` ago.
@@ -509,4 +684,14 @@ impl Control {
         )
         .await
     }
+}
+
+async fn prepare_in(client: &Client, schema: &str, sql: String) -> Result<Statement, StoreError> {
+    client
+        .prepare(&sql)
+        .await
+        .map_err(|source| StoreError::Prepare {
+            schema: schema.to_string(),
+            source,
+        })
 }

@@ -1022,7 +1022,20 @@ async fn oversized_body_closes_the_channel_but_only_that_row_is_charged() {
     let mut good = vec![ins[0]];
     good.extend_from_slice(&ins[2..]);
 
-    let relay = Relay::start(&env, &["--max-attempts", "2", "--poll-interval", "200ms"]).await;
+    // max-payload-bytes above the broker's own limit: the broker refuses the
+    // row by closing the channel (below it, the relay parks it unread).
+    let relay = Relay::start(
+        &env,
+        &[
+            "--max-attempts",
+            "2",
+            "--poll-interval",
+            "200ms",
+            "--max-payload-bytes",
+            "268435456",
+        ],
+    )
+    .await;
     collector
         .wait_for_ids(&ids_of(&good), ARRIVAL_TIMEOUT)
         .await;

@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::FutureExt;
 
 use super::{Relay, Sent, CONFIRM_TIMEOUT};
 use crate::{
+    backoff::retry_delay,
     metrics::FailureReason,
-    publisher::{self, Outcome},
-    store::{Failure, OutboxRow},
+    publisher::{self, BrokerFault, Verdict},
+    rows::{Failure, OutboxRow},
 };
 
 impl Relay {
@@ -37,7 +37,7 @@ impl Relay {
             Err(_) if !blocked && front.sent.sent_at.elapsed() > CONFIRM_TIMEOUT => {
                 tracing::warn!("no confirm for {CONFIRM_TIMEOUT:?}; reopening the connection");
                 self.broker_fault(
-                    Outcome::ConnectionLost {
+                    BrokerFault::ConnectionLost {
                         reason: "confirm timed out".into(),
                     },
                     None,
@@ -50,26 +50,21 @@ impl Relay {
         }
     }
 
-    pub(super) fn take_front(&mut self, result: lapin::Result<lapin::Confirmation>) {
-        let Some(publisher) = self.publisher.as_ref() else {
-            return;
-        };
-        match publisher.outcome(result) {
-            outcome @ (Outcome::ChannelClosed { .. } | Outcome::ConnectionLost { .. }) => {
-                self.broker_fault(outcome, None);
-            }
-            outcome => {
+    pub(super) fn take_front(&mut self, result: Result<Verdict, BrokerFault>) {
+        match result {
+            Err(fault) => self.broker_fault(fault, None),
+            Ok(verdict) => {
                 if let Some(flight) = self.in_flight.pop_front() {
-                    self.settle(flight.sent, outcome);
+                    self.settle(flight.sent, verdict);
                 }
             }
         }
     }
 
     /// Books a confirm that speaks about its own row.
-    pub(super) fn settle(&mut self, flight: Sent, outcome: Outcome) {
-        let (reason, error) = match outcome {
-            Outcome::Delivered => {
+    pub(super) fn settle(&mut self, flight: Sent, verdict: Verdict) {
+        let (reason, error) = match verdict {
+            Verdict::Delivered => {
                 self.order.acked(flight.partition_key.as_deref());
                 self.metrics
                     .confirm_duration
@@ -80,20 +75,17 @@ impl Relay {
                 self.acked.push(flight.id);
                 return;
             }
-            Outcome::Unroutable { reply } => (
+            Verdict::Unroutable { reply } => (
                 FailureReason::Unroutable,
                 format!(
                     "unroutable: the broker returned outbox row {} ({reply}): no queue is bound for its exchange and routing key; bind one, or set allow-unroutable",
                     flight.id
                 ),
             ),
-            Outcome::Nacked => (
+            Verdict::Nacked => (
                 FailureReason::Nack,
                 format!("the broker nacked outbox row {} (it could not store it)", flight.id),
             ),
-            Outcome::ChannelClosed { reason } | Outcome::ConnectionLost { reason } => {
-                (FailureReason::ChannelClosed, reason)
-            }
         };
         self.metrics.failure(reason);
         self.order.failed(flight.partition_key.as_deref());
@@ -128,29 +120,36 @@ impl Relay {
     }
 
     /// The channel or the connection failed: nothing in flight is known to have
-    /// been delivered, nothing is charged, and every such row becomes a suspect.
-    pub(super) fn broker_fault(&mut self, outcome: Outcome, culprit_hint: Option<i64>) {
-        let (reason, label) = match &outcome {
-            Outcome::ConnectionLost { reason } => (reason.clone(), FailureReason::ConnectionLost),
-            Outcome::ChannelClosed { reason } => (reason.clone(), FailureReason::ChannelClosed),
-            _ => (String::new(), FailureReason::ChannelClosed),
-        };
+    /// been delivered and nothing is charged. After a closed channel every such
+    /// row becomes a suspect (one of them may be the cause); after a lost
+    /// connection they simply go back to the pipeline.
+    pub(super) fn broker_fault(&mut self, fault: BrokerFault, culprit_hint: Option<i64>) {
         tracing::warn!(
             in_flight = self.in_flight.len(),
-            reason = %reason,
+            reason = %fault.reason(),
             "broker closed the channel or connection; unconfirmed rows stay pending and are republished"
         );
-        self.suspects.extend(culprit_hint);
-        if label == FailureReason::ConnectionLost {
-            self.force_reconnect = true;
-        }
+        let label = match fault {
+            BrokerFault::ChannelClosed { .. } => {
+                self.suspects.extend(culprit_hint);
+                FailureReason::ChannelClosed
+            }
+            BrokerFault::ConnectionLost { .. } => {
+                self.force_reconnect = true;
+                FailureReason::ConnectionLost
+            }
+        };
         self.drop_in_flight(label);
     }
 
+    /// Everything in flight or waiting goes back to pending; the key
+    /// bookkeeping starts over.
     pub(super) fn drop_in_flight(&mut self, label: FailureReason) {
         for f in self.in_flight.drain(..) {
             self.metrics.failure(label);
-            self.suspects.insert(f.sent.id);
+            if label == FailureReason::ChannelClosed {
+                self.suspects.insert(f.sent.id);
+            }
         }
         self.order.clear();
         self.more = true;
@@ -224,37 +223,5 @@ impl Relay {
             self.store = None;
             self.metrics.database_connected.set(0);
         }
-    }
-}
-
-/// Delay before a failed row's next attempt: exponential from 1s, capped at
-/// 5 minutes, with jitter so a burst of failures does not retry in lockstep.
-pub fn retry_delay(attempts_before: i32) -> Duration {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_secs(1))
-        .with_max_delay(Duration::from_secs(300))
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build()
-        .nth(attempts_before.clamp(0, 30) as usize)
-        .unwrap_or(Duration::from_secs(300))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_delays_grow_and_stay_bounded() {
-        let first = retry_delay(0);
-        assert!(
-            first >= Duration::from_secs(1) && first <= Duration::from_secs(2),
-            "{first:?}"
-        );
-        let fifth = retry_delay(4);
-        assert!(fifth >= Duration::from_secs(16), "{fifth:?}");
-        let late = retry_delay(1000);
-        assert!(late <= Duration::from_secs(600), "{late:?}");
     }
 }

@@ -1,0 +1,155 @@
+//! Backlog statistics and retention, on a connection of their own: neither may
+//! ever delay a lease renewal or a claim.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{sync::watch, time::Instant};
+
+use crate::{
+    backoff,
+    config::RelayConfig,
+    metrics::Metrics,
+    store::{self, Housekeeping},
+};
+
+/// Backlog statistics are refreshed this often while rows are pending or
+/// flowing, and this seldom when the outbox is empty and nothing happens (an
+/// idle relay costs the database next to nothing).
+const STATS_EVERY: Duration = Duration::from_secs(5);
+const STATS_IDLE_EVERY: Duration = Duration::from_secs(60);
+/// Retention deletes at most this many rows per statement.
+const RETENTION_BATCH: i64 = 1000;
+/// Time one retention pass may take before statistics get their turn.
+const RETENTION_BUDGET: Duration = Duration::from_secs(2);
+/// Retention runs this often while rows are being published (at once after a
+/// full batch), and at least this seldom when idle, for rows that age out later.
+const RETENTION_BUSY_EVERY: Duration = Duration::from_secs(10);
+const RETENTION_IDLE_EVERY: Duration = Duration::from_secs(600);
+
+pub struct HousekeepingTask {
+    pub cfg: RelayConfig,
+    pub metrics: Arc<Metrics>,
+    pub stop: watch::Receiver<bool>,
+}
+
+impl HousekeepingTask {
+    pub async fn run(mut self) {
+        let mut delays = None;
+        while !*self.stop.borrow() {
+            let started = Instant::now();
+            if let Err(e) = self.session().await {
+                if started.elapsed() > STATS_EVERY {
+                    delays = None;
+                }
+                let delay = backoff::next_delay(&mut delays);
+                tracing::warn!(error = %e, retry_in = ?delay, "housekeeping connection failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = self.stop.changed() => {}
+                }
+            }
+        }
+    }
+
+    /// One connection's life. Ok(()) when asked to stop.
+    async fn session(&mut self) -> Result<(), store::StoreError> {
+        let (client, task) =
+            store::connect(&self.cfg.conn.database_url, "outbox-relay housekeeping").await?;
+        let result = self.converse(&client).await;
+        task.abort();
+        result
+    }
+
+    async fn converse(&mut self, client: &tokio_postgres::Client) -> Result<(), store::StoreError> {
+        store::set_session(client, false).await?;
+        let statements = Housekeeping::prepare(client, &self.cfg.conn.schema).await?;
+        let mut retention = RetentionClock::default();
+        let mut last_stats: Option<(Instant, u64, i64)> = None;
+        loop {
+            let published = self.metrics.published.get();
+            let stale = last_stats.is_none_or(|(at, seen, pending)| {
+                let since = at.elapsed();
+                since >= STATS_IDLE_EVERY
+                    || (since >= STATS_EVERY && (pending > 0 || seen != published))
+            });
+            if stale {
+                let stats = statements.backlog(client).await?;
+                self.metrics.set_backlog(
+                    stats.pending,
+                    stats.oldest_pending_created_at,
+                    stats.dead_lettered,
+                );
+                last_stats = Some((Instant::now(), published, stats.pending));
+            }
+            if !self.cfg.retention.is_zero() && retention.due(self.metrics.published.get()) {
+                // Batch after batch (short locks each) until caught up or the
+                // budget is spent, so deletion keeps pace with publishing.
+                let budget = Instant::now() + RETENTION_BUDGET;
+                let full = loop {
+                    let deleted = statements
+                        .delete_expired(client, self.cfg.retention, RETENTION_BATCH)
+                        .await?;
+                    self.metrics.deleted.inc_by(deleted);
+                    let full = deleted as i64 == RETENTION_BATCH;
+                    if !full || Instant::now() >= budget {
+                        break full;
+                    }
+                };
+                retention.ran(self.metrics.published.get(), full);
+                if full {
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(STATS_EVERY / 5) => {}
+                _ = self.stop.changed() => return Ok(()),
+            }
+        }
+    }
+}
+
+/// When the next retention pass is worth a statement.
+#[derive(Default)]
+struct RetentionClock {
+    last: Option<(Instant, u64)>,
+    full_batch: bool,
+}
+
+impl RetentionClock {
+    fn due(&self, published: u64) -> bool {
+        match self.last {
+            None => true,
+            Some(_) if self.full_batch => true,
+            Some((at, seen)) => {
+                let since = at.elapsed();
+                since >= RETENTION_IDLE_EVERY
+                    || (seen != published && since >= RETENTION_BUSY_EVERY)
+            }
+        }
+    }
+
+    fn ran(&mut self, published: u64, full_batch: bool) {
+        self.last = Some((Instant::now(), published));
+        self.full_batch = full_batch;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn retention_runs_when_rows_flow_and_rarely_when_idle() {
+        let mut clock = RetentionClock::default();
+        assert!(clock.due(0), "first pass at start");
+        clock.ran(0, false);
+        tokio::time::advance(RETENTION_BUSY_EVERY).await;
+        assert!(!clock.due(0), "idle: nothing new published");
+        assert!(clock.due(5), "rows were published since");
+        clock.ran(5, true);
+        assert!(clock.due(5), "a full batch means more to delete");
+        clock.ran(5, false);
+        tokio::time::advance(RETENTION_IDLE_EVERY).await;
+        assert!(clock.due(5), "idle relays still expire old rows");
+    }
+}

@@ -16,12 +16,15 @@ ALTER TABLE messages ADD CONSTRAINT messages_times_are_finite
     CHECK (isfinite(created_at) AND isfinite(available_at)) NOT VALID;
 ALTER TABLE messages VALIDATE CONSTRAINT messages_times_are_finite;
 
+-- Where each relay serves /metrics (what it bound, e.g. with port 0), for `status`.
+ALTER TABLE relays ADD COLUMN metrics_addr text;
+
 -- The heartbeat no longer computes backlog statistics (they run on the relay's
 -- housekeeping connection, capped), renews only leases this relay still owns,
 -- and cannot fail on a row's values.
 DROP FUNCTION relay_heartbeat(text, interval, boolean);
 
-CREATE FUNCTION relay_heartbeat(p_instance text, p_ttl interval,
+CREATE FUNCTION relay_heartbeat(p_instance text, p_ttl interval, p_metrics_addr text,
     OUT partitions smallint[], OUT next_due_in double precision)
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
@@ -30,8 +33,9 @@ DECLARE
     v_fair  int;
     v_owned int;
 BEGIN
-    INSERT INTO relays (instance) VALUES (p_instance)
-        ON CONFLICT (instance) DO UPDATE SET heartbeat_at = now();
+    INSERT INTO relays (instance, metrics_addr) VALUES (p_instance, p_metrics_addr)
+        ON CONFLICT (instance) DO UPDATE
+        SET heartbeat_at = now(), metrics_addr = EXCLUDED.metrics_addr;
     DELETE FROM relays WHERE heartbeat_at < now() - 10 * p_ttl;
     SELECT count(*) INTO v_live FROM relays WHERE heartbeat_at > now() - p_ttl;
     SELECT count(*) INTO v_total FROM leases;

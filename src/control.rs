@@ -24,6 +24,8 @@ pub struct ControlTask {
     pub leases: watch::Sender<LeaseState>,
     pub wakeup: Arc<Wakeup>,
     pub stop: watch::Receiver<bool>,
+    /// Where /metrics is served (as bound), recorded with each heartbeat.
+    pub metrics_addr: std::net::SocketAddr,
 }
 
 impl ControlTask {
@@ -100,10 +102,11 @@ impl ControlTask {
         // Anything inserted while we were away gets no notification: poll once.
         self.wakeup.wake();
         let tick = self.cfg.poll_interval.min(RENEW_EVERY);
+        let metrics_addr = self.metrics_addr.to_string();
         loop {
             let started = Instant::now();
             let beat = statements
-                .heartbeat(client, &self.cfg.instance_id, LEASE_TTL)
+                .heartbeat(client, &self.cfg.instance_id, LEASE_TTL, &metrics_addr)
                 .await
                 .map_err(|e| e.to_string())?;
             self.metrics

@@ -6,7 +6,8 @@ use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::ge
 
 use crate::metrics::Metrics;
 
-/// The loop turns at least every second; this much silence means it is stuck.
+/// The loop turns at least every 10 s (its idle beat); 30 s of silence means
+/// it is stuck.
 const LIVENESS_WINDOW: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
@@ -17,28 +18,33 @@ pub struct BindError {
     source: std::io::Error,
 }
 
-/// Binds now (so a taken port fails at start), serves until `shutdown` resolves.
+/// Binds now (so a taken port fails at start), serves until `shutdown`
+/// resolves. Returns the address bound (port 0 asks for any free port).
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<tokio::task::JoinHandle<()>, BindError> {
+) -> Result<(tokio::task::JoinHandle<()>, SocketAddr), BindError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
+        .map_err(|source| BindError { addr, source })?;
+    let bound = listener
+        .local_addr()
         .map_err(|source| BindError { addr, source })?;
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(metrics);
-    Ok(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
         {
             tracing::error!(error = %e, "metrics server stopped");
         }
-    }))
+    });
+    Ok((task, bound))
 }
 
 async fn metrics_text(State(m): State<Arc<Metrics>>) -> impl IntoResponse {

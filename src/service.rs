@@ -33,7 +33,7 @@ pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut http_stop = stop_rx.clone();
-    let http = http::serve(cfg.metrics_addr, metrics.clone(), async move {
+    let (http, metrics_addr) = http::serve(cfg.metrics_addr, metrics.clone(), async move {
         let _ = http_stop.wait_for(|stop| *stop).await;
     })
     .await?;
@@ -49,6 +49,7 @@ pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
             leases: lease_tx,
             wakeup: wakeup.clone(),
             stop: stop_rx.clone(),
+            metrics_addr,
         }
         .run(),
     );
@@ -65,7 +66,7 @@ pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
     tracing::info!(
         instance = %cfg.instance_id,
         schema = %cfg.conn.schema,
-        metrics_addr = %cfg.metrics_addr,
+        metrics_addr = %metrics_addr,
         "outbox relay started"
     );
 

@@ -567,7 +567,7 @@ impl Control {
                 schema,
                 format!(
                     "SELECT partitions, next_due_in
-                       FROM {schema}.relay_heartbeat($1, make_interval(secs => $2::float8))"
+                       FROM {schema}.relay_heartbeat($1, make_interval(secs => $2::float8), $3)"
                 ),
             )
             .await?,
@@ -581,11 +581,15 @@ impl Control {
         client: &Client,
         instance: &str,
         ttl: Duration,
+        metrics_addr: &str,
     ) -> Result<Heartbeat, StoreError> {
         // Bounded by the lease ttl: a heartbeat later than that is worthless.
         let row = match tokio::time::timeout(
             ttl,
-            client.query_one(&self.heartbeat, &[&instance, &ttl.as_secs_f64()]),
+            client.query_one(
+                &self.heartbeat,
+                &[&instance, &ttl.as_secs_f64(), &metrics_addr],
+            ),
         )
         .await
         {

@@ -64,6 +64,7 @@ fn status_json(schema: &str, s: &admin::Status) -> Value {
             "heartbeat_age_seconds": r.heartbeat_age_secs,
             "partitions": r.partitions,
             "lease_expires_in_seconds": r.lease_expires_in_secs,
+            "metrics_addr": r.metrics_addr,
         })).collect::<Vec<_>>(),
     })
 }
@@ -132,6 +133,7 @@ fn status_text(schema: &str, db_url: &str, s: &admin::Status) -> String {
         "STARTED",
         "PARTITIONS",
         "LEASES EXPIRE IN",
+        "METRICS",
     ]);
     for r in &s.relays {
         table.row(vec![
@@ -144,6 +146,7 @@ fn status_text(schema: &str, db_url: &str, s: &admin::Status) -> String {
             compact_ranges(&r.partitions),
             r.lease_expires_in_secs
                 .map_or_else(|| "-".to_string(), format_age),
+            r.metrics_addr.clone().unwrap_or_else(|| "-".to_string()),
         ]);
     }
     t.push_str(&table.render());
@@ -247,6 +250,7 @@ mod tests {
                     heartbeat_age_secs: Some(0.5),
                     partitions: (0..10).collect(),
                     lease_expires_in_secs: Some(4.5),
+                    metrics_addr: Some("127.0.0.1:40123".into()),
                 },
                 admin::RelayInstance {
                     instance: "relay-b".into(),
@@ -254,6 +258,7 @@ mod tests {
                     heartbeat_age_secs: Some(60.0),
                     partitions: vec![],
                     lease_expires_in_secs: None,
+                    metrics_addr: None,
                 },
             ],
         };
@@ -269,7 +274,10 @@ mod tests {
         );
         let a = text.lines().find(|l| l.starts_with("relay-a")).unwrap();
         assert!(
-            a.contains("live") && a.contains("0-9") && a.contains("4.5s"),
+            a.contains("live")
+                && a.contains("0-9")
+                && a.contains("4.5s")
+                && a.contains("127.0.0.1:40123"),
             "{a}"
         );
         let b = text.lines().find(|l| l.starts_with("relay-b")).unwrap();

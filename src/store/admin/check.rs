@@ -90,7 +90,7 @@ pub const REQUIREMENTS: &[Requirement] = &[
     Requirement {
         kind: ObjectKind::Function,
         name: "relay_heartbeat",
-        args: "text, interval",
+        args: "text, interval, text",
         privileges: &["EXECUTE"],
     },
     Requirement {

@@ -31,6 +31,8 @@ pub struct RelayInstance {
     /// None when the instance holds a lease but has no `relays` row any more.
     pub started_at: Option<SystemTime>,
     pub heartbeat_age_secs: Option<f64>,
+    /// Where it serves /metrics (the address it bound).
+    pub metrics_addr: Option<String>,
     /// Partitions whose lease it holds right now.
     pub partitions: Vec<i16>,
     /// Seconds until the first of those leases runs out unless renewed.
@@ -114,14 +116,15 @@ pub async fn status(client: &mut Client, schema: &str) -> Result<Status, StoreEr
                         extract(epoch FROM now() - r.heartbeat_at)::float8,
                         coalesce(array_agg(l.partition ORDER BY l.partition)
                                  FILTER (WHERE l.partition IS NOT NULL), '{{}}'),
-                        extract(epoch FROM min(l.expires_at) - now())::float8
+                        extract(epoch FROM min(l.expires_at) - now())::float8,
+                        r.metrics_addr
                    FROM (SELECT instance FROM {s}.relays
                          UNION
                          SELECT owner FROM {s}.leases
                           WHERE owner IS NOT NULL AND expires_at > now()) i
                    LEFT JOIN {s}.relays r ON r.instance = i.instance
                    LEFT JOIN {s}.leases l ON l.owner = i.instance AND l.expires_at > now()
-                  GROUP BY i.instance, r.started_at, r.heartbeat_at
+                  GROUP BY i.instance, r.started_at, r.heartbeat_at, r.metrics_addr
                   ORDER BY i.instance"
             ),
             &[],
@@ -143,6 +146,7 @@ pub async fn status(client: &mut Client, schema: &str) -> Result<Status, StoreEr
                 heartbeat_age_secs: r.get(2),
                 partitions: r.get(3),
                 lease_expires_in_secs: r.get(4),
+                metrics_addr: r.get(5),
             })
             .collect(),
     })

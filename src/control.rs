@@ -18,6 +18,17 @@ use crate::{
     wakeup::Wakeup,
 };
 
+/// Why a control session ended; the task reconnects after each.
+#[derive(Debug, thiserror::Error)]
+enum ControlError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Schema(#[from] migrations::MigrateError),
+    #[error("the control connection closed")]
+    Closed,
+}
+
 pub struct ControlTask {
     pub cfg: RelayConfig,
     pub metrics: Arc<Metrics>,
@@ -52,11 +63,9 @@ impl ControlTask {
     }
 
     /// One connection's life. Ok(()) when asked to stop.
-    async fn session(&mut self) -> Result<(), String> {
+    async fn session(&mut self) -> Result<(), ControlError> {
         let (client, mut connection) =
-            store::connect_raw(&self.cfg.conn.database_url, "outbox-relay control")
-                .await
-                .map_err(|e| e.to_string())?;
+            store::connect_raw(&self.cfg.conn.database_url, "outbox-relay control").await?;
         let (closed_tx, mut closed_rx) = watch::channel(false);
         let wakeup = self.wakeup.clone();
         let driver = tokio::spawn(async move {
@@ -82,22 +91,13 @@ impl ControlTask {
         &mut self,
         client: &Client,
         closed: &mut watch::Receiver<bool>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ControlError> {
         let schema = self.cfg.conn.schema.clone();
-        store::set_session(client, false)
-            .await
-            .map_err(|e| e.to_string())?;
-        migrations::verify(client, &schema)
-            .await
-            .map_err(|e| e.to_string())?;
-        let statements = Control::prepare(client, &schema)
-            .await
-            .map_err(|e| e.to_string())?;
+        store::set_session(client, false).await?;
+        migrations::verify(client, &schema).await?;
+        let statements = Control::prepare(client, &schema).await?;
         if self.cfg.listen {
-            client
-                .batch_execute(&format!("LISTEN \"{schema}.messages\""))
-                .await
-                .map_err(|e| format!("LISTEN failed: {e}"))?;
+            store::listen(client, &schema).await?;
         }
         // Anything inserted while we were away gets no notification: poll once.
         self.wakeup.wake();
@@ -107,8 +107,7 @@ impl ControlTask {
             let started = Instant::now();
             let beat = statements
                 .heartbeat(client, &self.cfg.instance_id, LEASE_TTL, &metrics_addr)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             self.metrics
                 .partitions_owned
                 .set(beat.partitions.len() as i64);
@@ -137,7 +136,7 @@ impl ControlTask {
             tokio::select! {
                 _ = tokio::time::sleep(sleep_for) => {}
                 _ = self.stop.changed() => return Ok(()),
-                _ = closed.changed() => return Err("control connection closed".into()),
+                _ = closed.changed() => return Err(ControlError::Closed),
             }
             // A timer for a due row fired: wake the relay for it.
             if due_in.is_some_and(|d| !d.is_zero() && d <= sleep_for) {

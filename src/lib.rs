@@ -1,29 +1,32 @@
 //! outbox-relay: publishes the rows of a PostgreSQL outbox table to RabbitMQ,
 //! marking each published only after the broker confirmed it.
 //!
-//! The library also gives Rust applications [`enqueue`], to write an outbox
-//! row inside their own transaction.
+//! For Rust applications the library gives [`enqueue`] and [`NewMessage`], to
+//! write an outbox row inside their own transaction. Everything else is the
+//! relay itself; the `outbox-relay` binary is [`main`].
 
-pub mod backoff;
-pub mod cli;
-pub mod config;
-pub mod control;
-pub mod fence;
-pub mod housekeeping;
-pub mod http;
-pub mod leases;
-pub mod metrics;
-pub mod migrations;
-pub mod ordering;
-pub mod publisher;
-pub mod relay;
-pub mod rows;
-pub mod service;
-pub mod store;
-pub mod tls;
-pub mod wakeup;
-
+mod backoff;
+mod cli;
+mod config;
+mod control;
 mod enqueue;
+mod fence;
+mod housekeeping;
+mod http;
+mod leases;
+mod metrics;
+mod migrations;
+mod ordering;
+mod publisher;
+mod relay;
+mod rows;
 mod schema_name;
+mod service;
+mod store;
+mod tls;
+mod wakeup;
+
+#[doc(hidden)]
+pub use cli::main;
 pub use enqueue::{enqueue, EnqueueError, NewMessage};
 pub use schema_name::InvalidSchemaName;

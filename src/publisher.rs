@@ -1,18 +1,27 @@
-//! Every AMQP call: connect, confirm-mode channel, exchange checks, publish,
-//! and what a confirm means for the row.
+//! Every AMQP call: connect, confirm-mode channel, exchange checks, publish.
+//! What a row becomes as a message is in `message`, what a confirm means in
+//! `confirm`; no lapin type leaves this module.
+
+mod confirm;
+mod message;
+
+use confirm::fault;
+pub use confirm::{since, BrokerFault, Confirm, Verdict};
+pub use message::{prepare, Prepared};
 
 use std::{
     collections::HashMap,
-    sync::atomic::{AtomicBool, Ordering},
-    sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
 };
 
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions},
-    types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString},
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-    PublisherConfirm,
+    types::{FieldTable, LongString, ShortString},
+    Channel, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm,
 };
 
 use async_rs::{util::RuntimeParts, Runtime, Tokio};
@@ -56,257 +65,6 @@ pub enum PublishError {
     ConnectionLost(#[source] lapin::Error),
     #[error("RabbitMQ did not answer {what} within {}s; reconnecting", AMQP_TIMEOUT.as_secs())]
     Timeout { what: &'static str },
-}
-
-/// What the broker said about one publish, speaking about that message alone.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Acked and routed to at least one queue (or unroutable and that is allowed).
-    Delivered,
-    /// Acked but returned: no queue is bound for this exchange and routing key.
-    Unroutable { reply: String },
-    /// The broker refused to take responsibility for the message.
-    Nacked,
-}
-
-/// Trouble that says nothing about the message itself: nobody is charged.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BrokerFault {
-    /// The broker closed the channel. Every unconfirmed publish on it fails with
-    /// the same error, so it does not say which row caused it.
-    ChannelClosed { reason: String },
-    /// The connection went away, stalled, or the channel answered in a way it
-    /// should not (a return for another message, a confirm not requested):
-    /// nothing is known about the message.
-    ConnectionLost { reason: String },
-}
-
-impl BrokerFault {
-    pub fn reason(&self) -> &str {
-        match self {
-            BrokerFault::ChannelClosed { reason } | BrokerFault::ConnectionLost { reason } => {
-                reason
-            }
-        }
-    }
-}
-
-/// The broker's answer to one publish, resolved in the publisher's terms.
-pub struct Confirm {
-    inner: PublisherConfirm,
-    message_id: uuid::Uuid,
-    allow_unroutable: bool,
-    connection: lapin::ConnectionStatus,
-    channel_suspect: Arc<AtomicBool>,
-}
-
-impl std::future::Future for Confirm {
-    type Output = Result<Verdict, BrokerFault>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let this = &mut *self;
-        std::pin::Pin::new(&mut this.inner)
-            .poll(cx)
-            .map(|result| this.interpret(result))
-    }
-}
-
-impl Confirm {
-    fn interpret(
-        &self,
-        result: Result<Confirmation, lapin::Error>,
-    ) -> Result<Verdict, BrokerFault> {
-        let (answer, channel_suspect) = judge(
-            result,
-            self.message_id,
-            self.allow_unroutable,
-            &self.connection,
-        );
-        if channel_suspect {
-            self.channel_suspect.store(true, Ordering::Release);
-        }
-        answer
-    }
-}
-
-/// What the broker's answer to the publish of `message_id` means, and whether
-/// the channel answered in a way it should not (it is then replaced).
-fn judge(
-    result: Result<Confirmation, lapin::Error>,
-    message_id: uuid::Uuid,
-    allow_unroutable: bool,
-    connection: &lapin::ConnectionStatus,
-) -> (Result<Verdict, BrokerFault>, bool) {
-    match result {
-        Ok(Confirmation::Ack(None)) => (Ok(Verdict::Delivered), false),
-        Ok(Confirmation::Ack(Some(returned))) => {
-            let returned_id = returned
-                .delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.as_str().to_string());
-            if returned_id.as_deref() != Some(message_id.to_string().as_str()) {
-                // The broker's return and ack do not pair up: the channel's
-                // bookkeeping cannot be trusted.
-                let reason = format!(
-                    "the broker returned message {} with the confirm of message {message_id}; reopening the channel",
-                    returned_id.as_deref().unwrap_or("(no message-id)"),
-                );
-                return (Err(BrokerFault::ConnectionLost { reason }), true);
-            }
-            if allow_unroutable {
-                (Ok(Verdict::Delivered), false)
-            } else {
-                let reply = format!("{} {}", returned.reply_code, returned.reply_text);
-                (Ok(Verdict::Unroutable { reply }), false)
-            }
-        }
-        Ok(Confirmation::Nack(_)) => (Ok(Verdict::Nacked), false),
-        Ok(Confirmation::NotRequested) => {
-            let reason = "the publishing channel is not in confirm mode; reopening it".into();
-            (Err(BrokerFault::ConnectionLost { reason }), true)
-        }
-        Err(e) => (Err(fault(connection, e)), false),
-    }
-}
-
-/// What a failed publish or confirm means: a closed channel while the
-/// connection stands, or a lost connection.
-fn fault(connection: &lapin::ConnectionStatus, e: lapin::Error) -> BrokerFault {
-    if connection.connected() && !is_connection_error(&e) {
-        BrokerFault::ChannelClosed {
-            reason: e.to_string(),
-        }
-    } else {
-        BrokerFault::ConnectionLost {
-            reason: e.to_string(),
-        }
-    }
-}
-
-/// A row turned into an AMQP message, or the reason it can never be one.
-pub struct Prepared {
-    exchange: ShortString,
-    routing_key: ShortString,
-    properties: BasicProperties,
-}
-
-/// Checks and converts a row without touching the broker.
-pub fn prepare(row: &OutboxRow) -> Result<Prepared, String> {
-    if let Some(defect) = &row.defect {
-        return Err(defect.clone());
-    }
-    let short = |what: &str, v: &str| {
-        ShortString::try_new(v).map_err(|_| {
-            format!(
-                "{what} is {} bytes, AMQP allows at most 255: shorten outbox row {}'s {what}",
-                v.len(),
-                row.id
-            )
-        })
-    };
-    let exchange = short("exchange", &row.exchange)?;
-    let routing_key = short("routing_key", &row.routing_key)?;
-    let timestamp = row
-        .created_at
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let mut properties = BasicProperties::default()
-        .with_message_id(ShortString::from(row.message_id.to_string()))
-        .with_delivery_mode(2)
-        .with_timestamp(timestamp)
-        .with_headers(headers_table(&row.headers).map_err(|e| {
-            format!(
-                "headers of outbox row {} cannot be sent as AMQP headers: {e}",
-                row.id
-            )
-        })?);
-    if let Some(v) = &row.content_type {
-        properties = properties.with_content_type(short("content_type", v)?);
-    }
-    if let Some(v) = &row.message_type {
-        properties = properties.with_type(short("message_type", v)?);
-    }
-    if let Some(v) = &row.correlation_id {
-        properties = properties.with_correlation_id(short("correlation_id", v)?);
-    }
-    Ok(Prepared {
-        exchange,
-        routing_key,
-        properties,
-    })
-}
-
-/// JSON object -> AMQP field table. Numbers keep their kind (integer or float).
-pub fn headers_table(headers: &serde_json::Value) -> Result<FieldTable, String> {
-    let serde_json::Value::Object(map) = headers else {
-        return Err(format!(
-            "headers must be a JSON object, found {}",
-            json_kind(headers)
-        ));
-    };
-    let mut table = FieldTable::default();
-    for (k, v) in map {
-        let key = ShortString::try_new(k.as_str())
-            .map_err(|_| format!("header name '{}...' is over 255 bytes", truncate(k, 40)))?;
-        table.insert(
-            key,
-            amqp_value(v).map_err(|e| format!("header '{k}': {e}"))?,
-        );
-    }
-    Ok(table)
-}
-
-fn amqp_value(v: &serde_json::Value) -> Result<AMQPValue, String> {
-    use serde_json::Value as J;
-    Ok(match v {
-        J::Null => AMQPValue::Void,
-        J::Bool(b) => AMQPValue::Boolean(*b),
-        J::Number(n) => {
-            // jsonb keeps no int/float distinction and prints every value of
-            // 2^63 or more as an integer: those cannot be carried exactly.
-            if let Some(i) = n.as_i64() {
-                AMQPValue::LongLongInt(i)
-            } else if let Some(f) = n.as_f64().filter(|f| n.is_f64() && f.abs() < 2f64.powi(63)) {
-                AMQPValue::Double(f)
-            } else {
-                return Err(format!(
-                    "{n} does not fit a signed 64-bit integer: send it as a string"
-                ));
-            }
-        }
-        J::String(s) => AMQPValue::LongString(LongString::from(s.as_bytes())),
-        J::Array(items) => AMQPValue::FieldArray(FieldArray::from(
-            items
-                .iter()
-                .map(amqp_value)
-                .collect::<Result<Vec<_>, _>>()?,
-        )),
-        J::Object(_) => AMQPValue::FieldTable(headers_table(v)?),
-    })
-}
-
-fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    let mut end = max.min(s.len());
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// One AMQP connection with a confirm-mode publishing channel, and a second
@@ -608,86 +366,9 @@ fn is_not_found(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
 }
 
-fn is_connection_error(e: &lapin::Error) -> bool {
-    matches!(
-        e.kind(),
-        lapin::ErrorKind::IOError(_)
-            | lapin::ErrorKind::InvalidConnectionState(_)
-            | lapin::ErrorKind::MissingHeartbeatError
-    ) || e.is_amqp_hard_error()
-}
-
-/// Unix time now, for the lag of a confirm.
-pub fn since(created_at: SystemTime) -> Duration {
-    SystemTime::now()
-        .duration_since(created_at)
-        .unwrap_or(Duration::ZERO)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    fn returned(message_id: Option<&str>) -> Confirmation {
-        let mut delivery =
-            lapin::message::Delivery::mock(1, "".into(), "q".into(), false, Vec::new());
-        if let Some(id) = message_id {
-            delivery.properties = BasicProperties::default().with_message_id(id.into());
-        }
-        Confirmation::Ack(Some(lapin::message::BasicReturnMessage {
-            delivery,
-            reply_code: 312,
-            reply_text: "NO_ROUTE".into(),
-        }))
-    }
-
-    #[test]
-    fn a_return_counts_only_for_the_message_it_names() {
-        let id = uuid::Uuid::new_v4();
-        let status = lapin::ConnectionStatus::default();
-        let (own, suspect) = judge(Ok(returned(Some(&id.to_string()))), id, false, &status);
-        assert!(matches!(own, Ok(Verdict::Unroutable { .. })), "{own:?}");
-        assert!(!suspect);
-        let (allowed, _) = judge(Ok(returned(Some(&id.to_string()))), id, true, &status);
-        assert_eq!(allowed, Ok(Verdict::Delivered));
-        let other = uuid::Uuid::new_v4().to_string();
-        for confirmation in [returned(Some(&other)), returned(None)] {
-            let (answer, suspect) = judge(Ok(confirmation), id, false, &status);
-            assert!(
-                matches!(answer, Err(BrokerFault::ConnectionLost { .. })),
-                "a return for another message charges nobody: {answer:?}"
-            );
-            assert!(suspect, "and the channel is replaced");
-        }
-    }
-
-    #[test]
-    fn a_confirm_that_was_not_requested_is_a_broker_fault() {
-        let status = lapin::ConnectionStatus::default();
-        let (answer, suspect) = judge(
-            Ok(Confirmation::NotRequested),
-            uuid::Uuid::new_v4(),
-            false,
-            &status,
-        );
-        assert!(matches!(answer, Err(BrokerFault::ConnectionLost { .. })));
-        assert!(suspect);
-        let (ack, _) = judge(
-            Ok(Confirmation::Ack(None)),
-            uuid::Uuid::new_v4(),
-            false,
-            &status,
-        );
-        assert_eq!(ack, Ok(Verdict::Delivered));
-        let (nack, _) = judge(
-            Ok(Confirmation::Nack(None)),
-            uuid::Uuid::new_v4(),
-            false,
-            &status,
-        );
-        assert_eq!(nack, Ok(Verdict::Nacked));
-    }
 
     #[test]
     fn amqp_urls_keep_an_ip_address_host() {
@@ -702,34 +383,5 @@ mod tests {
             Ok("rabbit.internal")
         );
         assert_eq!(host("amqp://u:p@127.0.0.1/").as_deref(), Ok("127.0.0.1"));
-    }
-
-    #[test]
-    fn headers_keep_their_json_kinds() {
-        let t = headers_table(&json!({"s": "x", "i": -3, "f": 1.5, "b": true, "n": null,
-                                      "a": [1, "two"], "o": {"k": "v"}}))
-        .unwrap();
-        let get = |k: &str| {
-            t.inner()
-                .get(&ShortString::from(k))
-                .cloned()
-                .unwrap_or_else(|| panic!("missing {k}"))
-        };
-        assert_eq!(get("i"), AMQPValue::LongLongInt(-3));
-        assert_eq!(get("f"), AMQPValue::Double(1.5));
-        assert_eq!(get("b"), AMQPValue::Boolean(true));
-        assert_eq!(get("n"), AMQPValue::Void);
-        assert!(matches!(get("a"), AMQPValue::FieldArray(_)));
-        assert!(matches!(get("o"), AMQPValue::FieldTable(_)));
-    }
-
-    #[test]
-    fn headers_that_amqp_cannot_carry_are_refused_with_a_reason() {
-        let e = headers_table(&json!([1, 2])).unwrap_err();
-        assert!(e.contains("JSON object"), "{e}");
-        let e = headers_table(&json!({"big": 18446744073709551615u64})).unwrap_err();
-        assert!(e.contains("64-bit"), "{e}");
-        let long = "k".repeat(256);
-        assert!(headers_table(&json!({ long: 1 })).is_err());
     }
 }

@@ -2,6 +2,11 @@
 //! operator commands' statements are in `store/admin.rs`).
 
 pub mod admin;
+mod control;
+mod housekeeping;
+
+pub use control::Control;
+pub use housekeeping::Housekeeping;
 
 use std::time::{Duration, SystemTime};
 
@@ -41,8 +46,16 @@ pub async fn set_session(client: &Client, hot_path: bool) -> Result<(), StoreErr
         .map_err(StoreError::query("setting up the session"))
 }
 
+/// Asks the server for the notifications of the applications' insert trigger.
+pub async fn listen(client: &Client, schema: &str) -> Result<(), StoreError> {
+    client
+        .batch_execute(&format!("LISTEN \"{schema}.messages\""))
+        .await
+        .map_err(StoreError::query("LISTEN for new outbox rows"))
+}
+
 /// Bounds a statement by [`STATEMENT_TIMEOUT`].
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     what: &'static str,
     fut: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
 ) -> Result<T, StoreError> {
@@ -50,21 +63,6 @@ async fn bounded<T>(
         Ok(result) => result.map_err(StoreError::query(what)),
         Err(_) => Err(StoreError::Timeout { what }),
     }
-}
-
-/// What the relay's heartbeat learns: its leases, the next due row, the backlog.
-#[derive(Debug, Clone, Default)]
-pub struct Heartbeat {
-    pub partitions: Vec<i16>,
-    /// Seconds until the next pending row of our partitions is due (<= 0: now).
-    pub next_due_in: Option<f64>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct BacklogStats {
-    pub pending: i64,
-    pub oldest_pending_created_at: Option<SystemTime>,
-    pub dead_lettered: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,11 +112,11 @@ fn cause(e: &tokio_postgres::Error) -> String {
 }
 
 impl StoreError {
-    fn query(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+    pub(crate) fn query(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
         move |source| StoreError::Query { what, source }
     }
 
-    fn decode(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+    pub(crate) fn decode(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
         move |source| StoreError::Decode { what, source }
     }
 
@@ -552,145 +550,11 @@ impl Drop for Store {
     }
 }
 
-/// The control connection's statements: heartbeat and lease release. Nothing
-/// else runs on that connection, so a renewal never waits behind slow work.
-pub struct Control {
-    heartbeat: Statement,
-    release: Statement,
-}
-
-impl Control {
-    pub async fn prepare(client: &Client, schema: &str) -> Result<Self, StoreError> {
-        Ok(Self {
-            heartbeat: prepare_in(
-                client,
-                schema,
-                format!(
-                    "SELECT partitions, next_due_in
-                       FROM {schema}.relay_heartbeat($1, make_interval(secs => $2::float8), $3)"
-                ),
-            )
-            .await?,
-            release: prepare_in(client, schema, format!("SELECT {schema}.relay_release($1)"))
-                .await?,
-        })
-    }
-
-    pub async fn heartbeat(
-        &self,
-        client: &Client,
-        instance: &str,
-        ttl: Duration,
-        metrics_addr: &str,
-    ) -> Result<Heartbeat, StoreError> {
-        // Bounded by the lease ttl: a heartbeat later than that is worthless.
-        let row = match tokio::time::timeout(
-            ttl,
-            client.query_one(
-                &self.heartbeat,
-                &[&instance, &ttl.as_secs_f64(), &metrics_addr],
-            ),
-        )
-        .await
-        {
-            Ok(row) => row.map_err(StoreError::query("relay heartbeat (leases)"))?,
-            Err(_) => {
-                return Err(StoreError::Timeout {
-                    what: "relay heartbeat (leases)",
-                })
-            }
-        };
-        let decode = || StoreError::decode("relay heartbeat (leases)");
-        Ok(Heartbeat {
-            partitions: row.try_get(0).map_err(decode())?,
-            next_due_in: row.try_get(1).map_err(decode())?,
-        })
-    }
-
-    pub async fn release(&self, client: &Client, instance: &str) -> Result<(), StoreError> {
-        client
-            .execute(&self.release, &[&instance])
-            .await
-            .map(|_| ())
-            .map_err(StoreError::query("releasing leases"))
-    }
-}
-
-/// Backlog statistics and retention: slow-ish work, on a connection of its own.
-pub struct Housekeeping {
-    stats: Statement,
-    retention: Statement,
-}
-
-/// Counts stop here, so a statistics query stays cheap on a huge backlog.
-pub const COUNT_CAP: i64 = 1_000_000;
-
-impl Housekeeping {
-    pub async fn prepare(client: &Client, schema: &str) -> Result<Self, StoreError> {
-        Ok(Self {
-            // Both counts walk partial indexes and stop at COUNT_CAP; the oldest
-            // pending row is the first of the pending index.
-            stats: prepare_in(
-                client,
-                schema,
-                format!(
-                    "SELECT (SELECT count(*) FROM (SELECT 1 FROM {schema}.messages
-                              WHERE published_at IS NULL AND dead_lettered_at IS NULL
-                              LIMIT {COUNT_CAP}) p),
-                            (SELECT created_at FROM {schema}.messages
-                              WHERE published_at IS NULL AND dead_lettered_at IS NULL
-                              ORDER BY id LIMIT 1),
-                            (SELECT count(*) FROM (SELECT 1 FROM {schema}.messages
-                              WHERE dead_lettered_at IS NOT NULL LIMIT {COUNT_CAP}) d)"
-                ),
-            )
-            .await?,
-            // Oldest first through the published_at index, a bounded batch per
-            // statement: short row locks, never a lock on the table.
-            retention: prepare_in(
-                client,
-                schema,
-                format!(
-                    "DELETE FROM {schema}.messages WHERE id IN (
-                         SELECT id FROM {schema}.messages
-                          WHERE published_at < now() - make_interval(secs => $1::float8)
-                          ORDER BY published_at LIMIT $2)"
-                ),
-            )
-            .await?,
-        })
-    }
-
-    pub async fn backlog(&self, client: &Client) -> Result<BacklogStats, StoreError> {
-        let row = bounded(
-            "reading backlog statistics",
-            client.query_one(&self.stats, &[]),
-        )
-        .await?;
-        let decode = || StoreError::decode("backlog statistics");
-        Ok(BacklogStats {
-            pending: row.try_get(0).map_err(decode())?,
-            oldest_pending_created_at: row.try_get(1).map_err(decode())?,
-            dead_lettered: row.try_get(2).map_err(decode())?,
-        })
-    }
-
-    /// Deletes at most `limit` rows published longer than `retention` ago.
-    pub async fn delete_expired(
-        &self,
-        client: &Client,
-        retention: Duration,
-        limit: i64,
-    ) -> Result<u64, StoreError> {
-        bounded(
-            "deleting published rows past retention",
-            client.execute(&self.retention, &[&retention.as_secs_f64(), &limit]),
-        )
-        .await
-    }
-}
-
-async fn prepare_in(client: &Client, schema: &str, sql: String) -> Result<Statement, StoreError> {
+pub(crate) async fn prepare_in(
+    client: &Client,
+    schema: &str,
+    sql: String,
+) -> Result<Statement, StoreError> {
     client
         .prepare(&sql)
         .await

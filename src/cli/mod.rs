@@ -19,11 +19,13 @@ use crate::{
 
 mod check;
 mod dead_letters;
+mod entry;
 mod replay;
 mod status;
 
 pub use check::check;
 pub use dead_letters::dead_letters;
+pub use entry::main;
 pub use replay::replay;
 pub use status::status;
 

@@ -20,13 +20,14 @@ mod dead_letters;
 mod replay;
 mod status;
 
-pub use check::{privileges, server, Granted, ObjectKind, Requirement, Server, REQUIREMENTS};
+pub use check::{privileges, server, Granted, ObjectKind};
 pub use dead_letters::{
     discard_dead_letters, list_dead_letters, retry_dead_letters, Changed, Chosen, DeadLetter,
-    RowKind,
 };
-pub use replay::{parse_time, published_kept, replay, Kept, ReplayRange, Replayed};
-pub use status::{status, Backlog, RelayInstance, Status};
+pub use replay::{parse_time, published_kept, replay, Kept, ReplayRange};
+pub use status::{status, RelayInstance, Status};
+#[cfg(test)]
+pub use {check::REQUIREMENTS, status::Backlog};
 
 /// Rows changed per statement by the bulk commands.
 pub const BATCH: i64 = 10_000;

@@ -1,0 +1,98 @@
+//! The binary's entry: parse the command line, set up logging, dispatch.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use super::usage;
+use crate::{
+    config::{Cli, Command, LogFormat},
+    service,
+};
+
+/// The `outbox-relay` binary: parse, set up logging, dispatch.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.render().to_string();
+            let line = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid usage");
+            eprintln!("{line}");
+            return ExitCode::from(super::EXIT_USAGE);
+        }
+    };
+    init_logging(
+        cli.common.log_format,
+        matches!(cli.command, Command::Run(_)),
+    );
+    // A panic is a bug: crash the whole process so the supervisor restarts it,
+    // rather than leave a task dead inside a process that looks alive.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+    // Reads FAILPOINTS when built with the `failpoints` feature; a no-op otherwise.
+    let _failpoints = fail::FailScenario::setup();
+    let conn = match cli.common.connections() {
+        Ok(c) => c,
+        Err(e) => return usage(&e),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return super::problem(&format!("cannot start the async runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        match &cli.command {
+            Command::Run(args) => {
+                let cfg = match args.resolve(conn) {
+                    Ok(cfg) => cfg,
+                    Err(e) => return usage(&e),
+                };
+                match service::run(cfg).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(service::RunError::Bind(e)) => usage(&e),
+                    Err(e) => super::problem(&e),
+                }
+            }
+            Command::Migrate { dry_run } => super::migrate(&conn, *dry_run).await,
+            Command::Check => super::check(&conn).await,
+            Command::Status { json } => super::status(&conn, *json).await,
+            Command::DeadLetters { action } => super::dead_letters(&conn, action).await,
+            Command::Replay(args) => super::replay(&conn, args).await,
+        }
+    })
+}
+
+fn init_logging(format: LogFormat, relay: bool) {
+    // Operator commands report every error themselves; library logs would repeat them.
+    let default = if relay {
+        // lapin logs a returned message in full (payload and headers) at warn:
+        // the relay reports returns itself, without the body.
+        "info,lapin=error,tokio_postgres=warn"
+    } else {
+        "warn,lapin=off,tokio_postgres=off"
+    };
+    let filter = EnvFilter::try_from_env("OUTBOX_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

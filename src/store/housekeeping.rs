@@ -1,0 +1,89 @@
+//! The housekeeping connection's statements: capped backlog statistics and
+//! retention deletes.
+
+use std::time::{Duration, SystemTime};
+
+use tokio_postgres::{Client, Statement};
+
+use super::{bounded, prepare_in, StoreError};
+
+#[derive(Debug, Clone, Default)]
+pub struct BacklogStats {
+    pub pending: i64,
+    pub oldest_pending_created_at: Option<SystemTime>,
+    pub dead_lettered: i64,
+}
+
+/// Backlog statistics and retention: slow-ish work, on a connection of its own.
+pub struct Housekeeping {
+    stats: Statement,
+    retention: Statement,
+}
+
+/// Counts stop here, so a statistics query stays cheap on a huge backlog.
+pub const COUNT_CAP: i64 = 1_000_000;
+
+impl Housekeeping {
+    pub async fn prepare(client: &Client, schema: &str) -> Result<Self, StoreError> {
+        Ok(Self {
+            // Both counts walk partial indexes and stop at COUNT_CAP; the oldest
+            // pending row is the first of the pending index.
+            stats: prepare_in(
+                client,
+                schema,
+                format!(
+                    "SELECT (SELECT count(*) FROM (SELECT 1 FROM {schema}.messages
+                              WHERE published_at IS NULL AND dead_lettered_at IS NULL
+                              LIMIT {COUNT_CAP}) p),
+                            (SELECT created_at FROM {schema}.messages
+                              WHERE published_at IS NULL AND dead_lettered_at IS NULL
+                              ORDER BY id LIMIT 1),
+                            (SELECT count(*) FROM (SELECT 1 FROM {schema}.messages
+                              WHERE dead_lettered_at IS NOT NULL LIMIT {COUNT_CAP}) d)"
+                ),
+            )
+            .await?,
+            // Oldest first through the published_at index, a bounded batch per
+            // statement: short row locks, never a lock on the table.
+            retention: prepare_in(
+                client,
+                schema,
+                format!(
+                    "DELETE FROM {schema}.messages WHERE id IN (
+                         SELECT id FROM {schema}.messages
+                          WHERE published_at < now() - make_interval(secs => $1::float8)
+                          ORDER BY published_at LIMIT $2)"
+                ),
+            )
+            .await?,
+        })
+    }
+
+    pub async fn backlog(&self, client: &Client) -> Result<BacklogStats, StoreError> {
+        let row = bounded(
+            "reading backlog statistics",
+            client.query_one(&self.stats, &[]),
+        )
+        .await?;
+        let decode = || StoreError::decode("backlog statistics");
+        Ok(BacklogStats {
+            pending: row.try_get(0).map_err(decode())?,
+            oldest_pending_created_at: row.try_get(1).map_err(decode())?,
+            dead_lettered: row.try_get(2).map_err(decode())?,
+        })
+    }
+
+    /// Deletes at most `limit` rows published longer than `retention` ago.
+    pub async fn delete_expired(
+        &self,
+        client: &Client,
+        retention: Duration,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        bounded(
+            "deleting published rows past retention",
+            client.execute(&self.retention, &[&retention.as_secs_f64(), &limit]),
+        )
+        .await
+    }
+}

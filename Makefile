@@ -35,7 +35,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --all-features -- -D warnings
 
-# The bench binary (src/bin/outbox-bench) may not exist yet.
+# The benchmark (src/bin/outbox-bench): every figure with its scenario and target, written to bench/RESULTS.md.
 bench: services
 	$(CARGO) run --release --bin outbox-bench
 

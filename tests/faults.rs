@@ -1,4 +1,5 @@
-//! The fault suite: PRODUCT.md section 4 under crashes and outages.
+//! The fault suite: the README's "Guarantees and how they are kept" under
+//! crashes and outages.
 //!
 //! Every `fault_` test keeps an application writing (committed and rolled-back
 //! transactions, several partition keys) while something breaks, and ends with

@@ -1,463 +1,60 @@
-//! The operator commands (PRODUCT.md section 3): check, status, dead-letters,
+//! The operator commands (README, "Running it"): check, status, dead-letters,
 //! replay. Each test runs the real binary against its own schema in a real
 //! PostgreSQL (and RabbitMQ where the command or the relay needs it), sets rows
 //! up by SQL, and checks output, exit code and the rows afterwards.
 
+mod common;
+
 use std::collections::HashSet;
-use std::io::Read;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionProperties};
+use common::*;
 use serde_json::Value;
-use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls};
-use uuid::Uuid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
-const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(90);
 
 // ---------------------------------------------------------------------------
-// harness: one schema per test, the binary as a child process
+// rows set up by SQL
 // ---------------------------------------------------------------------------
 
-fn database_url() -> String {
-    std::env::var("OUTBOX_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
-}
-
-fn amqp_url() -> String {
-    std::env::var("OUTBOX_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
-}
-
-/// The binary with no OUTBOX_* variable inherited from the developer's shell.
-fn relay_command() -> Command {
-    let mut cmd = Command::new(BIN);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("OUTBOX_") {
-            cmd.env_remove(&key);
-        }
-    }
-    cmd.stdin(Stdio::null());
-    cmd
-}
-
-#[derive(Debug)]
-struct CliOutput {
-    /// None when the process had to be killed at the timeout.
-    status: Option<ExitStatus>,
-    stdout: String,
-    stderr: String,
-}
-
-impl CliOutput {
-    fn code(&self) -> Option<i32> {
-        self.status.and_then(|s| s.code())
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "status: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Runs the binary to completion, killing it after `timeout`.
-async fn run_cli(args: &[&str], timeout: Duration) -> CliOutput {
-    let mut child = relay_command()
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
-    let read_all = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = r.read_to_end(&mut s);
-            String::from_utf8_lossy(&s).into_owned()
-        })
-    };
-    let out = read_all(Box::new(child.stdout.take().unwrap()));
-    let err = read_all(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    CliOutput {
-        status,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
-}
-
-/// A port on 127.0.0.1 that nothing listens on (bound, read, released).
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().unwrap().port()
-}
-
-/// Polls `condition` every 50 ms until it holds or `timeout` passes.
-async fn wait_until<F: AsyncFnMut() -> bool>(timeout: Duration, mut condition: F) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Inserted {
-    id: i64,
-    message_id: Uuid,
-}
-
-#[derive(Clone, Debug)]
-#[allow(dead_code)] // fields are read through Debug in failure messages
-struct RowState {
-    id: i64,
-    available_at: SystemTime,
-    published_at: Option<SystemTime>,
-    dead_lettered_at: Option<SystemTime>,
-    attempts: i32,
-    last_error: Option<String>,
-}
-
-/// One test's schema `t_ops_<name>_<random>`, dropped at the end unless the
-/// test failed (kept for inspection then).
-struct TestEnv {
-    schema: String,
-    db_url: String,
-    amqp_url: String,
-    pg: Client,
-    queues: Mutex<Vec<String>>,
-}
-
-impl TestEnv {
-    /// A fresh schema, migrated with `outbox-relay migrate`.
-    async fn new(name: &str) -> TestEnv {
-        let env = TestEnv::new_unmigrated(name).await;
-        let out = env.cli(&["migrate"]).await;
-        assert_eq!(out.code(), Some(0), "migrate failed\n{}", out.describe());
-        env
-    }
-
-    async fn new_unmigrated(name: &str) -> TestEnv {
-        let schema = format!("t_ops_{name}_{:08x}", rand::random::<u32>());
-        let db_url = database_url();
-        let (pg, conn) = tokio_postgres::connect(&db_url, NoTls)
-            .await
-            .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {db_url}: {e}"));
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        TestEnv {
-            schema,
-            db_url,
-            amqp_url: amqp_url(),
-            pg,
-            queues: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// `outbox-relay <args> --database-url .. --schema ..` (+ `--amqp-url` for check).
-    async fn cli(&self, args: &[&str]) -> CliOutput {
-        let mut all = args.to_vec();
-        all.extend(["--database-url", &self.db_url, "--schema", &self.schema]);
-        if args.first() == Some(&"check") {
-            all.extend(["--amqp-url", &self.amqp_url]);
-        }
-        run_cli(&all, CLI_TIMEOUT).await
-    }
-
-    fn table(&self) -> String {
-        format!("{}.messages", self.schema)
-    }
-
-    async fn exec(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> u64 {
-        self.pg
-            .execute(sql, params)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-    }
-
-    async fn scalar_i64(&self, sql: &str) -> i64 {
-        self.pg
-            .query_one(sql, &[])
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            .get(0)
-    }
-
-    /// One row per payload, to `queue` on the default exchange.
-    async fn insert(&self, queue: &str, key: Option<&str>, payloads: &[&str]) -> Vec<Inserted> {
-        let mut out = Vec::new();
-        for p in payloads {
-            let r = self
-                .pg
-                .query_one(
-                    &format!(
-                        "INSERT INTO {} (routing_key, partition_key, payload)
-                         VALUES ($1, $2, $3) RETURNING id, message_id",
-                        self.table()
-                    ),
-                    &[&queue, &key, &p.as_bytes()],
-                )
-                .await
-                .expect("insert row");
-            out.push(Inserted {
-                id: r.get(0),
-                message_id: r.get(1),
-            });
-        }
-        out
-    }
-
-    async fn rows(&self) -> Vec<RowState> {
-        self.pg
-            .query(
-                &format!(
-                    "SELECT id, available_at, published_at, dead_lettered_at, attempts, last_error
-                       FROM {} ORDER BY id",
-                    self.table()
-                ),
-                &[],
-            )
-            .await
-            .expect("read rows")
-            .iter()
-            .map(|r| RowState {
-                id: r.get(0),
-                available_at: r.get(1),
-                published_at: r.get(2),
-                dead_lettered_at: r.get(3),
-                attempts: r.get(4),
-                last_error: r.get(5),
-            })
-            .collect()
-    }
-
-    async fn pending_count(&self) -> i64 {
-        self.scalar_i64(&format!(
-            "SELECT count(*) FROM {} WHERE published_at IS NULL AND dead_lettered_at IS NULL",
-            self.table()
-        ))
-        .await
-    }
-
-    async fn db_now(&self) -> SystemTime {
-        self.pg
-            .query_one("SELECT clock_timestamp()", &[])
-            .await
-            .expect("clock")
-            .get(0)
-    }
-
-    async fn schema_exists(&self) -> bool {
-        self.pg
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
-                &[&self.schema],
-            )
-            .await
-            .expect("schema lookup")
-            .get(0)
-    }
-
-    /// A queue of this test (expires on its own if the test dies).
-    async fn declare_queue(&self, what: &str) -> String {
-        let name = format!("{}.{what}", self.schema);
-        let conn = Connection::connect(&self.amqp_url, ConnectionProperties::default())
-            .await
-            .expect("connect to RabbitMQ");
-        let channel = conn.create_channel().await.expect("channel");
-        let mut args = FieldTable::default();
-        args.insert("x-expires".into(), AMQPValue::LongInt(15 * 60 * 1000));
-        channel
-            .queue_declare(name.as_str().into(), QueueDeclareOptions::default(), args)
-            .await
-            .unwrap_or_else(|e| panic!("declare queue {name}: {e}"));
-        let _ = conn.close(200, "declared".into()).await;
-        self.queues.lock().unwrap().push(name.clone());
-        name
-    }
-
-    /// Starts `outbox-relay run` on this schema, logging to a file.
-    fn start_relay(&self) -> RelayProcess {
-        let log =
-            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}-relay.log", self.schema));
-        let file = std::fs::File::create(&log).expect("relay log");
-        let child = relay_command()
-            .arg("run")
-            .args(["--database-url", &self.db_url, "--amqp-url", &self.amqp_url])
-            .args(["--schema", &self.schema, "--metrics-addr", "127.0.0.1:0"])
-            .args(["--poll-interval", "200ms"])
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BIN} run: {e}"));
-        RelayProcess { child, log }
-    }
-}
-
-impl Drop for TestEnv {
-    fn drop(&mut self) {
-        let failed = std::thread::panicking();
-        let schema = self.schema.clone();
-        if failed {
-            eprintln!("test failed: kept schema {schema} for inspection");
-        }
-        let queues = std::mem::take(&mut *self.queues.lock().unwrap());
-        let (db_url, amqp_url) = (self.db_url.clone(), self.amqp_url.clone());
-        // Drop cannot await: clean up on a thread with its own small runtime.
-        let cleanup = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(20), async {
-                    if !queues.is_empty() {
-                        if let Ok(conn) =
-                            Connection::connect(&amqp_url, ConnectionProperties::default()).await
-                        {
-                            if let Ok(ch) = conn.create_channel().await {
-                                for q in &queues {
-                                    let _ = ch
-                                        .queue_delete(
-                                            q.as_str().into(),
-                                            QueueDeleteOptions::default(),
-                                        )
-                                        .await;
-                                }
-                            }
-                            let _ = conn.close(200, "test done".into()).await;
-                        }
-                    }
-                    if !failed {
-                        if let Ok((client, conn)) = tokio_postgres::connect(&db_url, NoTls).await {
-                            tokio::spawn(conn);
-                            let _ = client
-                                .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                                .await;
-                        }
-                    }
-                })
-                .await;
-            });
-        });
-        let _ = cleanup.join();
-    }
-}
-
-/// A running relay; killed when dropped.
-struct RelayProcess {
-    child: Child,
-    log: PathBuf,
-}
-
-impl RelayProcess {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Message ids of every delivery on a queue, in arrival order.
-struct Collector {
-    ids: Arc<Mutex<Vec<String>>>,
-    conn: Connection,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Collector {
-    async fn start(amqp_url: &str, queue: &str) -> Collector {
-        let conn = Connection::connect(amqp_url, ConnectionProperties::default())
-            .await
-            .expect("connect to RabbitMQ");
-        let channel = conn.create_channel().await.expect("channel");
-        let mut consumer = channel
-            .basic_consume(
-                queue.into(),
-                "operator-commands-test".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("consume {queue}: {e}"));
-        let ids = Arc::new(Mutex::new(Vec::new()));
-        let seen = ids.clone();
-        let task = tokio::spawn(async move {
-            while let Some(Ok(d)) = consumer.next().await {
-                let id = d.properties.message_id().as_ref().map(|s| s.to_string());
-                seen.lock().unwrap().push(id.unwrap_or_default());
-                let _ = d.acker.ack(BasicAckOptions::default()).await;
+/// One committed row per payload, to `queue` on the default exchange.
+async fn insert(env: &TestEnv, queue: &str, key: Option<&str>, payloads: &[&str]) -> Vec<Inserted> {
+    let rows: Vec<NewRow> = payloads
+        .iter()
+        .map(|p| {
+            let row = NewRow::to_queue(queue, p.as_bytes());
+            match key {
+                Some(key) => row.key(key),
+                None => row,
             }
-        });
-        Collector { ids, conn, task }
-    }
-
-    fn ids(&self) -> Vec<String> {
-        self.ids.lock().unwrap().clone()
-    }
-
-    async fn stop(self) -> Vec<String> {
-        let _ = self.conn.close(200, "done".into()).await;
-        self.task.abort();
-        self.ids()
-    }
-}
-
-fn message_ids(rows: &[Inserted]) -> HashSet<String> {
-    rows.iter().map(|r| r.message_id.to_string()).collect()
+        })
+        .collect();
+    env.insert_committed(&rows).await
 }
 
 /// Waits until `wanted` arrived and nothing is pending any more, then stops
 /// the relay; panics with the relay's log otherwise.
 async fn publish_until_done(env: &TestEnv, collector: &Collector, wanted: &HashSet<String>) {
-    let relay = env.start_relay();
+    let relay = Relay::start(env, &["--poll-interval", "200ms"]).await;
     let arrived = wait_until(ARRIVAL_TIMEOUT, async || {
-        let got: HashSet<String> = collector.ids().into_iter().collect();
-        wanted.is_subset(&got) && env.pending_count().await == 0
+        collector.has_all(wanted) && env.pending_count().await == 0
     })
     .await;
     assert!(
         arrived,
-        "expected {wanted:?}, got {:?}\n--- relay log ---\n{}",
-        collector.ids(),
-        relay.log()
+        "expected {wanted:?}, got {:?}\n{}",
+        collector.message_ids(),
+        relay.log_tail(200)
     );
     drop(relay);
+}
+
+/// The message ids of `received`, in arrival order.
+fn ids_in_order(received: &[Received]) -> Vec<String> {
+    received
+        .iter()
+        .map(|r| r.message_id.clone().unwrap_or_default())
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -546,7 +143,7 @@ fn line_starting<'a>(text: &'a str, verdict: &str, what: &str) -> Option<&'a str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_missing_schema_and_exits_1() {
     let env = TestEnv::new_unmigrated("ops_check_missing").await;
-    let out = env.cli(&["check"]).await;
+    let out = env.cli(&["check"], CLI_TIMEOUT).await;
     assert_eq!(out.code(), Some(1), "{}", out.describe());
     let schema = line_starting(&out.stdout, "FAIL", "schema")
         .unwrap_or_else(|| panic!("no FAIL schema line\n{}", out.describe()));
@@ -565,7 +162,7 @@ async fn check_reports_missing_schema_and_exits_1() {
         out.describe()
     );
     assert!(
-        !env.schema_exists().await,
+        !env.schema_exists(&env.schema).await,
         "check must not create the schema"
     );
 }
@@ -573,7 +170,7 @@ async fn check_reports_missing_schema_and_exits_1() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_passes_on_a_migrated_schema() {
     let env = TestEnv::new("ops_check_ok").await;
-    let out = env.cli(&["check"]).await;
+    let out = env.cli(&["check"], CLI_TIMEOUT).await;
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     for what in ["database", "schema", "privileges", "broker"] {
         assert!(
@@ -596,7 +193,7 @@ async fn check_names_missing_privileges_with_the_grant_that_fixes_them() {
     let role = format!("{}_app", env.schema);
     let s = &env.schema;
     {
-        let pg = &env.pg;
+        let pg = env.pg.lock().await;
         pg.batch_execute(&format!(
             "CREATE ROLE {role} LOGIN;
              GRANT USAGE ON SCHEMA {s} TO {role};
@@ -618,11 +215,12 @@ async fn check_names_missing_privileges_with_the_grant_that_fixes_them() {
             "--schema",
             s,
         ],
+        &[],
         CLI_TIMEOUT,
     )
     .await;
     {
-        let pg = &env.pg;
+        let pg = env.pg.lock().await;
         let _ = pg
             .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
             .await;
@@ -656,7 +254,8 @@ async fn check_names_the_unreachable_side_without_password() {
     let amqp_secret = "amqp-S3cret-4b2c";
 
     // The database side: nothing listens on that port.
-    let port = free_port();
+    let closed = ClosedPort::new();
+    let port = closed.port;
     let bad_db = format!("postgres://postgres:{pg_secret}@127.0.0.1:{port}/test");
     let out = run_cli(
         &[
@@ -668,6 +267,7 @@ async fn check_names_the_unreachable_side_without_password() {
             "--schema",
             &env.schema,
         ],
+        &[],
         CLI_TIMEOUT,
     )
     .await;
@@ -698,6 +298,7 @@ async fn check_names_the_unreachable_side_without_password() {
             "--schema",
             &env.schema,
         ],
+        &[],
         CLI_TIMEOUT,
     )
     .await;
@@ -726,15 +327,15 @@ async fn status_json_reports_backlog_and_leases() {
     let env = TestEnv::new("ops_status").await;
     let t = env.table();
     let s = &env.schema;
-    let due = env.insert("q", None, &["due-1", "due-2"]).await;
-    let scheduled = env.insert("q", None, &["later"]).await;
+    let due = insert(&env, "q", None, &["due-1", "due-2"]).await;
+    let scheduled = insert(&env, "q", None, &["later"]).await;
     env.exec(
         &format!("UPDATE {t} SET available_at = now() + interval '1 hour' WHERE id = $1"),
         &[&scheduled[0].id],
     )
     .await;
-    let dead = env.insert("q", None, &["dead"]).await;
-    let published = env.insert("q", None, &["p1", "p2", "p3"]).await;
+    let dead = insert(&env, "q", None, &["dead"]).await;
+    let published = insert(&env, "q", None, &["p1", "p2", "p3"]).await;
     env.exec(
         &format!("UPDATE {t} SET created_at = now() - interval '2 minutes' WHERE id = $1"),
         &[&due[0].id],
@@ -743,7 +344,7 @@ async fn status_json_reports_backlog_and_leases() {
     mark_dead_lettered(&env, &ids(&dead), "exchange 'x' does not exist").await;
     mark_published(&env, &ids(&published), 60.0).await;
     {
-        let pg = &env.pg;
+        let pg = env.pg.lock().await;
         pg.batch_execute(&format!(
             "INSERT INTO {s}.relays (instance, started_at, heartbeat_at) VALUES
                  ('relay-a', now() - interval '1 hour', now()),
@@ -757,7 +358,7 @@ async fn status_json_reports_backlog_and_leases() {
         .expect("set up relays and leases");
     }
 
-    let out = env.cli(&["status", "--json"]).await;
+    let out = env.cli(&["status", "--json"], CLI_TIMEOUT).await;
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     let j = json_of(&out);
     assert_eq!(j["schema"], s.as_str());
@@ -806,7 +407,7 @@ async fn status_json_reports_backlog_and_leases() {
     assert!(b["heartbeat_age_seconds"].as_f64().expect("heartbeat age") >= 59.0);
     assert!(b["lease_expires_in_seconds"].is_null());
 
-    let text = env.cli(&["status"]).await;
+    let text = env.cli(&["status"], CLI_TIMEOUT).await;
     assert_eq!(text.code(), Some(0), "{}", text.describe());
     assert!(
         text.stdout.contains("no live owner: 10-31"),
@@ -832,9 +433,9 @@ async fn status_json_reports_backlog_and_leases() {
 async fn dead_letters_retry_makes_rows_pending_again() {
     let env = TestEnv::new("ops_dl_retry").await;
     let queue = env.declare_queue("retried").await;
-    let dead = env.insert(&queue, None, &["d1", "d2", "d3"]).await;
-    let published = env.insert(&queue, None, &["p1"]).await;
-    let pending = env.insert(&queue, None, &["pending"]).await;
+    let dead = insert(&env, &queue, None, &["d1", "d2", "d3"]).await;
+    let published = insert(&env, &queue, None, &["p1"]).await;
+    let pending = insert(&env, &queue, None, &["pending"]).await;
     let long_error = format!(
         "broker refused the message:\nPRECONDITION_FAILED {}",
         "detail ".repeat(50)
@@ -844,7 +445,9 @@ async fn dead_letters_retry_makes_rows_pending_again() {
     let (d1, d2, d3, p1) = (dead[0].id, dead[1].id, dead[2].id, published[0].id);
 
     // list: full errors in JSON, one line each in the table.
-    let out = env.cli(&["dead-letters", "list", "--json"]).await;
+    let out = env
+        .cli(&["dead-letters", "list", "--json"], CLI_TIMEOUT)
+        .await;
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     let j = json_of(&out);
     assert_eq!(j["total"], 3, "{j:#}");
@@ -857,7 +460,9 @@ async fn dead_letters_retry_makes_rows_pending_again() {
     assert_eq!(rows[0]["attempts"], 10);
     assert!(rows[0]["dead_lettered_at"].is_string());
 
-    let out = env.cli(&["dead-letters", "list", "--limit", "2"]).await;
+    let out = env
+        .cli(&["dead-letters", "list", "--limit", "2"], CLI_TIMEOUT)
+        .await;
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     let d1_line =
         table_row(&out.stdout, d1).unwrap_or_else(|| panic!("no row {d1}\n{}", out.describe()));
@@ -879,7 +484,10 @@ async fn dead_letters_retry_makes_rows_pending_again() {
 
     // retry one id
     let out = env
-        .cli(&["dead-letters", "retry", "--id", &d1.to_string()])
+        .cli(
+            &["dead-letters", "retry", "--id", &d1.to_string()],
+            CLI_TIMEOUT,
+        )
         .await;
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     assert!(
@@ -902,14 +510,17 @@ async fn dead_letters_retry_makes_rows_pending_again() {
 
     // an id that is not dead-lettered is reported and makes the exit 1
     let out = env
-        .cli(&[
-            "dead-letters",
-            "retry",
-            "--id",
-            &d2.to_string(),
-            "--id",
-            &p1.to_string(),
-        ])
+        .cli(
+            &[
+                "dead-letters",
+                "retry",
+                "--id",
+                &d2.to_string(),
+                "--id",
+                &p1.to_string(),
+            ],
+            CLI_TIMEOUT,
+        )
         .await;
     assert_eq!(out.code(), Some(1), "{}", out.describe());
     assert!(
@@ -930,29 +541,36 @@ async fn dead_letters_retry_makes_rows_pending_again() {
     );
 
     // --all takes the rest, then finds nothing
-    let out = env.cli(&["dead-letters", "retry", "--all"]).await;
+    let out = env
+        .cli(&["dead-letters", "retry", "--all"], CLI_TIMEOUT)
+        .await;
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     assert!(
         out.stdout.contains("retried 1 dead-lettered row"),
         "{}",
         out.describe()
     );
-    let out = env.cli(&["dead-letters", "retry", "--all"]).await;
+    let out = env
+        .cli(&["dead-letters", "retry", "--all"], CLI_TIMEOUT)
+        .await;
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     assert!(
         out.stdout.contains("nothing to retry"),
         "{}",
         out.describe()
     );
-    let j = json_of(&env.cli(&["dead-letters", "list", "--json"]).await);
+    let j = json_of(
+        &env.cli(&["dead-letters", "list", "--json"], CLI_TIMEOUT)
+            .await,
+    );
     assert_eq!(j["total"], 0, "{j:#}");
 
     // The relay publishes the retried rows (and the pending one), not the published one.
-    let collector = Collector::start(&env.amqp_url, &queue).await;
-    let mut wanted = message_ids(&dead);
-    wanted.extend(message_ids(&pending));
+    let collector = env.consume(&queue, AckMode::Manual).await;
+    let mut wanted = ids_of(&dead);
+    wanted.extend(ids_of(&pending));
     publish_until_done(&env, &collector, &wanted).await;
-    let got: HashSet<String> = collector.stop().await.into_iter().collect();
+    let got: HashSet<String> = ids_in_order(&collector.stop().await).into_iter().collect();
     assert_eq!(
         got, wanted,
         "exactly the retried and pending rows are published"
@@ -963,9 +581,9 @@ async fn dead_letters_retry_makes_rows_pending_again() {
 async fn dead_letters_discard_only_touches_dead_letters() {
     let env = TestEnv::new("ops_dl_discard").await;
     let t = env.table();
-    let dead = env.insert("q", None, &["d1", "d2"]).await;
-    let published = env.insert("q", None, &["p1"]).await;
-    let pending = env.insert("q", None, &["pending"]).await;
+    let dead = insert(&env, "q", None, &["d1", "d2"]).await;
+    let published = insert(&env, "q", None, &["p1"]).await;
+    let pending = insert(&env, "q", None, &["pending"]).await;
     mark_dead_lettered(&env, &ids(&dead), "nacked").await;
     mark_published(&env, &ids(&published), 60.0).await;
     // More than one batch of dead letters for --all.
@@ -982,14 +600,17 @@ async fn dead_letters_discard_only_touches_dead_letters() {
     let nowhere = i64::MAX - 7;
 
     let out = env
-        .cli(&[
-            "dead-letters",
-            "discard",
-            "--id",
-            &d1.to_string(),
-            &pen.to_string(),
-            &nowhere.to_string(),
-        ])
+        .cli(
+            &[
+                "dead-letters",
+                "discard",
+                "--id",
+                &d1.to_string(),
+                &pen.to_string(),
+                &nowhere.to_string(),
+            ],
+            CLI_TIMEOUT,
+        )
         .await;
     assert_eq!(out.code(), Some(1), "{}", out.describe());
     assert!(
@@ -1013,7 +634,10 @@ async fn dead_letters_discard_only_touches_dead_letters() {
     assert!(row(&env, pen).await.is_some(), "pending row kept");
 
     let out = env
-        .cli(&["dead-letters", "discard", "--id", &p1.to_string()])
+        .cli(
+            &["dead-letters", "discard", "--id", &p1.to_string()],
+            CLI_TIMEOUT,
+        )
         .await;
     assert_eq!(out.code(), Some(1), "{}", out.describe());
     assert!(
@@ -1023,7 +647,9 @@ async fn dead_letters_discard_only_touches_dead_letters() {
     );
     assert!(row(&env, p1).await.is_some(), "published row kept");
 
-    let out = env.cli(&["dead-letters", "discard", "--all"]).await;
+    let out = env
+        .cli(&["dead-letters", "discard", "--all"], CLI_TIMEOUT)
+        .await;
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     assert!(
         out.stdout
@@ -1055,11 +681,9 @@ async fn replay_from_id_range_republishes_only_that_range() {
     let env = TestEnv::new("ops_replay_ids").await;
     let t = env.table();
     let queue = env.declare_queue("replayed").await;
-    let first = env
-        .insert(&queue, Some("order-1"), &["r1", "r2", "r3"])
-        .await;
-    let parked = env.insert(&queue, Some("other"), &["parked"]).await;
-    let last = env.insert(&queue, Some("order-1"), &["r4", "r5"]).await;
+    let first = insert(&env, &queue, Some("order-1"), &["r1", "r2", "r3"]).await;
+    let parked = insert(&env, &queue, Some("other"), &["parked"]).await;
+    let last = insert(&env, &queue, Some("order-1"), &["r4", "r5"]).await;
     let published: Vec<Inserted> = first.iter().chain(&last).copied().collect();
     mark_published(&env, &ids(&published), 60.0).await;
     mark_dead_lettered(&env, &ids(&parked), "nacked").await;
@@ -1073,18 +697,23 @@ async fn replay_from_id_range_republishes_only_that_range() {
 
     // Nothing kept there: say so, exit 1.
     let beyond = (last[1].id + 1000).to_string();
-    let out = env.cli(&["replay", "--from-id", &beyond]).await;
+    let out = env
+        .cli(&["replay", "--from-id", &beyond], CLI_TIMEOUT)
+        .await;
     assert_eq!(out.code(), Some(1), "{}", out.describe());
     assert!(out.stderr.contains("retention"), "{}", out.describe());
 
     let out = env
-        .cli(&[
-            "replay",
-            "--from-id",
-            &from.to_string(),
-            "--to-id",
-            &to.to_string(),
-        ])
+        .cli(
+            &[
+                "replay",
+                "--from-id",
+                &from.to_string(),
+                "--to-id",
+                &to.to_string(),
+            ],
+            CLI_TIMEOUT,
+        )
         .await;
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     assert!(
@@ -1114,11 +743,11 @@ async fn replay_from_id_range_republishes_only_that_range() {
     }
 
     // The relay publishes exactly that range again, same message ids, in id order.
-    let collector = Collector::start(&env.amqp_url, &queue).await;
-    publish_until_done(&env, &collector, &message_ids(&range)).await;
+    let collector = env.consume(&queue, AckMode::Manual).await;
+    publish_until_done(&env, &collector, &ids_of(&range)).await;
     let expected: Vec<String> = range.iter().map(|i| i.message_id.to_string()).collect();
     assert_eq!(
-        collector.stop().await,
+        ids_in_order(&collector.stop().await),
         expected,
         "the range again, in id order, nothing else"
     );
@@ -1127,18 +756,18 @@ async fn replay_from_id_range_republishes_only_that_range() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_since_replays_rows_published_from_then_on() {
     let env = TestEnv::new("ops_replay_since").await;
-    let old = env.insert("q", None, &["old"]).await;
-    let recent = env.insert("q", None, &["recent-1", "recent-2"]).await;
+    let old = insert(&env, "q", None, &["old"]).await;
+    let recent = insert(&env, "q", None, &["recent-1", "recent-2"]).await;
     mark_published(&env, &ids(&old), 7200.0).await;
     mark_published(&env, &ids(&recent), 60.0).await;
     let since: String = {
-        let pg = &env.pg;
+        let pg = env.pg.lock().await;
         pg.query_one("SELECT (now() - interval '30 minutes')::text", &[])
             .await
             .expect("a time")
             .get(0)
     };
-    let out = env.cli(&["replay", "--since", &since]).await;
+    let out = env.cli(&["replay", "--since", &since], CLI_TIMEOUT).await;
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     assert!(
         out.stdout.contains("replayed 2 published rows"),
@@ -1151,7 +780,9 @@ async fn replay_since_replays_rows_published_from_then_on() {
     }
 
     // Later than every publish: nothing matches.
-    let out = env.cli(&["replay", "--since", "tomorrow"]).await;
+    let out = env
+        .cli(&["replay", "--since", "tomorrow"], CLI_TIMEOUT)
+        .await;
     assert_eq!(out.code(), Some(1), "{}", out.describe());
     assert!(
         out.stderr.contains("only published rows still kept"),
@@ -1163,9 +794,11 @@ async fn replay_since_replays_rows_published_from_then_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_since_bad_time_exits_2() {
     let env = TestEnv::new("ops_replay_bad_time").await;
-    let published = env.insert("q", None, &["p"]).await;
+    let published = insert(&env, "q", None, &["p"]).await;
     mark_published(&env, &ids(&published), 60.0).await;
-    let out = env.cli(&["replay", "--since", "last tuesday-ish"]).await;
+    let out = env
+        .cli(&["replay", "--since", "last tuesday-ish"], CLI_TIMEOUT)
+        .await;
     assert_eq!(out.code(), Some(2), "{}", out.describe());
     let lines: Vec<&str> = out
         .stderr
@@ -1184,7 +817,7 @@ async fn replay_since_bad_time_exits_2() {
     );
 
     let out = env
-        .cli(&["replay", "--from-id", "10", "--to-id", "5"])
+        .cli(&["replay", "--from-id", "10", "--to-id", "5"], CLI_TIMEOUT)
         .await;
     assert_eq!(out.code(), Some(2), "{}", out.describe());
     assert!(out.stderr.contains("--to-id"), "{}", out.describe());

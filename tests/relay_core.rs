@@ -1,6 +1,7 @@
-//! The relay's core guarantees (PRODUCT.md sections 1 to 5), each tested against
-//! the real binary, a real PostgreSQL and a real RabbitMQ. Every test has its
-//! own schema and queues, so the tests run in parallel.
+//! The relay's core guarantees (README: "Writing outbox rows", "Running it",
+//! "Metrics and health", "Guarantees and how they are kept"), each tested
+//! against the real binary, a real PostgreSQL and a real RabbitMQ. Every test
+//! has its own schema and queues, so the tests run in parallel.
 
 mod common;
 
@@ -167,37 +168,6 @@ async fn rolled_back_rows_are_never_published() {
 // Guarantee 3: order per partition key
 // ---------------------------------------------------------------------------
 
-/// Checks that, per partition key, first arrivals come in strictly increasing
-/// `id` order. Returns the violations, described.
-fn order_violations(
-    arrivals: &[Received],
-    rows: &HashMap<String, (Option<String>, i64)>,
-) -> Vec<String> {
-    let mut seen = HashSet::new();
-    let mut last: HashMap<String, i64> = HashMap::new();
-    let mut violations = Vec::new();
-    for (pos, r) in arrivals.iter().enumerate() {
-        let Some(mid) = r.message_id.clone() else {
-            continue;
-        };
-        if !seen.insert(mid.clone()) {
-            continue; // a repeat (at-least-once): only first arrivals must be ordered
-        }
-        let Some((Some(key), id)) = rows.get(&mid).cloned() else {
-            continue;
-        };
-        if let Some(prev) = last.get(&key) {
-            if id <= *prev {
-                violations.push(format!(
-                    "key {key}: id {id} arrived (delivery #{pos}) after id {prev}"
-                ));
-            }
-        }
-        last.insert(key, id);
-    }
-    violations
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_rows_all_arrive_in_id_order_per_partition_key() {
     const WRITERS: usize = 4;
@@ -278,7 +248,7 @@ async fn committed_rows_all_arrive_in_id_order_per_partition_key() {
     if repeats > 0 {
         eprintln!("note: {repeats} repeated deliveries (allowed: at least once)");
     }
-    let violations = order_violations(&arrivals, &rows);
+    let violations = order_violations(arrivals.iter().map(|r| r.message_id.as_deref()), &rows);
     assert!(
         violations.is_empty(),
         "{} order violations per partition key; first ones: {:#?}",
@@ -288,7 +258,7 @@ async fn committed_rows_all_arrive_in_id_order_per_partition_key() {
 }
 
 // ---------------------------------------------------------------------------
-// Section 1 and the interface: what a consumer receives
+// What a consumer receives (README: "Writing outbox rows")
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -956,7 +926,10 @@ async fn graceful_shutdown_loses_nothing_and_exits_zero() {
             .all(|d| all.contains(d.message_id.as_deref().unwrap_or(""))),
         "deliveries with unknown message ids"
     );
-    let violations = order_violations(&arrivals, &rows_by_mid);
+    let violations = order_violations(
+        arrivals.iter().map(|r| r.message_id.as_deref()),
+        &rows_by_mid,
+    );
     assert!(
         violations.is_empty(),
         "order per partition key broken across the graceful restart; first: {:#?}",
@@ -965,21 +938,19 @@ async fn graceful_shutdown_loses_nothing_and_exits_zero() {
 }
 
 // ---------------------------------------------------------------------------
-// Section 2: configuration errors
+// Configuration errors (README: "Running it", "Configuration")
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_settings_exit_2_with_one_line_naming_the_setting() {
     let db = database_url();
     let amqp = amqp_url();
-    let port = free_port().to_string();
-    let addr = format!("127.0.0.1:{port}");
     let base = [
         "run",
         "--schema",
         "t_invalid_settings_unused",
         "--metrics-addr",
-        addr.as_str(),
+        "127.0.0.1:0",
     ];
     let with_urls = |extra: &[&'static str]| -> Vec<String> {
         let mut v: Vec<String> = base.iter().map(|s| s.to_string()).collect();
@@ -1088,7 +1059,7 @@ async fn invalid_settings_exit_2_with_one_line_naming_the_setting() {
 }
 
 // ---------------------------------------------------------------------------
-// Section 5: metrics and health
+// Metrics and health (README: "Metrics and health")
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1133,7 +1104,7 @@ async fn metrics_endpoint_passes_promtool() {
     );
     let text = last;
 
-    // The names the brief and PRODUCT.md section 5 promise.
+    // The names the README promises ("Metrics and health").
     let required = [
         "outbox_relay_messages_published_total",
         "outbox_relay_publish_failures_total",
@@ -1304,7 +1275,7 @@ async fn credentials_never_appear_in_logs_metrics_or_status() {
 }
 
 // ---------------------------------------------------------------------------
-// Section 1: migrations
+// Migrations (README: "Quickstart", "Running it")
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1630,7 +1601,7 @@ async fn published_rows_are_deleted_after_retention() {
 }
 
 // ---------------------------------------------------------------------------
-// Section 2: settings from the environment, polling without LISTEN
+// Settings from the environment, polling without LISTEN (README: "Configuration")
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

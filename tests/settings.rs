@@ -1,16 +1,15 @@
-//! Settings and secrets (PRODUCT.md section 2): a setting that cannot work
+//! Settings and secrets (README: "Configuration"): a setting that cannot work
 //! stops every command at start with one line naming it (exit 2), and a
 //! password, whatever URL syntax it holds, never appears in what the binary
 //! prints, logs or serves on `/metrics`.
 
 mod common;
 
-use std::fs::File;
-use std::process::Child;
 use std::time::Duration;
 
 use common::{
-    database_url, free_port, http_get, relay_command, run_cli, wait_until, CliOutput, TestEnv,
+    database_url, http_get, relay_command, run_cli, wait_until, CliOutput, ClosedPort, Relay,
+    TestEnv,
 };
 
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
@@ -43,11 +42,6 @@ fn with_credentials(url: &str, user: &str, password: &str, port: Option<u16>) ->
     format!("{scheme}://{user}:{password}@{host}{tail}")
 }
 
-/// A port nothing listens on.
-fn closed_port() -> u16 {
-    free_port()
-}
-
 /// Runs `outbox-relay run` for `for_how_long`, then kills it; returns what it
 /// printed and what `/metrics` served meanwhile (if it served).
 async fn run_relay_for(
@@ -56,34 +50,31 @@ async fn run_relay_for(
     log: &std::path::Path,
     for_how_long: Duration,
 ) -> (String, Option<String>) {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let file = File::create(log).expect("create relay log");
     let mut cmd = relay_command();
     cmd.arg("run")
         .args(args)
-        .args(["--metrics-addr", &addr])
-        .envs(envs.iter().copied())
-        .stdout(file.try_clone().expect("clone log file"))
-        .stderr(file);
-    let mut child: Child = cmd.spawn().expect("start outbox-relay run");
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .envs(envs.iter().copied());
+    let mut relay = Relay::spawn_command(cmd, log.to_path_buf(), "settings");
     let mut metrics = None;
-    let metrics_addr = ([127, 0, 0, 1], port).into();
     wait_until(for_how_long, async || {
-        if let Ok((200, body)) = http_get(metrics_addr, "/metrics").await {
-            metrics = Some(body);
+        if let Some(addr) = relay.bound_metrics_addr() {
+            if let Ok((200, body)) = http_get(addr, "/metrics").await {
+                metrics = Some(body);
+            }
         }
         metrics.is_some()
     })
     .await;
     // Let it log its retries for the rest of the time.
     tokio::time::sleep(for_how_long).await;
-    if let Ok((200, body)) = http_get(metrics_addr, "/metrics").await {
-        metrics = Some(body);
+    if let Some(addr) = relay.bound_metrics_addr() {
+        if let Ok((200, body)) = http_get(addr, "/metrics").await {
+            metrics = Some(body);
+        }
     }
-    let still_running = child.try_wait().expect("try_wait").is_none();
-    let _ = child.kill();
-    let _ = child.wait();
+    let still_running = !relay.has_exited();
+    relay.kill();
     let output = std::fs::read_to_string(log).expect("read relay log");
     assert!(
         still_running,
@@ -163,18 +154,18 @@ async fn passwords_with_url_syntax_never_appear_in_check_status_run_or_metrics()
 
     // Percent-encoded passwords, both sides unreachable (a closed port), the
     // settings through environment variables and a secret file.
-    let closed = closed_port();
+    let closed = ClosedPort::new();
     let db = with_credentials(
         &env.db_url,
         "postgres",
         "pgQz7%2FpgWx4%40pgRt2%3F",
-        Some(closed),
+        Some(closed.port),
     );
     let amqp = with_credentials(
         &env.amqp_url,
         "guest",
         "mqKj5%2FmqHv8%3FmqLp3%40",
-        Some(closed),
+        Some(closed.port),
     );
     let amqp_file = env.dir.join("amqp-url");
     std::fs::write(&amqp_file, format!("{amqp}\n")).expect("write secret file");

@@ -69,24 +69,6 @@ impl TestEnv {
         env
     }
 
-    /// Declares an exchange under a name chosen before (e.g. one rows already
-    /// point at); deleted when the env drops.
-    pub async fn declare_exchange_named(&self, name: &str, kind: lapin::ExchangeKind) {
-        self.channel
-            .exchange_declare(
-                name.into(),
-                kind,
-                lapin::options::ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("declare exchange {name}: {e}"));
-        self.exchanges.lock().unwrap().push(name.to_string());
-    }
-
     /// Replaces the test's own database connection (after a database restart).
     pub async fn reconnect_db(&self) {
         let client = connect_db(&self.db_url).await;
@@ -129,76 +111,29 @@ impl Launch {
 impl Relay {
     /// `Relay::spawn` with the settings of `launch`.
     pub fn spawn_with(env: &TestEnv, launch: &Launch) -> Relay {
-        let n = env
-            .relay_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let port = free_port();
-        let log = env.dir.join(format!("relay-{n}.log"));
-        let instance = format!("{}-relay-{n}", env.schema);
-        let file = std::fs::File::create(&log).expect("create relay log");
-        let addr = format!("127.0.0.1:{port}");
-        let mut cmd = relay_command();
-        cmd.arg("run")
-            .args([
-                "--database-url",
-                launch.db_url.as_deref().unwrap_or(&env.db_url),
-            ])
-            .args([
-                "--amqp-url",
-                launch.amqp_url.as_deref().unwrap_or(&env.amqp_url),
-            ])
-            .args(["--schema", &env.schema])
-            .args(["--metrics-addr", &addr])
-            .args(["--instance-id", &instance])
-            .args(&launch.args)
-            .stdout(file.try_clone().expect("clone log file"))
-            .stderr(file);
-        for (k, v) in &launch.envs {
-            cmd.env(k, v);
-        }
+        let urls = (
+            launch.db_url.as_deref().unwrap_or(&env.db_url),
+            launch.amqp_url.as_deref().unwrap_or(&env.amqp_url),
+        );
+        let args: Vec<&str> = launch.args.iter().map(String::as_str).collect();
+        let mut envs: Vec<(&str, &str)> = launch
+            .envs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         // Keep the developer's log level if set (OUTBOX_LOG=debug to dig).
-        if let Ok(level) = std::env::var("OUTBOX_TEST_RELAY_LOG") {
-            cmd.env("OUTBOX_LOG", level);
+        let level = std::env::var("OUTBOX_TEST_RELAY_LOG").ok();
+        if let Some(level) = &level {
+            envs.push(("OUTBOX_LOG", level));
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
-        Relay {
-            pid: child.id(),
-            child: Some(child),
-            port,
-            log,
-            instance,
-            exit: None,
-        }
+        Relay::spawn_on(env, urls, &args, &envs, Settings::Flags)
     }
 
     /// `Relay::start` with the settings of `launch`: waits for /healthz 200.
     pub async fn start_with(env: &TestEnv, launch: &Launch) -> Relay {
-        for _ in 0..3 {
-            let mut relay = Relay::spawn_with(env, launch);
-            let healthy = wait_until(SETUP_TIMEOUT, async || {
-                relay.has_exited() || matches!(relay.get("/healthz").await, Ok((200, _)))
-            })
-            .await;
-            if relay.has_exited() {
-                if relay.logs().to_lowercase().contains("in use") {
-                    continue;
-                }
-                panic!(
-                    "relay exited at start with {:?}\n{}",
-                    relay.exit,
-                    relay.log_tail(200)
-                );
-            }
-            assert!(
-                healthy,
-                "relay /healthz not 200 within {SETUP_TIMEOUT:?}\n{}",
-                relay.log_tail(200)
-            );
-            return relay;
-        }
-        panic!("relay could not bind a metrics port three times");
+        let mut relay = Relay::spawn_with(env, launch);
+        relay.wait_healthy().await;
+        relay
     }
 
     /// Waits until `path` answers `status`; returns how long that took and the
@@ -905,7 +840,7 @@ pub async fn verify_delivery(
         .iter()
         .map(|r| (r.message_id.to_string(), (r.partition_key.clone(), r.id)))
         .collect();
-    let violations = order_violations(&arrivals, &keyed);
+    let violations = order_violations(arrivals.iter().map(|a| Some(a.message_id.as_str())), &keyed);
     if !violations.is_empty() {
         // Evidence: every delivery with its row id, key and time.
         let t0 = arrivals.first().map(|a| a.at);
@@ -990,33 +925,6 @@ pub async fn verify_delivery(
             .map(|(m, _)| m.to_string())
             .collect(),
     }
-}
-
-/// Per partition key, first arrivals must come in increasing id order.
-pub fn order_violations(
-    arrivals: &[Arrival],
-    rows: &HashMap<String, (Option<String>, i64)>,
-) -> Vec<String> {
-    let mut seen = HashSet::new();
-    let mut last: HashMap<String, i64> = HashMap::new();
-    let mut violations = Vec::new();
-    for (pos, a) in arrivals.iter().enumerate() {
-        if !seen.insert(a.message_id.clone()) {
-            continue;
-        }
-        let Some((Some(key), id)) = rows.get(&a.message_id).cloned() else {
-            continue;
-        };
-        if let Some(prev) = last.get(&key) {
-            if id <= *prev {
-                violations.push(format!(
-                    "key {key}: id {id} arrived (delivery #{pos}) after id {prev}"
-                ));
-            }
-        }
-        last.insert(key, id);
-    }
-    violations
 }
 
 // ---------------------------------------------------------------------------

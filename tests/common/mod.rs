@@ -9,14 +9,14 @@
 //! Addresses come from `OUTBOX_TEST_DATABASE_URL` and `OUTBOX_TEST_AMQP_URL`.
 #![allow(dead_code)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
@@ -28,6 +28,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::Value;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Transaction};
 use uuid::Uuid;
 
@@ -149,10 +150,47 @@ pub async fn run_cli(args: &[&str], envs: &[(&str, &str)], timeout: Duration) ->
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bind port 0, read it, release it).
-pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().unwrap().port()
+/// A port on 127.0.0.1 that refuses every connection for as long as this
+/// lives: bound, so no other process can take it, but never listening.
+pub struct ClosedPort {
+    _socket: tokio::net::TcpSocket,
+    pub port: u16,
+}
+
+impl ClosedPort {
+    pub fn new() -> ClosedPort {
+        let socket = tokio::net::TcpSocket::new_v4().expect("create a TCP socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind 127.0.0.1:0");
+        let port = socket.local_addr().expect("bound address").port();
+        ClosedPort {
+            _socket: socket,
+            port,
+        }
+    }
+}
+
+/// The metrics address the relay's start line names (`outbox relay started
+/// ... metrics_addr=127.0.0.1:37625`, or the field `metrics_addr` of that
+/// line as JSON). None until the relay logged it.
+pub fn started_metrics_addr(logs: &str) -> Option<SocketAddr> {
+    logs.lines()
+        .filter(|line| line.contains("outbox relay started"))
+        .find_map(|line| {
+            let addr = if line.trim_start().starts_with('{') {
+                let json: Value = serde_json::from_str(line).ok()?;
+                let field = json
+                    .pointer("/fields/metrics_addr")
+                    .or_else(|| json.get("metrics_addr"))?;
+                field.as_str()?.to_string()
+            } else {
+                line.split_whitespace()
+                    .find_map(|word| word.strip_prefix("metrics_addr="))?
+                    .to_string()
+            };
+            addr.parse().ok()
+        })
 }
 
 // ---------------------------------------------------------------------------
@@ -294,9 +332,16 @@ impl TestEnv {
     /// Declares an exchange with a unique name (deleted when the env drops).
     pub async fn declare_exchange(&self, what: &str, kind: ExchangeKind) -> String {
         let name = self.unique(what);
+        self.declare_exchange_named(&name, kind).await;
+        name
+    }
+
+    /// Declares an exchange under a name chosen before (e.g. one rows already
+    /// point at); deleted when the env drops.
+    pub async fn declare_exchange_named(&self, name: &str, kind: ExchangeKind) {
         self.channel
             .exchange_declare(
-                name.as_str().into(),
+                name.into(),
                 kind,
                 ExchangeDeclareOptions {
                     durable: true,
@@ -306,8 +351,7 @@ impl TestEnv {
             )
             .await
             .unwrap_or_else(|e| panic!("declare exchange {name}: {e}"));
-        self.exchanges.lock().unwrap().push(name.clone());
-        name
+        self.exchanges.lock().unwrap().push(name.to_string());
     }
 
     pub async fn bind(&self, queue: &str, exchange: &str, routing_key: &str) {
@@ -349,6 +393,14 @@ impl TestEnv {
     /// A new database connection (for concurrent writers).
     pub async fn connect_db(&self) -> Client {
         connect_db(&self.db_url).await
+    }
+
+    /// Runs one statement on the test's connection; returns the rows it touched.
+    pub async fn exec(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> u64 {
+        let pg = self.pg.lock().await;
+        pg.execute(sql, params)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
     /// `schema.messages`, quoted.
@@ -851,15 +903,17 @@ pub enum Settings {
 pub struct Relay {
     child: Option<Child>,
     pub pid: u32,
-    pub port: u16,
+    /// Where the relay said it bound its metrics server (it is started on
+    /// port 0); read from its start line once that is logged.
+    metrics_addr: OnceLock<SocketAddr>,
     pub log: PathBuf,
     pub instance: String,
     exit: Option<ExitStatus>,
 }
 
 impl Relay {
-    /// Starts `outbox-relay run` for `env` and waits until `/healthz` answers
-    /// 200. Retries on another port if the chosen one was taken meanwhile.
+    /// Starts `outbox-relay run` for `env` on metrics address 127.0.0.1:0 and
+    /// waits until it logged the address it bound and `/healthz` answers 200.
     pub async fn start(env: &TestEnv, extra_args: &[&str]) -> Relay {
         Relay::start_configured(env, extra_args, &[], Settings::Flags).await
     }
@@ -872,31 +926,9 @@ impl Relay {
         envs: &[(&str, &str)],
         settings: Settings,
     ) -> Relay {
-        for _ in 0..3 {
-            let mut relay = Relay::spawn_configured(env, extra_args, envs, settings);
-            let healthy = wait_until(SETUP_TIMEOUT, async || {
-                relay.has_exited() || matches!(relay.get("/healthz").await, Ok((200, _)))
-            })
-            .await;
-            if relay.has_exited() {
-                let log = relay.logs().to_lowercase();
-                if log.contains("in use") {
-                    continue; // lost the race for the port: try another one
-                }
-                panic!(
-                    "relay exited at start with {:?}\n{}",
-                    relay.exit,
-                    relay.log_tail(200)
-                );
-            }
-            assert!(
-                healthy,
-                "relay /healthz not 200 within {SETUP_TIMEOUT:?}\n{}",
-                relay.log_tail(200)
-            );
-            return relay;
-        }
-        panic!("relay could not bind a metrics port three times");
+        let mut relay = Relay::spawn_configured(env, extra_args, envs, settings);
+        relay.wait_healthy().await;
+        relay
     }
 
     /// Starts the relay without waiting for anything.
@@ -910,27 +942,38 @@ impl Relay {
         envs: &[(&str, &str)],
         settings: Settings,
     ) -> Relay {
+        let urls = (env.db_url.as_str(), env.amqp_url.as_str());
+        Relay::spawn_on(env, urls, extra_args, envs, settings)
+    }
+
+    /// `spawn_configured` with the database and broker URLs given.
+    fn spawn_on(
+        env: &TestEnv,
+        (db_url, amqp_url): (&str, &str),
+        extra_args: &[&str],
+        envs: &[(&str, &str)],
+        settings: Settings,
+    ) -> Relay {
         let n = env.relay_seq.fetch_add(1, Ordering::Relaxed);
-        let port = free_port();
         let log = env.dir.join(format!("relay-{n}.log"));
         let instance = format!("{}-relay-{n}", env.schema);
-        let file = File::create(&log).expect("create relay log");
-        let addr = format!("127.0.0.1:{port}");
+        // Port 0: the relay binds any free port and logs which.
+        let addr = "127.0.0.1:0";
         let mut cmd = relay_command();
         cmd.arg("run");
         match settings {
             Settings::Flags => {
-                cmd.args(["--database-url", &env.db_url])
-                    .args(["--amqp-url", &env.amqp_url])
+                cmd.args(["--database-url", db_url])
+                    .args(["--amqp-url", amqp_url])
                     .args(["--schema", &env.schema])
-                    .args(["--metrics-addr", &addr])
+                    .args(["--metrics-addr", addr])
                     .args(["--instance-id", &instance]);
             }
             Settings::Environment => {
-                cmd.env("OUTBOX_DATABASE_URL", &env.db_url)
-                    .env("OUTBOX_AMQP_URL", &env.amqp_url)
+                cmd.env("OUTBOX_DATABASE_URL", db_url)
+                    .env("OUTBOX_AMQP_URL", amqp_url)
                     .env("OUTBOX_SCHEMA", &env.schema)
-                    .env("OUTBOX_METRICS_ADDR", &addr)
+                    .env("OUTBOX_METRICS_ADDR", addr)
                     .env("OUTBOX_INSTANCE_ID", &instance);
             }
         }
@@ -941,8 +984,15 @@ impl Relay {
             }
             cmd.env(key, value);
         }
-        cmd.args(extra_args)
-            .stdout(file.try_clone().expect("clone log file"))
+        cmd.args(extra_args);
+        Relay::spawn_command(cmd, log, &instance)
+    }
+
+    /// Starts `cmd`, an `outbox-relay run` the caller set up (with
+    /// `relay_command`), its stdout and stderr going to `log`.
+    pub fn spawn_command(mut cmd: Command, log: PathBuf, instance: &str) -> Relay {
+        let file = File::create(&log).expect("create relay log");
+        cmd.stdout(file.try_clone().expect("clone log file"))
             .stderr(file);
         let child = cmd
             .spawn()
@@ -950,15 +1000,77 @@ impl Relay {
         Relay {
             pid: child.id(),
             child: Some(child),
-            port,
+            metrics_addr: OnceLock::new(),
             log,
-            instance,
+            instance: instance.to_string(),
             exit: None,
         }
     }
 
+    /// Waits until the relay logged the metrics address it bound, then until
+    /// `/healthz` answers 200. Panics, with the log, if it exits meanwhile.
+    pub async fn wait_healthy(&mut self) {
+        self.wait_started(SETUP_TIMEOUT).await;
+        let healthy = wait_until(SETUP_TIMEOUT, async || {
+            self.has_exited() || matches!(self.get("/healthz").await, Ok((200, _)))
+        })
+        .await;
+        if self.has_exited() {
+            panic!(
+                "relay exited at start with {:?}\n{}",
+                self.exit,
+                self.log_tail(200)
+            );
+        }
+        assert!(
+            healthy,
+            "relay /healthz not 200 within {SETUP_TIMEOUT:?}\n{}",
+            self.log_tail(200)
+        );
+    }
+
+    /// Waits until the relay logged its start line; returns the metrics
+    /// address it names. Panics, with the log, if the relay exits first or
+    /// says nothing within `timeout`.
+    pub async fn wait_started(&mut self, timeout: Duration) -> SocketAddr {
+        wait_until(timeout, async || {
+            self.bound_metrics_addr().is_some() || self.has_exited()
+        })
+        .await;
+        if let Some(addr) = self.bound_metrics_addr() {
+            return addr;
+        }
+        if self.has_exited() {
+            panic!(
+                "relay exited at start with {:?}\n{}",
+                self.exit,
+                self.log_tail(200)
+            );
+        }
+        panic!(
+            "relay logged no start line with its metrics_addr within {timeout:?}\n{}",
+            self.log_tail(200)
+        );
+    }
+
+    /// The metrics address from the start line; None until it is logged.
+    pub fn bound_metrics_addr(&self) -> Option<SocketAddr> {
+        if let Some(addr) = self.metrics_addr.get() {
+            return Some(*addr);
+        }
+        let addr = started_metrics_addr(&self.logs())?;
+        Some(*self.metrics_addr.get_or_init(|| addr))
+    }
+
+    /// The metrics address; panics if the relay has not logged it yet (wait
+    /// with `wait_started` first when the relay was only spawned).
     pub fn metrics_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        self.bound_metrics_addr().unwrap_or_else(|| {
+            panic!(
+                "relay has not logged its metrics_addr yet\n{}",
+                self.log_tail(100)
+            )
+        })
     }
 
     pub fn has_exited(&mut self) -> bool {
@@ -1396,6 +1508,39 @@ impl Drop for Collector {
     }
 }
 
+/// Per partition key, first arrivals must come in strictly increasing `id`
+/// order. `arrived`: each delivery's message id, in arrival order, repeats
+/// included (at least once: only first arrivals must be ordered); `rows`:
+/// message id -> (partition key, id). Returns the violations, described.
+pub fn order_violations<'a>(
+    arrived: impl IntoIterator<Item = Option<&'a str>>,
+    rows: &HashMap<String, (Option<String>, i64)>,
+) -> Vec<String> {
+    let mut seen = HashSet::new();
+    let mut last: HashMap<String, i64> = HashMap::new();
+    let mut violations = Vec::new();
+    for (pos, message_id) in arrived.into_iter().enumerate() {
+        let Some(message_id) = message_id else {
+            continue;
+        };
+        if !seen.insert(message_id) {
+            continue;
+        }
+        let Some((Some(key), id)) = rows.get(message_id).cloned() else {
+            continue;
+        };
+        if let Some(prev) = last.get(&key) {
+            if id <= *prev {
+                violations.push(format!(
+                    "key {key}: id {id} arrived (delivery #{pos}) after id {prev}"
+                ));
+            }
+        }
+        last.insert(key, id);
+    }
+    violations
+}
+
 pub fn ids_of(inserted: &[Inserted]) -> HashSet<String> {
     inserted.iter().map(|i| i.message_id.to_string()).collect()
 }
@@ -1448,9 +1593,11 @@ pub fn save(path: &Path, text: &str) {
 }
 
 // ---------------------------------------------------------------------------
-// Fault-suite support (tests/faults.rs), one file per concern
+// One file per concern: the fault suite's support (faults, private_pg,
+// proxy) and the AMQP frame tap of the scale-out tests (frame_tap)
 // ---------------------------------------------------------------------------
 
 pub mod faults;
+pub mod frame_tap;
 pub mod private_pg;
 pub mod proxy;

@@ -7,7 +7,6 @@
 //! fails. An instance left behind by a test process that was killed is stopped
 //! by the next one that starts.
 
-use super::free_port;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -32,7 +31,7 @@ impl PrivatePostgres {
         let pg = PrivatePostgres {
             dir: dir.clone(),
             data,
-            port: free_port(),
+            port: unused_port(),
             stopped: false,
         };
         must(
@@ -110,6 +109,15 @@ impl Drop for PrivatePostgres {
         }
         stop_and_remove(&self.dir, self.stopped);
     }
+}
+
+/// A port nothing listens on now (bound on port 0, read, released). The one
+/// place the tests still pick a port: PostgreSQL cannot be asked for port 0
+/// (its `port` setting starts at 1), and the test needs the number before
+/// the server starts, to build its URL.
+fn unused_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("bound address").port()
 }
 
 fn must(out: std::io::Result<Output>, what: &str) -> Output {

@@ -65,8 +65,10 @@ BEGIN
       FROM leases k WHERE k.owner = p_instance AND k.expires_at = now() + p_ttl;
     -- Seconds until the next pending row is due, on the database's clock (may be
     -- < 0), clamped: epochs of any finite time, never an interval overflow.
-    SELECT least(greatest(date_part('epoch', min(m.available_at)) - date_part('epoch', now()),
-                          -1e9), 1e9)
+    -- (NULL when nothing is pending: greatest/least would turn NULL into a bound.)
+    SELECT CASE WHEN min(m.available_at) IS NOT NULL THEN
+                least(greatest(date_part('epoch', min(m.available_at)) - date_part('epoch', now()),
+                               -1e9), 1e9) END
       INTO next_due_in FROM messages m
      WHERE m.published_at IS NULL AND m.dead_lettered_at IS NULL AND m.available_at IS NOT NULL
        AND m.partition = ANY(partitions);

@@ -17,6 +17,12 @@
 //! 5. footprint: peak RSS and CPU per 10,000 messages, taken over the drains;
 //! 6. growth: drain rate with few and with many published rows kept.
 //! 7. scale: drain rate with one, two and three relays sharing the partitions.
+//! 8. app: what the outbox costs the application: pgbench inserting into the
+//!    outbox table and into a copy without the relay's objects, same run;
+//! 9. keyed: sustained keyed load (pgbench, 8-row transactions, topic exchange),
+//!    age of the oldest pending row sampled every 100 ms;
+//! 10. cold: a just-filled keyed backlog drained, against the bare publisher
+//!     with the same routing keys, with and without a consumer.
 //!
 //! `cargo run --release --bin outbox-bench -- --help` lists the knobs.
 
@@ -68,6 +74,13 @@ const TARGET_IDLE_PER_S: f64 = 1.0;
 const TARGET_RSS_MIB: f64 = 30.0;
 const TARGET_CPU_PER_10K: f64 = 0.3;
 const TARGET_GROWTH_RATIO: f64 = 0.90;
+const TARGET_APP_TPS_RATIO: f64 = 0.90;
+const TARGET_APP_LATENCY_RATIO: f64 = 1.5;
+const TARGET_KEYED_AGE_P99_MS: f64 = 250.0;
+const TARGET_KEYED_AGE_MAX_MS: f64 = 1000.0;
+const TARGET_KEYED_UNPACED_AGE_P99_MS: f64 = 1000.0;
+const TARGET_COLD_RATIO: f64 = 0.85;
+const TARGET_CLAIM_P99_MS: f64 = 50.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Phase {
@@ -77,6 +90,9 @@ enum Phase {
     Idle,
     Growth,
     Scale,
+    App,
+    Keyed,
+    Cold,
 }
 
 #[derive(Debug, Parser)]
@@ -96,7 +112,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "ceiling,drain,steady,idle,growth,scale"
+        default_value = "ceiling,drain,steady,idle,growth,scale,app,keyed,cold"
     )]
     phases: Vec<Phase>,
     /// Messages per ceiling, drain and growth run.
@@ -132,19 +148,66 @@ struct Args {
     /// How long each steady-state rate is held.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     steady_duration: Duration,
-    /// Application connections inserting concurrently in the steady state
-    /// (0 = one per 50 rows/s, at least 8 and at most 32).
-    #[arg(long, default_value_t = 0)]
-    steady_connections: usize,
-    /// How long the idle relay is observed.
+    /// Application connections inserting concurrently in the steady state, one
+    /// per steady rate in order (0 = one per 50 rows/s, at least 8 and at most 32).
+    #[arg(long, value_delimiter = ',', default_value = "4,32")]
+    steady_connections: Vec<usize>,
+    /// How long the idle relay is observed (from 5 s after it drained a backlog).
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     idle_duration: Duration,
+    /// Rows the relay drains just before the idle window.
+    #[arg(long, default_value_t = 10_000)]
+    idle_drain_rows: u64,
     /// Published rows kept in the table during the growth drains, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "10000,1000000")]
     growth_kept: Vec<u64>,
     /// Durable queue the messages go to (through the default exchange).
     #[arg(long, default_value = "outbox_bench")]
     queue: String,
+    /// Topic exchange of the app, keyed and cold phases (declared by the bench,
+    /// bound to the queue with '#').
+    #[arg(long, default_value = "outbox_bench_topic")]
+    exchange: String,
+    /// pgbench clients of the application-cost phase.
+    #[arg(long, default_value_t = 20)]
+    app_clients: usize,
+    /// How long each side of each application-cost comparison runs.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    app_duration: Duration,
+    /// Rows per transaction of the application-cost multi-row comparison.
+    #[arg(long, default_value_t = 8)]
+    app_rows: usize,
+    /// Single-row transactions/s of the application-cost latency comparison.
+    #[arg(long, default_value_t = 1000)]
+    app_rate: u64,
+    /// pgbench clients of the keyed phase.
+    #[arg(long, default_value_t = 16)]
+    keyed_clients: usize,
+    /// Rows per transaction of the keyed phase.
+    #[arg(long, default_value_t = 8)]
+    keyed_rows: usize,
+    /// Transactions/s of the keyed phase's paced load.
+    #[arg(long, default_value_t = 200)]
+    keyed_rate: u64,
+    #[arg(long, default_value = "45s", value_parser = humantime::parse_duration)]
+    keyed_paced_duration: Duration,
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    keyed_unpaced_duration: Duration,
+    /// Partition keys and routing keys of the app and keyed phases' rows.
+    #[arg(long, default_value_t = 10_000)]
+    keyed_partition_keys: u32,
+    #[arg(long, default_value_t = 100)]
+    keyed_routing_keys: u32,
+    /// Rows of the cold backlog, and its partition keys and routing keys.
+    #[arg(long, default_value_t = 100_000)]
+    cold_rows: u64,
+    #[arg(long, default_value_t = 1000)]
+    cold_partition_keys: u64,
+    #[arg(long, default_value_t = 1000)]
+    cold_routing_keys: u64,
+    /// A cold drain still pending after this long fails (with the rate so far).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    cold_timeout: Duration,
     /// A phase fails when no new message arrives for this long.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     stall_timeout: Duration,
@@ -299,6 +362,46 @@ async fn run(args: Args) -> Result<bool> {
             results.scale.push(counts);
         }
     }
+    if has(Phase::App) {
+        progress!(
+            "app: pgbench {} clients into the outbox and into a copy, {:?} per side",
+            bench.args.app_clients,
+            bench.args.app_duration
+        );
+        let (app, claims, notes) = bench.app_phase().await;
+        results.app = app;
+        results.app_claims = claims;
+        results.app_notes = notes;
+    }
+    if has(Phase::Keyed) {
+        progress!(
+            "keyed: pgbench {} clients, {}-row transactions, {}/s for {:?} then unpaced for {:?}",
+            bench.args.keyed_clients,
+            bench.args.keyed_rows,
+            bench.args.keyed_rate,
+            bench.args.keyed_paced_duration,
+            bench.args.keyed_unpaced_duration
+        );
+        let r = bench.keyed_once(1).await;
+        report_run("keyed", 1, &r);
+        results.keyed.push(r.map_err(|e| format!("{e:#}")));
+    }
+    if has(Phase::Cold) {
+        for with_consumer in [true, false] {
+            progress!(
+                "cold: {} keyed rows, bare publisher then relay, {}",
+                bench.args.cold_rows,
+                if with_consumer {
+                    "with a consumer"
+                } else {
+                    "no consumer"
+                }
+            );
+            let r = bench.cold_once(with_consumer).await;
+            progress!("cold: {r:?}");
+            results.cold.push(r);
+        }
+    }
     bench.cleanup().await;
 
     let report = render(&bench, &machine, &results);
@@ -314,6 +417,18 @@ async fn run(args: Args) -> Result<bool> {
     std::fs::write(&output, &report).with_context(|| format!("writing {}", output.display()))?;
     progress!("results written to {}", output.display());
     Ok(results.all_ok())
+}
+
+impl Args {
+    /// Application connections of the steady state at `rate`.
+    fn steady_connections_at(&self, rate: u64) -> usize {
+        let asked = self
+            .steady_rates
+            .iter()
+            .position(|&r| r == rate)
+            .and_then(|i| self.steady_connections.get(i).copied());
+        util::steady_connections(asked, rate)
+    }
 }
 
 fn report_run<T: std::fmt::Debug>(phase: &str, run: usize, r: &Result<T>) {

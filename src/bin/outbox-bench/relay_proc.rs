@@ -11,7 +11,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{bench::Bench, sysinfo::proc_stat};
+use crate::{bench::Bench, results::ClaimStats, sysinfo::proc_stat};
+
+/// The relay's histogram of claim statement durations.
+pub(crate) const CLAIM_HISTOGRAM: &str = "outbox_relay_claim_duration_seconds";
 
 pub(crate) struct RelayProc {
     child: Child,
@@ -287,6 +290,31 @@ pub(crate) fn hist_quantiles(before: &[(f64, u64)], after: &[(f64, u64)]) -> Opt
     })
 }
 
+/// The claim statements run between two scrapes (`before` may be empty: since
+/// the relay started).
+pub(crate) fn claim_stats(before: &str, after: &str) -> Option<ClaimStats> {
+    let b = histogram_buckets(before, CLAIM_HISTOGRAM);
+    let a = histogram_buckets(after, CLAIM_HISTOGRAM);
+    let h = hist_quantiles(&b, &a)?;
+    let delta = |le: f64| {
+        let of = |v: &[(f64, u64)]| v.iter().find(|(l, _)| *l == le).map_or(0, |&(_, c)| c);
+        of(&a).saturating_sub(of(&b))
+    };
+    let last_finite = a
+        .iter()
+        .rev()
+        .find(|(le, _)| le.is_finite())
+        .map_or(f64::NAN, |&(le, _)| le);
+    Some(ClaimStats {
+        count: h.count,
+        p50_ms: h.p50 * 1000.0,
+        p99_ms: h.p99 * 1000.0,
+        max_le_ms: h.max_le * 1000.0,
+        last_bucket_ms: last_finite * 1000.0,
+        beyond_last_bucket: delta(f64::INFINITY).saturating_sub(delta(last_finite)),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +328,22 @@ mod tests {
         assert!((h.p50 - 0.001).abs() < 1e-9, "{}", h.p50);
         assert!((h.p99 - 0.0038).abs() < 1e-9, "{}", h.p99);
         assert_eq!(h.max_le, 0.004);
+    }
+
+    #[test]
+    fn claims_beyond_the_last_bucket_are_counted() {
+        let before = "outbox_relay_claim_duration_seconds_bucket{le=\"0.0001\"} 1\n\
+                      outbox_relay_claim_duration_seconds_bucket{le=\"13.1072\"} 2\n\
+                      outbox_relay_claim_duration_seconds_bucket{le=\"+Inf\"} 2\n";
+        let after = "outbox_relay_claim_duration_seconds_bucket{le=\"0.0001\"} 90\n\
+                     outbox_relay_claim_duration_seconds_bucket{le=\"13.1072\"} 101\n\
+                     outbox_relay_claim_duration_seconds_bucket{le=\"+Inf\"} 102\n";
+        let c = claim_stats(before, after).unwrap();
+        assert_eq!(c.count, 100);
+        assert_eq!(c.beyond_last_bucket, 1);
+        assert!(c.max_le_ms.is_infinite());
+        assert!((c.last_bucket_ms - 13107.2).abs() < 1e-6);
+        assert!(claim_stats(after, after).is_none());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Results: what each phase's run measured.
 
-use crate::util::quantile;
+use crate::{bench::LoadRun, util::quantile};
 
 #[derive(Debug, Clone)]
 pub(crate) struct CeilingRun {
@@ -21,6 +21,7 @@ pub(crate) struct DrainRun {
     pub(crate) peak_rss_kib: u64,
     pub(crate) duplicates: u64,
     pub(crate) cpu: CpuUse,
+    pub(crate) claims: Option<ClaimStats>,
     pub(crate) stop_note: Option<String>,
 }
 
@@ -54,6 +55,8 @@ pub(crate) struct SteadyRun {
     pub(crate) after_commit_ms: Quantiles,
     pub(crate) hist_ms: Option<HistQuantiles>,
     pub(crate) confirm_ms: Option<HistQuantiles>,
+    pub(crate) connections: usize,
+    pub(crate) claims: Option<ClaimStats>,
     pub(crate) mean_batch: f64,
     pub(crate) relay_cpu_pct: f64,
     pub(crate) duplicates: u64,
@@ -69,7 +72,131 @@ pub(crate) struct IdleRun {
     pub(crate) xacts_per_s: f64,
     pub(crate) baseline_per_s: f64,
     pub(crate) window_s: f64,
+    /// Rows drained just before the window (the window starts 5 s after).
+    pub(crate) drained: u64,
+    pub(crate) claims: Option<ClaimStats>,
     pub(crate) stop_note: Option<String>,
+}
+
+/// The relay's claim statement durations over a window, from its
+/// `outbox_relay_claim_duration_seconds` histogram.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClaimStats {
+    pub(crate) count: u64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    /// Upper bound of the highest bucket that received an observation (+Inf
+    /// when a claim took longer than the last finite bucket).
+    pub(crate) max_le_ms: f64,
+    pub(crate) last_bucket_ms: f64,
+    /// Claims longer than the last finite bucket: the ones that ran into the
+    /// server's statement timeout are among them.
+    pub(crate) beyond_last_bucket: u64,
+}
+
+/// Application cost: which comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AppKind {
+    /// Single-row transactions, as fast as PostgreSQL accepts them.
+    SingleRow,
+    /// Transactions of several rows, as fast as PostgreSQL accepts them.
+    MultiRow,
+    /// Single-row transactions paced to a fixed rate: latency.
+    Paced,
+}
+
+/// One side of an application-cost comparison (the outbox table, or its copy).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AppSide {
+    pub(crate) load: LoadRun,
+    /// Pending rows when pgbench ended, and seconds until none were (outbox side).
+    pub(crate) pending_at_end: i64,
+    pub(crate) catch_up_s: f64,
+    pub(crate) claims: Option<ClaimStats>,
+    pub(crate) relay_cpu_pct: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AppCompare {
+    pub(crate) messages: AppSide,
+    pub(crate) copy: AppSide,
+    /// The outbox side ran first.
+    pub(crate) messages_first: bool,
+}
+
+impl AppCompare {
+    pub(crate) fn tps_ratio(&self) -> f64 {
+        self.messages.load.tps / self.copy.load.tps
+    }
+    pub(crate) fn latency_ratio(&self) -> f64 {
+        self.messages.load.latency_ms / self.copy.load.latency_ms
+    }
+}
+
+/// Sustained keyed load: one pgbench run with the oldest pending row's age sampled.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyedLoad {
+    pub(crate) load: LoadRun,
+    pub(crate) rows_per_tx: usize,
+    pub(crate) samples: usize,
+    pub(crate) age_p50_ms: f64,
+    pub(crate) age_p99_ms: f64,
+    pub(crate) age_max_ms: f64,
+    /// Pending rows 1 s after pgbench ended.
+    pub(crate) pending_1s_after: i64,
+    /// Seconds from pgbench's end until nothing was pending.
+    pub(crate) zero_after_s: f64,
+    pub(crate) claims: Option<ClaimStats>,
+    pub(crate) relay_cpu_pct: f64,
+}
+
+impl KeyedLoad {
+    pub(crate) fn rows_per_s(&self) -> f64 {
+        self.load.tps * self.rows_per_tx as f64
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct KeyedRun {
+    pub(crate) paced: Result<KeyedLoad, String>,
+    pub(crate) unpaced: Result<KeyedLoad, String>,
+    /// Messages delivered to the consumer / rows written, over both loads.
+    pub(crate) delivered: u64,
+    pub(crate) rows: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) stop_note: Option<String>,
+}
+
+/// Cold keyed backlog: the relay's drain of a just-filled table.
+#[derive(Debug, Clone)]
+pub(crate) struct ColdDrain {
+    /// Seconds to fill the table (one INSERT ... SELECT) before the relay started.
+    pub(crate) fill_s: f64,
+    /// Relay start → the database shows 0 pending.
+    pub(crate) db_zero_s: f64,
+    /// Relay start → the consumer saw all (with a consumer).
+    pub(crate) consumed_s: Option<f64>,
+    /// Messages in the queue afterwards (without a consumer).
+    pub(crate) queued: Option<u32>,
+    pub(crate) claims: Option<ClaimStats>,
+    pub(crate) stop_note: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ColdRun {
+    pub(crate) consumer: bool,
+    pub(crate) bare: Result<CeilingRun, String>,
+    pub(crate) drain: Result<ColdDrain, String>,
+}
+
+impl ColdRun {
+    /// Relay rate (→ 0 pending) over the bare publisher's (→ all confirmed).
+    pub(crate) fn ratio(&self) -> Option<f64> {
+        match (&self.bare, &self.drain) {
+            (Ok(b), Ok(d)) => Some(b.confirmed_s / d.db_zero_s),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -121,6 +248,13 @@ pub(crate) struct Results {
     pub(crate) growth: Vec<Vec<(u64, Result<DrainRun, String>)>>,
     /// Per run: (relays, result) for each relay count.
     pub(crate) scale: Vec<Vec<(usize, Result<ScaleRun, String>)>>,
+    pub(crate) app: Vec<(AppKind, Result<AppCompare, String>)>,
+    /// Claims over the whole application-cost phase.
+    pub(crate) app_claims: Option<ClaimStats>,
+    /// Problems of the phase as a whole (setup, deliveries).
+    pub(crate) app_notes: Vec<String>,
+    pub(crate) keyed: Vec<Result<KeyedRun, String>>,
+    pub(crate) cold: Vec<ColdRun>,
 }
 
 impl Results {
@@ -137,6 +271,13 @@ impl Results {
                 .scale
                 .iter()
                 .all(|run| run.iter().all(|(_, r)| r.is_ok()))
+            && self.app.iter().all(|(_, r)| r.is_ok())
+            && self.app_notes.is_empty()
+            && self.keyed.iter().all(|k| {
+                k.as_ref()
+                    .is_ok_and(|k| k.paced.is_ok() && k.unpaced.is_ok())
+            })
+            && self.cold.iter().all(|c| c.bare.is_ok() && c.drain.is_ok())
     }
 }
 

@@ -10,11 +10,12 @@ use std::{
 
 use anyhow::{anyhow, Result};
 
-pub(crate) fn steady_connections(asked: usize, rate: u64) -> usize {
-    if asked > 0 {
-        asked
-    } else {
-        ((rate / 50) as usize).clamp(8, 32)
+/// Application connections for a steady-state rate: the one asked for that
+/// rate, or (0 or none asked) one per 50 rows/s, at least 8 and at most 32.
+pub(crate) fn steady_connections(asked: Option<usize>, rate: u64) -> usize {
+    match asked {
+        Some(n) if n > 0 => n,
+        _ => ((rate / 50) as usize).clamp(8, 32),
     }
 }
 

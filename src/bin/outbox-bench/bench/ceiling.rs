@@ -1,4 +1,5 @@
-//! Phase 1, ceiling: a bare lapin publisher with confirms, no database.
+//! Phase 1, ceiling: a bare lapin publisher with confirms, no database
+//! (also the bare side of the cold keyed backlog phase).
 
 use std::{collections::VecDeque, time::Instant};
 
@@ -20,9 +21,26 @@ use crate::{
 
 impl Bench {
     pub(crate) async fn ceiling_once(&self, _run: usize) -> Result<CeilingRun> {
-        let n = self.args.messages;
+        let queue = ShortString::from(self.args.queue.as_str());
+        self.bare_publish(self.args.messages, "", &|_| queue.clone(), true)
+            .await
+    }
+
+    /// Publishes `n` messages to `exchange` with the routing key of each, and
+    /// waits for every confirm (and, with a consumer, for every delivery).
+    pub(super) async fn bare_publish(
+        &self,
+        n: u64,
+        exchange: &str,
+        routing_key: &dyn Fn(u64) -> ShortString,
+        with_consumer: bool,
+    ) -> Result<CeilingRun> {
         self.purge().await?;
-        let consumer = Consumer::start(&self.args.amqp_url, &self.args.queue, n).await?;
+        let consumer = if with_consumer {
+            Some(Consumer::start(&self.args.amqp_url, &self.args.queue, n).await?)
+        } else {
+            None
+        };
         let conn = Connection::connect(
             &self.args.amqp_url,
             ConnectionProperties::default()
@@ -34,7 +52,7 @@ impl Bench {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         let window = self.args.ceiling_window.max(1);
-        let queue = ShortString::from(self.args.queue.as_str());
+        let exchange = ShortString::from(exchange);
         let before = CpuSnapshot::take(self.backend_pid);
         let t0 = Instant::now();
         let mut in_flight = VecDeque::with_capacity(window);
@@ -51,8 +69,8 @@ impl Bench {
                 .with_headers(FieldTable::default());
             let confirm = channel
                 .basic_publish(
-                    ShortString::from(""),
-                    queue.clone(),
+                    exchange.clone(),
+                    routing_key(i),
                     BasicPublishOptions {
                         mandatory: true,
                         immediate: false,
@@ -83,16 +101,21 @@ impl Bench {
             }
         }
         let confirmed_s = t0.elapsed().as_secs_f64();
-        let consumed = consumer
-            .wait_all(n, self.args.stall_timeout, None, "ceiling")
-            .await;
+        let consumed = match &consumer {
+            Some(consumer) => consumer
+                .wait_all(n, self.args.stall_timeout, None, "bare publisher")
+                .await
+                .map(|at| (at - t0).as_secs_f64()),
+            None => Ok(f64::NAN),
+        };
         let after = CpuSnapshot::take(self.backend_pid);
         let _ = conn.close(200, ShortString::from("bench done")).await;
-        consumer.close().await;
-        let consumed_at = consumed?;
+        if let Some(consumer) = consumer {
+            consumer.close().await;
+        }
         Ok(CeilingRun {
             confirmed_s,
-            consumed_s: (consumed_at - t0).as_secs_f64(),
+            consumed_s: consumed?,
             not_acked,
             cpu: before.until(&after, t0, self.clk_tck),
         })

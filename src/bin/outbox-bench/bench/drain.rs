@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use super::Bench;
 use crate::{
     consumer::Consumer,
-    relay_proc::RelayProc,
+    relay_proc::{claim_stats, RelayProc},
     results::{CpuUse, DrainRun},
     sysinfo::{cpu_seconds, CpuSnapshot},
 };
@@ -66,6 +66,11 @@ impl Bench {
                 .cpu()
                 .ok_or_else(|| anyhow!("cannot read /proc/{}/stat", relay.pid()))?;
             let peak_rss_kib = relay.peak_rss_kib().unwrap_or(0);
+            let claims = relay
+                .scrape()
+                .await
+                .ok()
+                .and_then(|m| claim_stats("", &m));
             // The relay's backends were started by this relay: their whole CPU
             // time falls in the window.
             let backends = self.relay_backends(&relay).await;
@@ -97,6 +102,7 @@ impl Bench {
                     relay_pg_s,
                     ..before.until(&after, t0, self.clk_tck)
                 },
+                claims,
                 stop_note: None,
             })
         }
@@ -105,7 +111,7 @@ impl Bench {
             Ok(m) => Ok(m),
             Err(e) => Err(anyhow!(
                 "{e:#}\n{}",
-                self.evidence(schema, &mut relay, &consumer).await
+                self.evidence(schema, &mut relay, Some(&consumer)).await
             )),
         };
         let stop_note = relay.stop().await;

@@ -1,4 +1,5 @@
-//! Phase 4, idle: statements per second the relay sends with nothing to do.
+//! Phase 4, idle: statements per second the relay sends with nothing to do,
+//! from 5 s after it drained a backlog (as a relay lives: bursts, then quiet).
 
 use std::{
     collections::HashMap,
@@ -10,7 +11,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use tokio_postgres::Client;
 
 use super::{pg_connect, Bench};
-use crate::{relay_proc::RelayProc, results::IdleRun, util::with_database};
+use crate::{
+    relay_proc::{claim_stats, RelayProc},
+    results::IdleRun,
+    util::with_database,
+};
 
 impl Bench {
     pub(crate) async fn idle_once(&self, run: usize) -> Result<IdleRun> {
@@ -88,12 +93,41 @@ impl Bench {
         let mut relay = RelayProc::spawn(self, url, schema, &label)?;
         let measured = async {
             relay.wait_ready(partitions, Duration::from_secs(30)).await?;
-            // Past start-up (first heartbeat, first retention pass, first claim),
-            // and past PostgreSQL's statistics delay: a backend that went idle
-            // right after start-up (the relay's claim connection, after preparing
-            // its statements) reports its transactions up to 10 s later
-            // (PGSTAT_IDLE_INTERVAL), which would land in the window.
-            tokio::time::sleep(Duration::from_secs(12)).await;
+            // A backlog drained first, then the window from 5 s after the
+            // database showed none pending.
+            let drained = self.args.idle_drain_rows;
+            let app = pg_connect(url, "outbox-bench app").await?;
+            app.execute(
+                &format!(
+                    "INSERT INTO {schema}.messages (routing_key, payload)
+                     SELECT $1, convert_to(rpad(i::text, 200, '.'), 'UTF8')
+                       FROM generate_series(1, $2::bigint) i"
+                ),
+                &[&self.args.queue, &(drained as i64)],
+            )
+            .await
+            .with_context(|| format!("inserting {drained} rows to drain"))?;
+            let pending = format!(
+                "SELECT EXISTS (SELECT 1 FROM {schema}.messages
+                                 WHERE published_at IS NULL AND dead_lettered_at IS NULL)"
+            );
+            let deadline = Instant::now() + self.args.stall_timeout;
+            loop {
+                let any: bool = app.query_one(&pending, &[]).await?.get(0);
+                if !any {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "the relay did not drain {drained} rows within {:?}",
+                        self.args.stall_timeout
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            drop(app);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let scrape_before = relay.scrape().await?;
             let (c0, t0) = (self.transactions(database).await?, Instant::now());
             let sampler = tokio::spawn(count_statements(
                 self.db.clone(),
@@ -112,12 +146,15 @@ impl Bench {
             }
             let window_s = (t1 - t0).as_secs_f64();
             let total_per_s = (c1 - c0) as f64 / window_s;
+            let claims = claim_stats(&scrape_before, &relay.scrape().await?);
             Ok(IdleRun {
                 method: if dedicated {
                     format!(
                         "statements: each new query_start of the relay's backends in pg_stat_activity, sampled every 10 ms \
                          (idle statements are ~1 s apart, so none is missed); transactions: xact_commit+xact_rollback of \
-                         database {database}, which only the relay uses, minus a 5 s baseline without the relay"
+                         database {database}, which only the relay uses, minus a 5 s baseline without the relay; \
+                         PostgreSQL may report a backend's transactions of its last second before it went quiet up to 10 s \
+                         later, so transactions of the drain's end can land in the window"
                     )
                 } else {
                     format!(
@@ -130,6 +167,8 @@ impl Bench {
                 xacts_per_s: total_per_s - baseline_per_s,
                 baseline_per_s,
                 window_s,
+                drained,
+                claims,
                 stop_note: None,
             })
         }

@@ -6,33 +6,42 @@ use std::{
     path::PathBuf,
     process::{Command, Stdio},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use lapin::{
-    options::{QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions},
+    options::{
+        ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions, QueuePurgeOptions,
+    },
     types::{FieldTable, LongString, ShortString},
-    Channel, Connection, ConnectionProperties,
+    Channel, Connection, ConnectionProperties, ExchangeKind,
 };
 use tokio_postgres::{Client, NoTls};
 
 use crate::{
     consumer::Consumer,
-    relay_proc::{metric, RelayProc},
+    relay_proc::{claim_stats, metric, RelayProc},
     sysinfo::{clock_ticks, tcp_ports_to},
     util::redact,
     Args,
 };
 
+mod app;
 mod ceiling;
+mod cold;
 mod drain;
 mod growth;
 mod idle;
+mod keyed;
 mod machine;
+mod pgbench;
 mod scale;
 mod steady;
 
 pub(crate) use machine::Machine;
+pub(crate) use pgbench::LoadRun;
 
 pub(crate) struct Bench {
     pub(crate) args: Args,
@@ -44,8 +53,9 @@ pub(crate) struct Bench {
     /// The PostgreSQL server's TCP port, to find the relay's connections.
     server_port: i32,
     database: String,
-    _amqp: Connection,
-    admin: Channel,
+    /// The admin connection and channel (purges, queue depth), reopened when
+    /// the broker closed them.
+    admin: tokio::sync::Mutex<(Connection, Channel)>,
     clk_tck: f64,
 }
 
@@ -88,6 +98,42 @@ impl Bench {
             )
             .await
             .context("declaring the bench queue")?;
+        // The keyed phases publish many routing keys: a topic exchange bound to
+        // the bench queue with '#' takes them all.
+        admin
+            .exchange_delete(
+                ShortString::from(args.exchange.as_str()),
+                ExchangeDeleteOptions::default(),
+            )
+            .await
+            .context("deleting the bench exchange")?;
+        admin
+            .exchange_declare(
+                ShortString::from(args.exchange.as_str()),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("declaring the topic exchange {}", args.exchange))?;
+        admin
+            .queue_bind(
+                ShortString::from(args.queue.as_str()),
+                ShortString::from(args.exchange.as_str()),
+                ShortString::from("#"),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "binding queue {} to exchange {} with '#'",
+                    args.queue, args.exchange
+                )
+            })?;
         let log_dir = std::env::temp_dir().join(format!("outbox-bench-{}", std::process::id()));
         std::fs::create_dir_all(&log_dir)?;
         Ok(Self {
@@ -98,15 +144,51 @@ impl Bench {
             backend_pid,
             server_port: server_port.unwrap_or(5432),
             database,
-            _amqp: amqp,
-            admin,
+            admin: tokio::sync::Mutex::new((amqp, admin)),
             clk_tck: clock_ticks(),
         })
     }
 
+    /// The admin channel; a new one when the old was closed (a bench of
+    /// several minutes on a loaded machine can lose it, e.g. to a missed
+    /// heartbeat), so one broken channel does not fail every later phase.
+    async fn admin(&self) -> Result<Channel> {
+        let mut admin = self.admin.lock().await;
+        if admin.1.status().connected() {
+            return Ok(admin.1.clone());
+        }
+        progress!(
+            "note: the bench's AMQP admin channel was closed (connection still connected: {}); reopening it",
+            admin.0.status().connected()
+        );
+        let conn = Connection::connect(
+            &self.args.amqp_url,
+            ConnectionProperties::default()
+                .with_connection_name(LongString::from("outbox-bench admin")),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "reconnecting to RabbitMQ at {}",
+                redact(&self.args.amqp_url)
+            )
+        })?;
+        let channel = conn.create_channel().await?;
+        *admin = (conn, channel.clone());
+        Ok(channel)
+    }
+
     pub(crate) async fn cleanup(&self) {
-        let _ = self
-            .admin
+        let Ok(admin) = self.admin().await else {
+            return;
+        };
+        let _ = admin
+            .exchange_delete(
+                ShortString::from(self.args.exchange.as_str()),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = admin
             .queue_delete(
                 ShortString::from(self.args.queue.as_str()),
                 QueueDeleteOptions::default(),
@@ -115,7 +197,8 @@ impl Bench {
     }
 
     async fn purge(&self) -> Result<()> {
-        self.admin
+        self.admin()
+            .await?
             .queue_purge(
                 ShortString::from(self.args.queue.as_str()),
                 QueuePurgeOptions::default(),
@@ -201,6 +284,68 @@ impl Bench {
         Ok(())
     }
 
+    /// Messages ready in the bench queue.
+    async fn queue_depth(&self) -> Result<u32> {
+        let q = self
+            .admin()
+            .await?
+            .queue_declare(
+                ShortString::from(self.args.queue.as_str()),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .context("reading the bench queue's depth")?;
+        Ok(q.message_count())
+    }
+
+    async fn pending(&self, schema: &str) -> Result<i64> {
+        Ok(self
+            .db
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {schema}.messages
+                      WHERE published_at IS NULL AND dead_lettered_at IS NULL"
+                ),
+                &[],
+            )
+            .await
+            .with_context(|| format!("counting pending rows of {schema}.messages"))?
+            .get(0))
+    }
+
+    /// Polls (a cheap EXISTS every 20 ms) until no row is pending; when it
+    /// was first seen so.
+    async fn wait_no_pending(&self, schema: &str, timeout: Duration) -> Result<Instant> {
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {schema}.messages
+                             WHERE published_at IS NULL AND dead_lettered_at IS NULL)"
+        );
+        let deadline = Instant::now() + timeout;
+        loop {
+            let asked = Instant::now();
+            let any: bool = self
+                .db
+                .query_one(&sql, &[])
+                .await
+                .with_context(|| format!("polling pending rows of {schema}.messages"))?
+                .get(0);
+            if !any {
+                return Ok(asked);
+            }
+            if asked > deadline {
+                bail!(
+                    "{} rows of {schema}.messages still pending after {timeout:?}",
+                    self.pending(schema).await?
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn outbox_counts(&self, schema: &str) -> Result<OutboxCounts> {
         let row = self
             .db
@@ -247,13 +392,30 @@ impl Bench {
     }
 
     /// What went wrong, with the evidence: database state and the relay's log.
-    async fn evidence(&self, schema: &str, relay: &mut RelayProc, consumer: &Consumer) -> String {
+    async fn evidence(
+        &self,
+        schema: &str,
+        relay: &mut RelayProc,
+        consumer: Option<&Consumer>,
+    ) -> String {
         let mut s = String::new();
-        let (deliveries, distinct) = consumer.counts();
-        let _ = write!(
-            s,
-            "consumer saw {distinct} distinct messages ({deliveries} deliveries); "
-        );
+        match consumer {
+            Some(consumer) => {
+                let (deliveries, distinct) = consumer.counts();
+                let _ = write!(
+                    s,
+                    "consumer saw {distinct} distinct messages ({deliveries} deliveries); "
+                );
+            }
+            None => match self.queue_depth().await {
+                Ok(n) => {
+                    let _ = write!(s, "no consumer; {n} messages in the queue; ");
+                }
+                Err(e) => {
+                    let _ = write!(s, "no consumer; {e:#}; ");
+                }
+            },
+        }
         match self.outbox_counts(schema).await {
             Ok(c) => {
                 let _ = write!(
@@ -283,6 +445,18 @@ impl Bench {
                         if let Some(v) = metric(&m, name) {
                             let _ = write!(s, "{name} {v}; ");
                         }
+                    }
+                    if let Some(c) = claim_stats("", &m) {
+                        let _ = write!(
+                            s,
+                            "claims since start: {}, p50 ≈ {:.1} ms, p99 ≈ {:.1} ms, slowest ≤ {:.1} ms (inf: beyond the last bucket), {} beyond {:.1} s; ",
+                            c.count,
+                            c.p50_ms,
+                            c.p99_ms,
+                            c.max_le_ms,
+                            c.beyond_last_bucket,
+                            c.last_bucket_ms / 1000.0
+                        );
                     }
                     for line in m.lines().filter(|l| {
                         l.starts_with("outbox_relay_publish_failures_total{") && !l.ends_with(" 0")

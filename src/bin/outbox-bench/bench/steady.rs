@@ -1,5 +1,5 @@
 //! Phase 3, steady state: paced single-row transactions from several
-//! connections, delivery lag.
+//! connections (4 at 1,000/s by default), delivery lag.
 
 use std::{
     collections::HashMap,
@@ -13,9 +13,9 @@ use uuid::Uuid;
 use super::{pg_connect, Bench};
 use crate::{
     consumer::Consumer,
-    relay_proc::{hist_quantiles, histogram_buckets, metric, RelayProc},
+    relay_proc::{claim_stats, hist_quantiles, histogram_buckets, metric, RelayProc},
     results::{HistQuantiles, Quantiles, SteadyRun},
-    util::{fill_payload, steady_connections},
+    util::fill_payload,
 };
 
 impl Bench {
@@ -131,6 +131,8 @@ impl Bench {
                 after_commit_ms: Quantiles::of(after_commit),
                 hist_ms: hist("outbox_relay_delivery_lag_seconds"),
                 confirm_ms: hist("outbox_relay_confirm_duration_seconds"),
+                connections: self.args.steady_connections_at(rate),
+                claims: claim_stats(&scrape_before, &scrape_after),
                 mean_batch: delta("outbox_relay_batch_size_sum")
                     / delta("outbox_relay_batch_size_count"),
                 relay_cpu_pct: ((cpu_after.0 + cpu_after.1) - (cpu_before.0 + cpu_before.1)) as f64
@@ -146,7 +148,7 @@ impl Bench {
             Ok(m) => Ok(m),
             Err(e) => Err(anyhow!(
                 "{e:#}\n{}",
-                self.evidence(schema, &mut relay, &consumer).await
+                self.evidence(schema, &mut relay, Some(&consumer)).await
             )),
         };
         let stop_note = relay.stop().await;
@@ -163,7 +165,7 @@ impl Bench {
         schema: &str,
         rate: u64,
     ) -> Result<(u64, f64, HashMap<Uuid, SystemTime>)> {
-        let conns = steady_connections(self.args.steady_connections, rate);
+        let conns = self.args.steady_connections_at(rate);
         let duration = self.args.steady_duration;
         let mut clients = Vec::with_capacity(conns);
         for _ in 0..conns {

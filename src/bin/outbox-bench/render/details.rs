@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use crate::{
     results::{DrainRun, Results},
-    util::{steady_connections, thousands},
+    util::thousands,
     Args,
 };
 
@@ -77,7 +77,7 @@ pub(super) fn write(out: &mut String, args: &Args, r: &Results) {
                         out,
                         "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.0} | {} | {} |",
                         thousands(*rate as f64),
-                        steady_connections(args.steady_connections, *rate),
+                        s.connections,
                         thousands(s.inserted as f64),
                         thousands(s.insert_rate),
                         s.lag_ms,
@@ -119,8 +119,9 @@ pub(super) fn write(out: &mut String, args: &Args, r: &Results) {
                 Ok(idle) => {
                     let _ = writeln!(
                         out,
-                        "- run {}: {:.2} statements/s, {:.2} transactions/s over {:.1} s (transaction baseline {:.2}/s subtracted); method: {}{}",
+                        "- run {}: from 5 s after draining {} rows, {:.2} statements/s, {:.2} transactions/s over {:.1} s (transaction baseline {:.2}/s subtracted); method: {}{}",
                         i + 1,
+                        thousands(idle.drained as f64),
                         idle.statements_per_s,
                         idle.xacts_per_s,
                         idle.window_s,
@@ -187,6 +188,193 @@ pub(super) fn write(out: &mut String, args: &Args, r: &Results) {
         }
     }
 
+    if !r.app.is_empty() {
+        let _ = writeln!(out, "\n### Application cost, per side\n");
+        let _ = writeln!(
+            out,
+            "pgbench's own figures (tps without connection time; latency average, which under -R counts from the scheduled \
+             start). \"pending at end\": outbox rows not yet published when pgbench stopped, and how long until none were; the \
+             next side starts after that. Relay CPU is its share of one core while pgbench ran.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| comparison | table | transactions | failed | tx/s | latency avg ms | schedule lag avg ms | pending at end | then 0 pending after s | relay CPU % | claims (p99 ms) |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+        for (kind, c) in &r.app {
+            match c {
+                Ok(c) => {
+                    let sides = if c.messages_first {
+                        [("messages", &c.messages), ("messages_copy", &c.copy)]
+                    } else {
+                        [("messages_copy", &c.copy), ("messages", &c.messages)]
+                    };
+                    for (table, s) in sides {
+                        let _ = writeln!(
+                            out,
+                            "| {kind:?} | {table} | {} | {} | {} | {:.2} | {} | {} | {:.2} | {:.0} | {} |",
+                            thousands(s.load.transactions as f64),
+                            s.load.failed,
+                            thousands(s.load.tps),
+                            s.load.latency_ms,
+                            s.load
+                                .schedule_lag_ms
+                                .map_or("–".into(), |l| format!("{l:.2}")),
+                            s.pending_at_end,
+                            s.catch_up_s,
+                            s.relay_cpu_pct,
+                            s.claims.map_or("–".into(), |c| format!(
+                                "{} ({:.1})",
+                                c.count, c.p99_ms
+                            ))
+                        );
+                    }
+                }
+                Err(_) => {
+                    let _ = writeln!(out, "| {kind:?} | failed: see notes | | | | | | | | | |");
+                }
+            }
+        }
+    }
+    if !r.keyed.is_empty() {
+        let _ = writeln!(out, "\n### Keyed load, per run\n");
+        let _ = writeln!(
+            out,
+            "| run | load | transactions | failed | rows/s | latency avg ms | age samples | age p50 / p99 / max ms | pending 1 s after | 0 pending after s | relay CPU % | claims | claim p50 / p99 ms, slowest ≤ ms |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for (i, k) in r.keyed.iter().enumerate() {
+            match k {
+                Ok(k) => {
+                    for (what, l) in [("paced", &k.paced), ("unpaced", &k.unpaced)] {
+                        match l {
+                            Ok(l) => {
+                                let _ = writeln!(
+                                    out,
+                                    "| {} | {what} | {} | {} | {} | {:.2} | {} | {:.0} / {:.0} / {:.0} | {} | {:.2} | {:.0} | {} | {} |",
+                                    i + 1,
+                                    thousands(l.load.transactions as f64),
+                                    l.load.failed,
+                                    thousands(l.rows_per_s()),
+                                    l.load.latency_ms,
+                                    l.samples,
+                                    l.age_p50_ms,
+                                    l.age_p99_ms,
+                                    l.age_max_ms,
+                                    l.pending_1s_after,
+                                    l.zero_after_s,
+                                    l.relay_cpu_pct,
+                                    l.claims.map_or("–".into(), |c| c.count.to_string()),
+                                    l.claims.map_or("–".into(), |c| format!(
+                                        "{:.2} / {:.1}, {}",
+                                        c.p50_ms,
+                                        c.p99_ms,
+                                        if c.max_le_ms.is_finite() {
+                                            format!("{:.1}", c.max_le_ms)
+                                        } else {
+                                            "+Inf".into()
+                                        }
+                                    ))
+                                );
+                            }
+                            Err(_) => {
+                                let _ = writeln!(
+                                    out,
+                                    "| {} | {what} | failed: see notes | | | | | | | | | | |",
+                                    i + 1
+                                );
+                            }
+                        }
+                    }
+                    let _ = writeln!(
+                        out,
+                        "\nRun {}: {} rows written, {} distinct messages delivered, {} duplicate deliveries{}.",
+                        i + 1,
+                        thousands(k.rows as f64),
+                        thousands(k.delivered as f64),
+                        k.duplicates,
+                        k.stop_note
+                            .as_ref()
+                            .map_or(String::new(), |n| format!("; {n}"))
+                    );
+                }
+                Err(_) => {
+                    let _ = writeln!(
+                        out,
+                        "| {} | failed: see notes | | | | | | | | | | | |",
+                        i + 1
+                    );
+                }
+            }
+        }
+    }
+    if !r.cold.is_empty() {
+        let _ = writeln!(out, "\n### Cold keyed backlog, per run\n");
+        let _ = writeln!(
+            out,
+            "| consumer | side | fill s | s until done | msg/s | consumer saw all s | queued after | claims | claim p50 / p99 ms, slowest ≤ ms | notes |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+        let n = args.cold_rows as f64;
+        for c in &r.cold {
+            let with = if c.consumer { "yes" } else { "no" };
+            match &c.bare {
+                Ok(b) => {
+                    let _ = writeln!(
+                        out,
+                        "| {with} | bare publisher → all confirmed | | {:.2} | {} | {} | | | | {} |",
+                        b.confirmed_s,
+                        thousands(n / b.confirmed_s),
+                        if b.consumed_s.is_finite() {
+                            format!("{:.2}", b.consumed_s)
+                        } else {
+                            "–".into()
+                        },
+                        if b.not_acked > 0 {
+                            format!("{} not acked", b.not_acked)
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
+                Err(_) => {
+                    let _ = writeln!(
+                        out,
+                        "| {with} | bare publisher: failed, see notes | | | | | | | | |"
+                    );
+                }
+            }
+            match &c.drain {
+                Ok(d) => {
+                    let _ = writeln!(
+                        out,
+                        "| {with} | relay start → 0 pending | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} |",
+                        d.fill_s,
+                        d.db_zero_s,
+                        thousands(n / d.db_zero_s),
+                        d.consumed_s.map_or("–".into(), |s| format!("{s:.2}")),
+                        d.queued.map_or("–".into(), |q| thousands(f64::from(q))),
+                        d.claims.map_or("–".into(), |c| c.count.to_string()),
+                        d.claims.map_or("–".into(), |c| format!(
+                            "{:.2} / {:.1}, {}",
+                            c.p50_ms,
+                            c.p99_ms,
+                            if c.max_le_ms.is_finite() {
+                                format!("{:.1}", c.max_le_ms)
+                            } else {
+                                "+Inf".into()
+                            }
+                        )),
+                        d.stop_note.clone().unwrap_or_default()
+                    );
+                }
+                Err(_) => {
+                    let _ = writeln!(out, "| {with} | relay: failed, see notes | | | | | | | | |");
+                }
+            }
+        }
+    }
+
     let mut notes = Vec::new();
     let mut note =
         |what: String, e: &String| notes.push(format!("- {what}: {}", e.replace('\n', "\n  ")));
@@ -230,6 +418,39 @@ pub(super) fn write(out: &mut String, args: &Args, r: &Results) {
                     e,
                 );
             }
+        }
+    }
+    for (kind, c) in &r.app {
+        if let Err(e) = c {
+            note(format!("application cost {kind:?} failed"), e);
+        }
+    }
+    for e in &r.app_notes {
+        note("application-cost phase".into(), e);
+    }
+    for (i, k) in r.keyed.iter().enumerate() {
+        match k {
+            Err(e) => note(format!("keyed run {} failed", i + 1), e),
+            Ok(k) => {
+                for (what, l) in [("paced", &k.paced), ("unpaced", &k.unpaced)] {
+                    if let Err(e) = l {
+                        note(format!("keyed run {} {what} failed", i + 1), e);
+                    }
+                }
+            }
+        }
+    }
+    for c in &r.cold {
+        let with = if c.consumer {
+            "with a consumer"
+        } else {
+            "without a consumer"
+        };
+        if let Err(e) = &c.bare {
+            note(format!("cold backlog {with}: bare publisher failed"), e);
+        }
+        if let Err(e) = &c.drain {
+            note(format!("cold backlog {with}: relay drain failed"), e);
         }
     }
     if !notes.is_empty() {

@@ -6,7 +6,7 @@ use crate::{
     bench::{Bench, Machine},
     results::Results,
     sysinfo::load_average,
-    util::{git_commit, steady_connections, thousands, utc_now},
+    util::{git_commit, thousands, utc_now},
 };
 
 mod details;
@@ -99,6 +99,9 @@ pub(crate) fn render(bench: &Bench, machine: &Machine, r: &Results) -> String {
         ("idle", args.idle_runs, !r.idle.is_empty()),
         ("growth", args.growth_runs, !r.growth.is_empty()),
         ("scale", args.scale_runs, !r.scale.is_empty()),
+        ("app", 1, !r.app.is_empty()),
+        ("keyed", r.keyed.len(), !r.keyed.is_empty()),
+        ("cold", r.cold.len() / 2, !r.cold.is_empty()),
     ] {
         if ran {
             runs.push(format!("{phase} {count}"));
@@ -116,10 +119,85 @@ pub(crate) fn render(bench: &Bench, machine: &Machine, r: &Results) -> String {
          `outbox_relay_delivery_lag_seconds` (created_at → broker confirm) interpolated from its buckets over the same window.",
         args.steady_rates
             .iter()
-            .map(|&r| format!("{} (at {}/s)", steady_connections(args.steady_connections, r), thousands(r as f64)))
+            .map(|&r| format!("{} (at {}/s)", args.steady_connections_at(r), thousands(r as f64)))
             .collect::<Vec<_>>()
             .join(", "),
         args.steady_duration
+    );
+    if !r.idle.is_empty() {
+        let _ = writeln!(
+            out,
+            "- Idle: the relay, in a database of its own, drains {} single-row pending rows (default exchange, no keys); \
+             from 5 s after the database shows none pending, its transactions are counted for {:?}.",
+            thousands(args.idle_drain_rows as f64),
+            args.idle_duration
+        );
+    }
+    let keys = format!(
+        "partition_key out of {} (`key-N`, random), routing_key out of {} (`rk.N`, random), a 200-byte payload, \
+         exchange `{}` (topic, durable, bound to the queue with `#`)",
+        thousands(f64::from(args.keyed_partition_keys)),
+        args.keyed_routing_keys,
+        args.exchange
+    );
+    if !r.app.is_empty() {
+        let _ = writeln!(
+            out,
+            "- Application cost: `pgbench` (another process, `--protocol=prepared`, {} clients, 2 threads) runs custom scripts \
+             inserting rows with {keys}. Each comparison runs {:?} into `messages` and {:?} into `messages_copy` \
+             (`LIKE messages INCLUDING ALL`: same columns, defaults, constraints and indexes, none of the relay's triggers), \
+             back to back in the same run, the first side alternating between comparisons; the release relay runs throughout \
+             (publishing the outbox rows, a consumer on the queue) and the next side starts only once nothing is pending. \
+             Comparisons: single-row transactions (one autocommit INSERT) as fast as PostgreSQL accepts them; {}-row \
+             transactions ({} INSERT statements between BEGIN and COMMIT, one per event, as an application enqueuing per \
+             event writes them) as fast as accepted; single-row transactions paced at {}/s (`-R`), where pgbench's latency \
+             average counts from each transaction's scheduled start.",
+            args.app_clients,
+            args.app_duration,
+            args.app_duration,
+            args.app_rows,
+            args.app_rows,
+            thousands(args.app_rate as f64)
+        );
+    }
+    if !r.keyed.is_empty() {
+        let _ = writeln!(
+            out,
+            "- Keyed load: `pgbench` {} clients, transactions of {} INSERTs (BEGIN … COMMIT) with {keys}, consumer running; \
+             paced at {} transactions/s ({} rows/s) for {:?}, then (once nothing is pending) unpaced for {:?}. A separate \
+             connection samples every 100 ms `now() - min(created_at)` over pending rows (published_at and dead_lettered_at \
+             NULL; 0 when none); \"nothing pending 1 s after\" counts pending rows 1 s after pgbench exits.",
+            args.keyed_clients,
+            args.keyed_rows,
+            args.keyed_rate,
+            thousands((args.keyed_rate * args.keyed_rows as u64) as f64),
+            args.keyed_paced_duration,
+            args.keyed_unpaced_duration
+        );
+    }
+    if !r.cold.is_empty() {
+        let _ = writeln!(
+            out,
+            "- Cold keyed backlog: one INSERT … SELECT fills a fresh `messages` with {} rows over {} partition keys and {} routing \
+             keys (row i: `key-(i·7919 mod {})`, `rk.(i·6151 mod {})`, {}-byte payload) to exchange `{}`; no ANALYZE, no \
+             CHECKPOINT; the relay starts at once and the figure is relay start → the database shows 0 pending. The bare side \
+             is the ceiling publisher (confirms, window {}) sending the same routing keys to the same exchange, timed to the \
+             last confirm. Run once with a consumer on the queue and once without (messages pile up; the queue is purged \
+             before each side).",
+            thousands(args.cold_rows as f64),
+            thousands(args.cold_partition_keys as f64),
+            thousands(args.cold_routing_keys as f64),
+            args.cold_partition_keys,
+            args.cold_routing_keys,
+            args.payload_bytes,
+            args.exchange,
+            args.ceiling_window
+        );
+    }
+    let _ = writeln!(
+        out,
+        "- Claim statement duration: the relay's `outbox_relay_claim_duration_seconds` histogram (buckets from 0.1 ms, doubling), \
+         scraped before and after each measured window, p99 interpolated inside the buckets."
     );
     let _ = writeln!(out, "\n## Results\n");
     let _ = writeln!(out, "| Figure | Measured | Target | Result |");

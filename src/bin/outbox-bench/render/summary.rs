@@ -2,9 +2,14 @@
 
 use super::{runs_note, verdict, Row};
 use crate::{
-    results::{DrainRun, HistQuantiles, Quantiles, Results, ScaleRun, SteadyRun},
+    results::{
+        AppCompare, AppKind, ClaimStats, DrainRun, HistQuantiles, KeyedLoad, Quantiles, Results,
+        ScaleRun, SteadyRun,
+    },
     util::{median, thousands},
-    Args, TARGET_CPU_PER_10K, TARGET_DRAIN_RATIO, TARGET_GROWTH_RATIO, TARGET_IDLE_PER_S,
+    Args, TARGET_APP_LATENCY_RATIO, TARGET_APP_TPS_RATIO, TARGET_CLAIM_P99_MS, TARGET_COLD_RATIO,
+    TARGET_CPU_PER_10K, TARGET_DRAIN_RATIO, TARGET_GROWTH_RATIO, TARGET_IDLE_PER_S,
+    TARGET_KEYED_AGE_MAX_MS, TARGET_KEYED_AGE_P99_MS, TARGET_KEYED_UNPACED_AGE_P99_MS,
     TARGET_LAG_1000_P50_MS, TARGET_LAG_1000_P99_MS, TARGET_LAG_5000_P99_MS, TARGET_RSS_MIB,
 };
 
@@ -137,8 +142,9 @@ pub(super) fn rows(args: &Args, r: &Results) -> Vec<Row> {
         ] {
             rows.push(Row {
                 figure: format!(
-                    "3. Lag at {}/s, created_at → consumer receipt, {label}",
-                    thousands(rate as f64)
+                    "3. Lag at {}/s from {} connections, created_at → consumer receipt, {label}",
+                    thousands(rate as f64),
+                    args.steady_connections_at(rate)
                 ),
                 measured: cell(value, hvalue, approx),
                 target: target.map_or("–".into(), |t| format!("≤ {t} ms")),
@@ -160,6 +166,15 @@ pub(super) fn rows(args: &Args, r: &Results) -> Vec<Row> {
                 split(&|s| s.commit_ms),
                 split(&|s| s.after_commit_ms)
             ),
+        ));
+        let claims: Vec<ClaimStats> = runs.iter().filter_map(|s| s.claims).collect();
+        rows.push(claim_row(
+            format!(
+                "3. Claim statement duration at {}/s",
+                thousands(rate as f64)
+            ),
+            &claims,
+            !runs.is_empty(),
         ));
     }
 
@@ -191,6 +206,12 @@ pub(super) fn rows(args: &Args, r: &Results) -> Vec<Row> {
             target: format!("≤ {TARGET_IDLE_PER_S}/s"),
             result: verdict(m.map(|m| m <= TARGET_IDLE_PER_S)),
         });
+        let claims: Vec<ClaimStats> = r.idle.iter().flatten().filter_map(|i| i.claims).collect();
+        rows.push(claim_row(
+            "4. Claim statement duration over the idle window".into(),
+            &claims,
+            r.idle.iter().any(Result::is_ok),
+        ));
     }
 
     // 5. footprint over the drains.
@@ -218,6 +239,12 @@ pub(super) fn rows(args: &Args, r: &Results) -> Vec<Row> {
             target: format!("≤ {TARGET_CPU_PER_10K} CPU-s"),
             result: verdict(m.map(|m| m <= TARGET_CPU_PER_10K)),
         });
+        let claims: Vec<ClaimStats> = drains.iter().filter_map(|d| d.claims).collect();
+        rows.push(claim_row(
+            "2. Claim statement duration over the drains (relay start → stop)".into(),
+            &claims,
+            !drains.is_empty(),
+        ));
     }
 
     // 6. growth.
@@ -256,7 +283,12 @@ pub(super) fn rows(args: &Args, r: &Results) -> Vec<Row> {
     }
 
     // 7. scale-out.
-    for &relays in &args.scale_relays {
+    let scale_relays: &[usize] = if r.scale.is_empty() {
+        &[]
+    } else {
+        &args.scale_relays
+    };
+    for &relays in scale_relays {
         let v = rates_of(&r.scale, relays, ScaleRun::rate);
         rows.push(info(
             format!(
@@ -268,8 +300,8 @@ pub(super) fn rows(args: &Args, r: &Results) -> Vec<Row> {
             }),
         ));
     }
-    if let Some(&one) = args.scale_relays.first() {
-        for &relays in args.scale_relays.iter().skip(1) {
+    if let Some(&one) = scale_relays.first() {
+        for &relays in scale_relays.iter().skip(1) {
             let ratios = same_run_ratios(&r.scale, relays, one, ScaleRun::rate);
             rows.push(info(
                 format!("7. Rate with {relays} relays / rate with {one} (same run)"),
@@ -279,7 +311,304 @@ pub(super) fn rows(args: &Args, r: &Results) -> Vec<Row> {
             ));
         }
     }
+    app_rows(args, r, &mut rows);
+    keyed_rows(args, r, &mut rows);
+    cold_rows(args, r, &mut rows);
     rows
+}
+
+/// 8. What the outbox costs the application.
+fn app_rows(args: &Args, r: &Results, rows: &mut Vec<Row>) {
+    if r.app.is_empty() {
+        return;
+    }
+    let get = |kind: AppKind| -> Option<&AppCompare> {
+        r.app
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .and_then(|(_, c)| c.as_ref().ok())
+    };
+    let secs = args.app_duration.as_secs();
+    for (kind, what) in [
+        (
+            AppKind::SingleRow,
+            "single-row transactions (one INSERT, autocommit)".to_string(),
+        ),
+        (
+            AppKind::MultiRow,
+            format!(
+                "{}-row transactions ({} INSERTs between BEGIN and COMMIT)",
+                args.app_rows, args.app_rows
+            ),
+        ),
+    ] {
+        let c = get(kind);
+        let ratio = c.map(AppCompare::tps_ratio);
+        rows.push(Row {
+            figure: format!(
+                "8. Application commit rate, outbox / copy without the relay's objects: {} clients, {what}, as fast as PostgreSQL accepts, {secs} s each (pgbench, same run)",
+                args.app_clients
+            ),
+            measured: match c {
+                Some(c) => format!(
+                    "{:.2} (outbox {} tx/s, copy {} tx/s)",
+                    c.tps_ratio(),
+                    thousands(c.messages.load.tps),
+                    thousands(c.copy.load.tps)
+                ),
+                None => "failed".into(),
+            },
+            target: format!("≥ {TARGET_APP_TPS_RATIO}"),
+            result: verdict(ratio.map(|v| v >= TARGET_APP_TPS_RATIO)),
+        });
+    }
+    let c = get(AppKind::Paced);
+    rows.push(Row {
+        figure: format!(
+            "8. Application transaction latency (pgbench average) at {} single-row tx/s from {} clients, outbox / copy (same run)",
+            thousands(args.app_rate as f64),
+            args.app_clients
+        ),
+        measured: match c {
+            Some(c) => format!(
+                "{:.2}x (outbox {:.2} ms, copy {:.2} ms)",
+                c.latency_ratio(),
+                c.messages.load.latency_ms,
+                c.copy.load.latency_ms
+            ),
+            None => "failed".into(),
+        },
+        target: format!("≤ {TARGET_APP_LATENCY_RATIO}x"),
+        result: verdict(c.map(|c| c.latency_ratio() <= TARGET_APP_LATENCY_RATIO)),
+    });
+    let claims: Vec<ClaimStats> = r.app_claims.into_iter().collect();
+    rows.push(claim_row(
+        "8. Claim statement duration over the application-cost phase".into(),
+        &claims,
+        r.app.iter().any(|(_, c)| c.is_ok()),
+    ));
+}
+
+/// 9. Sustained keyed load.
+fn keyed_rows(args: &Args, r: &Results, rows: &mut Vec<Row>) {
+    if r.keyed.is_empty() {
+        return;
+    }
+    let paced: Vec<&KeyedLoad> = r
+        .keyed
+        .iter()
+        .flatten()
+        .filter_map(|k| k.paced.as_ref().ok())
+        .collect();
+    let unpaced: Vec<&KeyedLoad> = r
+        .keyed
+        .iter()
+        .flatten()
+        .filter_map(|k| k.unpaced.as_ref().ok())
+        .collect();
+    let med =
+        |v: &[&KeyedLoad], f: &dyn Fn(&KeyedLoad) -> f64| median(v.iter().map(|k| f(k)).collect());
+    let asked = args.keyed_rate * args.keyed_rows as u64;
+    let head = format!(
+        "9. Keyed load {} rows/s ({} clients, {}-row transactions at {}/s, {} partition keys, {} routing keys, topic exchange, {} s)",
+        thousands(asked as f64),
+        args.keyed_clients,
+        args.keyed_rows,
+        args.keyed_rate,
+        thousands(f64::from(args.keyed_partition_keys)),
+        args.keyed_routing_keys,
+        args.keyed_paced_duration.as_secs()
+    );
+    rows.push(Row {
+        figure: format!("{head}: rate reached"),
+        measured: med(&paced, &|k| k.rows_per_s())
+            .map_or("failed".into(), |v| format!("{} rows/s", thousands(v))),
+        target: "–".into(),
+        result: String::new(),
+    });
+    for (label, value, target) in [
+        (
+            "oldest pending row's age, p99 of 100 ms samples",
+            med(&paced, &|k| k.age_p99_ms),
+            TARGET_KEYED_AGE_P99_MS,
+        ),
+        (
+            "oldest pending row's age, max",
+            med(&paced, &|k| k.age_max_ms),
+            TARGET_KEYED_AGE_MAX_MS,
+        ),
+    ] {
+        rows.push(Row {
+            figure: format!("{head}: {label}"),
+            measured: value.map_or("failed".into(), |v| format!("{v:.0} ms")),
+            target: format!("≤ {target:.0} ms"),
+            result: verdict(value.map(|v| v <= target)),
+        });
+    }
+    let first = paced.first();
+    rows.push(Row {
+        figure: format!("{head}: nothing pending 1 s after the load stops"),
+        measured: first.map_or("failed".into(), |k| {
+            if k.pending_1s_after == 0 {
+                format!("yes (0 pending after {:.2} s)", k.zero_after_s)
+            } else {
+                format!(
+                    "no ({} pending; none after {:.2} s)",
+                    k.pending_1s_after, k.zero_after_s
+                )
+            }
+        }),
+        target: "yes".into(),
+        result: verdict(first.map(|k| k.pending_1s_after == 0)),
+    });
+    let claims: Vec<ClaimStats> = paced.iter().filter_map(|k| k.claims).collect();
+    rows.push(claim_row(
+        format!("{head}: claim statement duration"),
+        &claims,
+        !paced.is_empty(),
+    ));
+    let head = format!(
+        "9. Keyed load unpaced ({} clients, {}-row transactions, {} s)",
+        args.keyed_clients,
+        args.keyed_rows,
+        args.keyed_unpaced_duration.as_secs()
+    );
+    rows.push(Row {
+        figure: format!("{head}: rate PostgreSQL accepted"),
+        measured: med(&unpaced, &|k| k.rows_per_s()).map_or("failed".into(), |v| {
+            format!(
+                "{} rows/s ({} tx/s)",
+                thousands(v),
+                thousands(v / args.keyed_rows as f64)
+            )
+        }),
+        target: "–".into(),
+        result: String::new(),
+    });
+    let p99 = med(&unpaced, &|k| k.age_p99_ms);
+    rows.push(Row {
+        figure: format!("{head}: oldest pending row's age, p99 of 100 ms samples"),
+        measured: p99.map_or("failed".into(), |v| {
+            format!(
+                "{v:.0} ms (max {})",
+                med(&unpaced, &|k| k.age_max_ms).map_or("n/a".into(), |m| format!("{m:.0} ms"))
+            )
+        }),
+        target: format!("≤ {TARGET_KEYED_UNPACED_AGE_P99_MS:.0} ms"),
+        result: verdict(p99.map(|v| v <= TARGET_KEYED_UNPACED_AGE_P99_MS)),
+    });
+    let claims: Vec<ClaimStats> = unpaced.iter().filter_map(|k| k.claims).collect();
+    rows.push(claim_row(
+        format!("{head}: claim statement duration"),
+        &claims,
+        !unpaced.is_empty(),
+    ));
+}
+
+/// 10. Cold keyed backlog against the bare publisher.
+fn cold_rows(args: &Args, r: &Results, rows: &mut Vec<Row>) {
+    let n = args.cold_rows as f64;
+    for consumer in [true, false] {
+        let runs: Vec<_> = r.cold.iter().filter(|c| c.consumer == consumer).collect();
+        if runs.is_empty() {
+            continue;
+        }
+        let with = if consumer {
+            "with a consumer"
+        } else {
+            "no consumer"
+        };
+        let head = format!(
+            "10. Cold keyed backlog {} rows ({} partition keys, {} routing keys, topic exchange, not analyzed), {with}",
+            thousands(n),
+            thousands(args.cold_partition_keys as f64),
+            thousands(args.cold_routing_keys as f64)
+        );
+        let drain: Vec<f64> = runs
+            .iter()
+            .filter_map(|c| c.drain.as_ref().ok())
+            .map(|d| n / d.db_zero_s)
+            .collect();
+        let bare: Vec<f64> = runs
+            .iter()
+            .filter_map(|c| c.bare.as_ref().ok())
+            .map(|b| n / b.confirmed_s)
+            .collect();
+        rows.push(Row {
+            figure: format!("{head}: relay start → database shows 0 pending"),
+            measured: median(drain.clone()).map_or("failed".into(), |m| {
+                format!("{} msg/s{}", thousands(m), runs_note(&drain))
+            }),
+            target: "–".into(),
+            result: String::new(),
+        });
+        rows.push(Row {
+            figure: format!(
+                "{head}: bare publisher, same routing keys and exchange → all confirmed"
+            ),
+            measured: median(bare.clone()).map_or("failed".into(), |m| {
+                format!("{} msg/s{}", thousands(m), runs_note(&bare))
+            }),
+            target: "–".into(),
+            result: String::new(),
+        });
+        let ratios: Vec<f64> = runs.iter().filter_map(|c| c.ratio()).collect();
+        let m = median(ratios.clone());
+        rows.push(Row {
+            figure: format!("{head}: relay / bare publisher (same run)"),
+            measured: m.map_or("no data".into(), |m| {
+                format!("{m:.2}{}", runs_note(&ratios))
+            }),
+            target: format!("≥ {TARGET_COLD_RATIO}"),
+            result: verdict(m.map(|m| m >= TARGET_COLD_RATIO)),
+        });
+        let claims: Vec<ClaimStats> = runs
+            .iter()
+            .filter_map(|c| c.drain.as_ref().ok().and_then(|d| d.claims))
+            .collect();
+        rows.push(claim_row(
+            format!("{head}: claim statement duration"),
+            &claims,
+            runs.iter().any(|c| c.drain.is_ok()),
+        ));
+    }
+}
+
+/// The claim statement's duration over a phase: p99 interpolated in the
+/// relay's histogram buckets (median over runs), with the largest bucket
+/// reached and the claims beyond the last finite bucket.
+fn claim_row(figure: String, claims: &[ClaimStats], ran: bool) -> Row {
+    let p99 = median(claims.iter().map(|c| c.p99_ms).collect());
+    let measured = match (p99, claims.first()) {
+        (Some(p99), Some(first)) => {
+            let count: u64 = claims.iter().map(|c| c.count).sum();
+            let beyond: u64 = claims.iter().map(|c| c.beyond_last_bucket).sum();
+            let max_le = claims.iter().map(|c| c.max_le_ms).fold(0.0, f64::max);
+            let p50 = median(claims.iter().map(|c| c.p50_ms).collect()).unwrap_or(f64::NAN);
+            format!(
+                "p99 ≈ {p99:.1} ms (p50 ≈ {p50:.2} ms; {} claims; slowest ≤ {}; {beyond} beyond {:.1} s, where 25 s statement timeouts would land)",
+                thousands(count as f64),
+                if max_le.is_finite() {
+                    format!("{max_le:.1} ms")
+                } else {
+                    "+Inf".into()
+                },
+                first.last_bucket_ms / 1000.0
+            )
+        }
+        _ if ran => "no claims observed".into(),
+        _ => "failed".into(),
+    };
+    Row {
+        figure: format!("{figure} (relay's outbox_relay_claim_duration_seconds)"),
+        measured,
+        target: format!("p99 ≤ {TARGET_CLAIM_P99_MS:.0} ms"),
+        result: if claims.is_empty() && ran {
+            "–".into()
+        } else {
+            verdict(p99.map(|p| p <= TARGET_CLAIM_P99_MS))
+        },
+    }
 }
 
 /// Runs that each cover several settings (kept rows, relay count): one

@@ -9,6 +9,11 @@
 //! being handed over (armed until lapin reports them written) a write past
 //! their lease deadline fails. The connection then breaks, every unconfirmed
 //! row stays pending, and the new lease holder publishes it.
+//!
+//! The fence reads the real clock (std's `Instant`): the socket is written on
+//! lapin's I/O thread, outside tokio's (pausable) clock, and a paused process
+//! must see the time that passed while it was stopped.
+#![allow(clippy::disallowed_types)]
 
 use std::{
     fmt, io,

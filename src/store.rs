@@ -215,35 +215,48 @@ impl Store {
         // MATERIALIZED and without GROUP BY: computed once per claim from the
         // small available_at index, whatever the planner's statistics say (a
         // fresh table has none, and the per-row plan it then picks takes seconds).
+        let columns = "id, message_id, exchange, routing_key, partition, partition_key, \
+                       payload, octet_length(payload) AS size, content_type, message_type, \
+                       correlation_id, headers, created_at, attempts";
+        let pending = "published_at IS NULL AND dead_lettered_at IS NULL \
+                       AND available_at <= now() AND partition = ANY($1::smallint[])";
+        // A row waits behind an earlier row of its key that is not due.
+        let due_first = "NOT EXISTS (SELECT 1 FROM waiting w
+                                      WHERE w.partition_key = m.partition_key AND w.id < m.id)";
+        // Above the held window a row also waits behind a pending row of its
+        // key inside the window that the relay does not hold (it committed
+        // late): $4 maps key -> last id held. (Below the window every earlier
+        // row of its key is claimable itself, so it comes first in this claim.)
+        // `id + 0`: the probe goes through the (partition_key, id) index, never
+        // an id range of the pending index, whatever the statistics say.
+        let late_first = format!(
+            "($2 = 0 OR m.partition_key IS NULL OR NOT EXISTS (
+                  SELECT 1 FROM {s}.messages p
+                   WHERE p.partition_key = m.partition_key
+                     AND p.id + 0 > coalesce(($4::jsonb ->> m.partition_key)::bigint, 0)
+                     AND p.id + 0 <= $2 AND p.id + 0 < m.id
+                     AND p.published_at IS NULL AND p.dead_lettered_at IS NULL))"
+        );
         let claim = prepare(format!(
             "WITH waiting AS MATERIALIZED (
                 SELECT partition_key, id FROM {s}.messages
                  WHERE published_at IS NULL AND dead_lettered_at IS NULL
                    AND available_at > now() AND partition_key IS NOT NULL
                    AND partition = ANY($1::smallint[])),
+             -- Two id-range scans of the pending index, below and above the
+             -- window of ids the relay holds ($7..$2): a late commit below the
+             -- window, or any row above it, is found without waiting. Ranges
+             -- (not an OR) keep the scans on the id index whatever the planner's
+             -- statistics say (a table never ANALYZEd has none).
              claimed AS (
-                SELECT id, message_id, exchange, routing_key, partition, partition_key,
-                       payload, octet_length(payload) AS size, content_type, message_type,
-                       correlation_id, headers, created_at, attempts
-                  FROM {s}.messages m
-                 WHERE published_at IS NULL AND dead_lettered_at IS NULL
-                   AND available_at <= now()
-                   AND partition = ANY($1::smallint[])
-                   -- The relay holds (in flight or queued) most rows of ids $7..$2:
-                   -- it claims around them, so a row that commits late below the
-                   -- window, or any row above it, is found without waiting.
-                   AND (id > $2 OR id < $7)
-                   AND NOT EXISTS (SELECT 1 FROM waiting w
-                                    WHERE w.partition_key = m.partition_key AND w.id < m.id)
-                   -- A row of the window that the relay does not hold (it
-                   -- committed late) must not be overtaken by a later row of its
-                   -- key: $4 maps key -> last id the relay holds.
-                   AND ($2 = 0 OR m.partition_key IS NULL OR NOT EXISTS (
-                        SELECT 1 FROM {s}.messages p
-                         WHERE p.partition_key = m.partition_key
-                           AND p.id > coalesce(($4::jsonb ->> m.partition_key)::bigint, 0)
-                           AND p.id >= $7 AND p.id <= $2 AND p.id < m.id
-                           AND p.published_at IS NULL AND p.dead_lettered_at IS NULL))
+                SELECT * FROM (
+                    (SELECT {columns} FROM {s}.messages m
+                      WHERE {pending} AND id > $2 AND {due_first} AND {late_first}
+                      ORDER BY id LIMIT $3)
+                    UNION ALL
+                    (SELECT {columns} FROM {s}.messages m
+                      WHERE {pending} AND id < $7 AND {due_first}
+                      ORDER BY id LIMIT $3)) both_sides
                  ORDER BY id
                  LIMIT $3),
              -- Payload bytes loaded by this claim stay within $6 (the first row

@@ -2,6 +2,9 @@
 //! parked with its reason (or refused at INSERT) while the good rows around it,
 //! on the same keys, flow on in order.
 
+// Tests time real processes and services: the real clock is what they need.
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::collections::{HashMap, HashSet};

@@ -3,6 +3,9 @@
 //! either arrives exactly as written or is parked at once with a reason, and a
 //! row that AMQP can carry is never parked.
 
+// Tests time real processes and services: the real clock is what they need.
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::collections::HashMap;

@@ -18,6 +18,9 @@
 //! The tests without a `fault_` prefix check that bad rows are parked while the
 //! rows around them flow; they break nothing shared and run in parallel.
 
+// Tests time real processes and services: the real clock is what they need.
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::collections::HashSet;

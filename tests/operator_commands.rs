@@ -3,6 +3,9 @@
 //! PostgreSQL (and RabbitMQ where the command or the relay needs it), sets rows
 //! up by SQL, and checks output, exit code and the rows afterwards.
 
+// Tests time real processes and services: the real clock is what they need.
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::collections::HashSet;

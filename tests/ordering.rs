@@ -3,6 +3,9 @@
 //! event belongs to), and for transactions on one key that nothing serializes,
 //! the order in which they became visible, with nothing lost or held back.
 
+// Tests time real processes and services: the real clock is what they need.
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::collections::{HashMap, HashSet};

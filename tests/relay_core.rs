@@ -3,6 +3,9 @@
 //! against the real binary, a real PostgreSQL and a real RabbitMQ. Every test
 //! has its own schema and queues, so the tests run in parallel.
 
+// Tests time real processes and services: the real clock is what they need.
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::collections::{HashMap, HashSet};

@@ -15,6 +15,9 @@
 //! start several relays each and their timings suffer when run beside each
 //! other.
 
+// Tests time real processes and services: the real clock is what they need.
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::collections::{HashMap, HashSet};

@@ -3,6 +3,9 @@
 //! password, whatever URL syntax it holds, never appears in what the binary
 //! prints, logs or serves on `/metrics`.
 
+// Tests time real processes and services: the real clock is what they need.
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::time::Duration;

@@ -210,19 +210,17 @@ impl Store {
         set_session(&client, true).await?;
         let s = &conn.schema;
         let prepare = |sql: String| prepare_in(&client, s, sql);
-        // Rows of a partition key wait behind an earlier row of that key that is
-        // not due yet (scheduled, or backing off after a failure): order first.
-        // MATERIALIZED and without GROUP BY: computed once per claim from the
-        // small available_at index, whatever the planner's statistics say (a
-        // fresh table has none, and the per-row plan it then picks takes seconds).
         let columns = "id, message_id, exchange, routing_key, partition, partition_key, \
                        payload, octet_length(payload) AS size, content_type, message_type, \
                        correlation_id, headers, created_at, attempts";
         let pending = "published_at IS NULL AND dead_lettered_at IS NULL \
                        AND available_at <= now() AND partition = ANY($1::smallint[])";
-        // A row waits behind an earlier row of its key that is not due.
-        let due_first = "NOT EXISTS (SELECT 1 FROM waiting w
-                                      WHERE w.partition_key = m.partition_key AND w.id < m.id)";
+        // A row waits behind an earlier row of its key that is not due
+        // (scheduled, or backing off). The not-due rows are read once per
+        // claim into a map key -> first id, looked up per row: the cost stays
+        // flat however many keys wait, whatever plan the statistics suggest.
+        let due_first = "NOT coalesce(((SELECT first_ids FROM waiting) ->> m.partition_key)::bigint
+                                      < m.id, false)";
         // Above the held window a row also waits behind a pending row of its
         // key inside the window that the relay does not hold (it committed
         // late): $4 maps key -> last id held. (Below the window every earlier
@@ -239,10 +237,12 @@ impl Store {
         );
         let claim = prepare(format!(
             "WITH waiting AS MATERIALIZED (
-                SELECT partition_key, id FROM {s}.messages
-                 WHERE published_at IS NULL AND dead_lettered_at IS NULL
-                   AND available_at > now() AND partition_key IS NOT NULL
-                   AND partition = ANY($1::smallint[])),
+                SELECT coalesce(jsonb_object_agg(partition_key, first_id), '{{}}') AS first_ids
+                  FROM (SELECT partition_key, min(id) AS first_id FROM {s}.messages
+                         WHERE published_at IS NULL AND dead_lettered_at IS NULL
+                           AND available_at > now() AND partition_key IS NOT NULL
+                           AND partition = ANY($1::smallint[])
+                         GROUP BY partition_key) k),
              -- Two id-range scans of the pending index, below and above the
              -- window of ids the relay holds ($7..$2): a late commit below the
              -- window, or any row above it, is found without waiting. Ranges
@@ -299,11 +299,7 @@ impl Store {
         .await?;
         // Whether this relay waits for a NOTIFY (see migration 3): the
         // applications' insert trigger notifies only while a relay does.
-        let idle = prepare(format!(
-            "INSERT INTO {s}.relays (instance, idle) VALUES ($1, $2)
-             ON CONFLICT (instance) DO UPDATE SET idle = EXCLUDED.idle"
-        ))
-        .await?;
+        let idle = prepare(format!("SELECT {s}.relay_set_idle($1, $2)")).await?;
         Ok(Self {
             client,
             task,

@@ -93,6 +93,20 @@ pub const REQUIREMENTS: &[Requirement] = &[
         args: "text, interval, text",
         privileges: &["EXECUTE"],
     },
+    // The count of relays waiting for a NOTIFY (migration 3): a sequence,
+    // whose privileges `has_table_privilege` and `GRANT ... ON` take as a table's.
+    Requirement {
+        kind: ObjectKind::Table,
+        name: "relays_waiting",
+        args: "",
+        privileges: &["UPDATE"],
+    },
+    Requirement {
+        kind: ObjectKind::Function,
+        name: "relay_set_idle",
+        args: "text, boolean",
+        privileges: &["EXECUTE"],
+    },
     Requirement {
         kind: ObjectKind::Function,
         name: "relay_release",

@@ -202,7 +202,8 @@ async fn check_names_missing_privileges_with_the_grant_that_fixes_them() {
              GRANT USAGE ON SCHEMA {s} TO {role};
              GRANT SELECT ON {s}.schema_migrations, {s}.messages TO {role};
              GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.relays TO {role};
-             GRANT SELECT, UPDATE ON {s}.leases TO {role};"
+             GRANT SELECT, UPDATE ON {s}.leases TO {role};
+             GRANT UPDATE ON {s}.relays_waiting TO {role};"
         ))
         .await
         .expect("create a role with some privileges");

@@ -37,12 +37,12 @@ impl Wakeup {
 /// A relay woken this soon after it began to wait is under steady load: it
 /// stops asking for notifications (each makes an application's commit take
 /// PostgreSQL's database-wide notify lock) and polls instead.
-pub const HOT_GAP: Duration = Duration::from_millis(10);
+const HOT_GAP: Duration = Duration::from_millis(10);
 /// Polling finds nothing for this long: the relay asks for notifications again.
-pub const LINGER: Duration = Duration::from_millis(50);
+const LINGER: Duration = Duration::from_millis(50);
 /// Gaps between polls: short while rows keep coming, doubling while none do.
-pub const MIN_POLL_GAP: Duration = Duration::from_millis(1);
-pub const MAX_POLL_GAP: Duration = Duration::from_millis(8);
+const MIN_POLL_GAP: Duration = Duration::from_millis(1);
+const MAX_POLL_GAP: Duration = Duration::from_millis(8);
 
 /// What a relay with nothing to do does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

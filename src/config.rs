@@ -1,7 +1,7 @@
 //! Every setting, parsed and checked in one place: CLI flags with an
 //! environment variable of the same name (`--batch-size` / `OUTBOX_BATCH_SIZE`).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -52,9 +52,19 @@ pub struct CommonArgs {
         hide_env_values = true
     )]
     pub database_url: Option<String>,
-    /// amqp:// or amqps:// URL. Or OUTBOX_AMQP_URL_FILE.
+    /// amqp:// or amqps:// URL; several, comma-separated, for the nodes of
+    /// one cluster (tried in the order given). Or OUTBOX_AMQP_URL_FILE.
     #[arg(long, env = "OUTBOX_AMQP_URL", global = true, hide_env_values = true)]
     pub amqp_url: Option<String>,
+    /// PEM file of the CA certificate(s) trusted for amqps:// (beside the system's).
+    #[arg(long, env = "OUTBOX_AMQP_CA_FILE", global = true)]
+    pub amqp_ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for amqps://, with --amqp-key-file.
+    #[arg(long, env = "OUTBOX_AMQP_CERT_FILE", global = true)]
+    pub amqp_cert_file: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    #[arg(long, env = "OUTBOX_AMQP_KEY_FILE", global = true)]
+    pub amqp_key_file: Option<PathBuf>,
     /// Schema that holds the outbox.
     #[arg(long, env = "OUTBOX_SCHEMA", global = true, default_value = "outbox")]
     pub schema: String,
@@ -93,6 +103,9 @@ pub enum Command {
     },
     /// Publish already-published rows again.
     Replay(ReplayArgs),
+    /// Print the SQL that grants an application, a relay and an operator
+    /// role only what each needs (run it as the schema owner).
+    Grants(crate::cli::GrantsArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -181,15 +194,35 @@ pub struct RunArgs {
 #[derive(Clone)]
 pub struct Connections {
     pub database_url: String,
-    pub amqp_url: Option<String>,
+    /// One URL per RabbitMQ node, in the order given (empty: none set).
+    pub amqp_urls: Vec<String>,
+    pub amqp_tls: AmqpTlsFiles,
     pub schema: String,
+}
+
+/// Where the TLS material for amqps:// lives. The files are read at every
+/// connect (a renewed certificate is picked up without a restart) and once at
+/// start, so a missing or unreadable file stops the relay there.
+#[derive(Debug, Clone, Default)]
+pub struct AmqpTlsFiles {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Connections {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connections")
             .field("database_url", &redact_url(&self.database_url))
-            .field("amqp_url", &self.amqp_url.as_deref().map(redact_url))
+            .field(
+                "amqp_urls",
+                &self
+                    .amqp_urls
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("amqp_tls", &self.amqp_tls)
             .field("schema", &self.schema)
             .finish()
     }
@@ -199,7 +232,6 @@ impl std::fmt::Debug for Connections {
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
     pub conn: Connections,
-    pub amqp_url: String,
     pub metrics_addr: SocketAddr,
     pub batch_size: usize,
     pub max_in_flight: usize,
@@ -237,32 +269,80 @@ impl CommonArgs {
             )
         })?;
         check_database_url(&database_url)?;
-        let amqp_url = secret("amqp-url", self.amqp_url.clone(), "OUTBOX_AMQP_URL_FILE")?;
-        if let Some(url) = &amqp_url {
-            check_amqp_url(url)?;
-        }
+        let amqp_urls = match secret("amqp-url", self.amqp_url.clone(), "OUTBOX_AMQP_URL_FILE")? {
+            Some(list) => split_amqp_urls(&list)?,
+            None => Vec::new(),
+        };
+        let amqp_tls = AmqpTlsFiles {
+            ca: self.amqp_ca_file.clone(),
+            cert: self.amqp_cert_file.clone(),
+            key: self.amqp_key_file.clone(),
+        };
+        crate::publisher::tls_config(&amqp_tls)
+            .map_err(|e| ConfigError::new(e.setting, e.problem))?;
         schema_name::validate(&self.schema)
             .map_err(|e| ConfigError::new("schema", e.to_string()))?;
         Ok(Connections {
             database_url,
-            amqp_url,
+            amqp_urls,
+            amqp_tls,
             schema: self.schema.clone(),
         })
     }
 
-    pub fn amqp_url_required(conn: &Connections) -> Result<String, ConfigError> {
-        conn.amqp_url.clone().ok_or_else(|| {
-            ConfigError::new(
+    /// The broker URLs, or the error every command that needs them gives.
+    pub fn amqp_urls_required(conn: &Connections) -> Result<Vec<String>, ConfigError> {
+        if conn.amqp_urls.is_empty() {
+            return Err(ConfigError::new(
                 "amqp-url",
                 "missing: pass --amqp-url or set OUTBOX_AMQP_URL (or OUTBOX_AMQP_URL_FILE)",
-            )
-        })
+            ));
+        }
+        Ok(conn.amqp_urls.clone())
     }
+}
+
+/// `amqp-url` as a list: one URL per node, each checked. URLs are cut only
+/// before a comma that starts the next URL, so a password may hold a comma.
+fn split_amqp_urls(list: &str) -> Result<Vec<String>, ConfigError> {
+    let mut urls = Vec::new();
+    let mut rest = list.trim();
+    while !rest.is_empty() {
+        let next = rest
+            .match_indices(',')
+            .map(|(i, _)| i)
+            .find(|&i| {
+                let after = rest[i + 1..].trim_start();
+                after.starts_with("amqp://") || after.starts_with("amqps://")
+            })
+            .unwrap_or(rest.len());
+        urls.push(rest[..next].trim().to_string());
+        rest = rest[next..].trim_start_matches(',').trim_start();
+    }
+    urls.retain(|u| !u.is_empty());
+    if urls.is_empty() {
+        return Err(ConfigError::new("amqp-url", "holds no URL"));
+    }
+    for url in &urls {
+        check_amqp_url(url)?;
+    }
+    let mut nodes: Vec<String> = urls
+        .iter()
+        .map(|u| crate::publisher::node_name(u))
+        .collect();
+    nodes.sort();
+    if let Some(twice) = nodes.windows(2).find(|w| w[0] == w[1]) {
+        return Err(ConfigError::new(
+            "amqp-url",
+            format!("node {} is listed twice: list each node once", twice[0]),
+        ));
+    }
+    Ok(urls)
 }
 
 impl RunArgs {
     pub fn resolve(&self, conn: Connections) -> Result<RelayConfig, ConfigError> {
-        let amqp_url = CommonArgs::amqp_url_required(&conn)?;
+        CommonArgs::amqp_urls_required(&conn)?;
         let metrics_addr = self.metrics_addr.parse().map_err(|_| {
             ConfigError::new(
                 "metrics-addr",
@@ -315,7 +395,6 @@ impl RunArgs {
         };
         Ok(RelayConfig {
             conn,
-            amqp_url,
             metrics_addr,
             batch_size: batch_size as usize,
             max_in_flight: max_in_flight as usize,
@@ -455,7 +534,8 @@ mod tests {
     fn resolve(changes: &[(&str, &str)]) -> Result<RelayConfig, ConfigError> {
         let conn = Connections {
             database_url: "postgres://postgres@127.0.0.1/test".to_string(),
-            amqp_url: Some("amqp://guest:guest@127.0.0.1:5672/%2f".to_string()),
+            amqp_urls: vec!["amqp://guest:guest@127.0.0.1:5672/%2f".to_string()],
+            amqp_tls: AmqpTlsFiles::default(),
             schema: "outbox".to_string(),
         };
         run_args(changes).resolve(conn)
@@ -495,5 +575,26 @@ mod tests {
             let e = resolve(&[(setting, value)]).expect_err(value);
             assert_eq!(e.setting, setting, "{e}");
         }
+    }
+
+    #[test]
+    fn several_amqp_urls_are_the_nodes_of_one_cluster() {
+        let urls = split_amqp_urls(
+            "amqp://u:p,w@10.0.0.1:5672/%2f, amqps://u:pw@rabbit-2/%2f,amqp://rabbit-3:5673",
+        )
+        .expect("three nodes");
+        assert_eq!(
+            urls,
+            [
+                "amqp://u:p,w@10.0.0.1:5672/%2f",
+                "amqps://u:pw@rabbit-2/%2f",
+                "amqp://rabbit-3:5673"
+            ]
+        );
+        let e = split_amqp_urls("amqp://a:5672/%2f,amqp://u@a:5672/other").unwrap_err();
+        assert!(e.to_string().contains("a:5672 is listed twice"), "{e}");
+        let e = split_amqp_urls("amqp://a/%2f,amqp://b:99999/%2f").unwrap_err();
+        assert_eq!(e.setting, "amqp-url");
+        assert!(split_amqp_urls(" , ").is_err());
     }
 }

@@ -50,6 +50,12 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+/// A RabbitMQ node as `host:port`: only the configured nodes, never more.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct NodeLabel {
+    node: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
@@ -73,6 +79,9 @@ pub struct Metrics {
     pub broker_connected: Gauge,
     pub database_connected: Gauge,
     pub broker_blocked: Gauge,
+    broker_node_connected: Family<NodeLabel, Gauge>,
+    broker_connections: Family<NodeLabel, Counter>,
+    current_node: Mutex<Option<String>>,
     /// Unix milliseconds of the relay loop's last turn, for /healthz.
     loop_beat: AtomicI64,
     /// Set once shutdown starts: /readyz answers 503 from then on.
@@ -174,6 +183,18 @@ impl Metrics {
             "1 while RabbitMQ blocks publishing (connection.blocked: memory or disk alarm)",
             broker_blocked.clone(),
         );
+        let broker_node_connected = Family::<NodeLabel, Gauge>::default();
+        registry.register(
+            "broker_node_connected",
+            "1 for the RabbitMQ node (of those configured) the relay is connected to",
+            broker_node_connected.clone(),
+        );
+        let broker_connections = Family::<NodeLabel, Counter>::default();
+        registry.register(
+            "broker_connections",
+            "RabbitMQ connections opened, by node (a rise on another node is a fail-over)",
+            broker_connections.clone(),
+        );
         let build_info = Family::<VersionLabel, Gauge>::default();
         build_info
             .get_or_create(&VersionLabel {
@@ -199,6 +220,9 @@ impl Metrics {
             broker_connected,
             database_connected,
             broker_blocked,
+            broker_node_connected,
+            broker_connections,
+            current_node: Mutex::new(None),
             loop_beat: AtomicI64::new(now_millis()),
             stopping: AtomicBool::new(false),
         }
@@ -210,6 +234,39 @@ impl Metrics {
                 reason: reason.as_str(),
             })
             .inc();
+    }
+
+    /// Shows every configured node, connected to or not.
+    pub fn broker_nodes(&self, nodes: &[String]) {
+        for node in nodes {
+            let label = NodeLabel { node: node.clone() };
+            self.broker_node_connected.get_or_create(&label).set(0);
+            let _ = self.broker_connections.get_or_create(&label);
+        }
+    }
+
+    /// The node the relay is now connected to (None: none), after a connect
+    /// (`opened`) or a loss.
+    pub fn broker_node(&self, connected: Option<&str>, opened: bool) {
+        self.broker_connected.set(i64::from(connected.is_some()));
+        let Ok(mut current) = self.current_node.lock() else {
+            return;
+        };
+        if let Some(old) = current.take() {
+            self.broker_node_connected
+                .get_or_create(&NodeLabel { node: old })
+                .set(0);
+        }
+        if let Some(node) = connected {
+            let label = NodeLabel {
+                node: node.to_string(),
+            };
+            self.broker_node_connected.get_or_create(&label).set(1);
+            if opened {
+                self.broker_connections.get_or_create(&label).inc();
+            }
+            *current = Some(node.to_string());
+        }
     }
 
     pub fn set_backlog(&self, pending: i64, oldest_created_at: Option<SystemTime>, dead: i64) {
@@ -359,5 +416,24 @@ mod tests {
         assert_eq!(m.not_ready_reason(), None);
         m.set_stopping();
         assert_eq!(m.not_ready_reason(), Some("shutting down"));
+    }
+
+    #[test]
+    fn the_connected_node_reads_1_and_the_others_0() {
+        let m = Metrics::new();
+        m.broker_nodes(&["a:5672".to_string(), "b:5672".to_string()]);
+        m.broker_node(Some("a:5672"), true);
+        m.broker_node(None, false);
+        m.broker_node(Some("b:5672"), true);
+        let text = m.encode();
+        for line in [
+            "outbox_relay_broker_node_connected{node=\"a:5672\"} 0",
+            "outbox_relay_broker_node_connected{node=\"b:5672\"} 1",
+            "outbox_relay_broker_connections_total{node=\"a:5672\"} 1",
+            "outbox_relay_broker_connections_total{node=\"b:5672\"} 1",
+            "outbox_relay_broker_connected 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
     }
 }

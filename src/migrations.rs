@@ -29,6 +29,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_quiet_commits.sql",
         sql: include_str!("../sql/0003_quiet_commits.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_broker_node.sql",
+        sql: include_str!("../sql/0004_broker_node.sql"),
+    },
 ];
 
 pub fn latest_version() -> i32 {

@@ -4,10 +4,12 @@
 
 mod confirm;
 mod message;
+mod tls;
 
 use confirm::fault;
 pub use confirm::{since, BrokerFault, Confirm, Verdict};
 pub use message::{prepare, Prepared};
+pub use tls::{node_name, tls_config, TlsFileError};
 
 use std::{
     collections::HashMap,
@@ -27,10 +29,10 @@ use lapin::{
 };
 
 use async_rs::{util::RuntimeParts, Runtime, Tokio};
-use lapin::{tcp::AMQPUriTcpExt, tcp::OwnedTLSConfig, uri::AMQPUri};
+use lapin::{tcp::AMQPUriTcpExt, uri::AMQPUri};
 
 use crate::{
-    config::redact_url,
+    config::{redact_url, AmqpTlsFiles},
     fence::{FencedReactor, WriteFence},
     rows::OutboxRow,
 };
@@ -67,6 +69,8 @@ pub enum PublishError {
     ConnectionLost(#[source] lapin::Error),
     #[error("RabbitMQ did not answer {what} within {}s; reconnecting", AMQP_TIMEOUT.as_secs())]
     Timeout { what: &'static str },
+    #[error(transparent)]
+    TlsFiles(#[from] TlsFileError),
 }
 
 /// One AMQP connection with a confirm-mode publishing channel, and a second
@@ -82,10 +86,17 @@ pub struct Publisher {
     exchanges: HashMap<String, Instant>,
     allow_unroutable: bool,
     vhost: String,
+    node: String,
 }
 
 impl Publisher {
-    pub async fn connect(url: &str, allow_unroutable: bool) -> Result<Self, PublishError> {
+    /// Connects to the one node `url` names, trusting and presenting what
+    /// `tls` points at (read now, so a renewed certificate is used).
+    pub async fn connect(
+        url: &str,
+        tls: &AmqpTlsFiles,
+        allow_unroutable: bool,
+    ) -> Result<Self, PublishError> {
         let props = ConnectionProperties::default().with_connection_name(LongString::from(
             format!("outbox-relay {}", std::process::id()),
         ));
@@ -98,7 +109,7 @@ impl Publisher {
             Tokio::current(),
             FencedReactor::new(fence.clone()),
         ));
-        let tls = OwnedTLSConfig::default();
+        let tls = tls_config(tls)?;
         // What lapin's own connect does, over a fenced socket.
         let connect = Connection::connector(
             uri,
@@ -135,7 +146,13 @@ impl Publisher {
             exchanges: HashMap::new(),
             allow_unroutable,
             vhost,
+            node: node_name(url),
         })
+    }
+
+    /// `host:port` of the node this connection reached.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     /// The virtual host the connection was opened on.

@@ -57,6 +57,11 @@ pub struct Relay {
     rescan_at: Instant,
     db_backoff: Option<backon::ExponentialBackoff>,
     amqp_backoff: Option<backon::ExponentialBackoff>,
+    /// The configured node to try next (an index into `cfg.conn.amqp_urls`).
+    next_node: usize,
+    /// The broker node last written to the relay's row, for `status`
+    /// (outer None: nothing written yet).
+    noted_node: Option<Option<String>>,
 }
 
 impl Relay {
@@ -81,6 +86,8 @@ impl Relay {
             rescan_at: Instant::now(),
             db_backoff: None,
             amqp_backoff: None,
+            next_node: 0,
+            noted_node: None,
         }
     }
 
@@ -238,6 +245,8 @@ impl Relay {
                 self.metrics.database_connected.set(1);
                 self.db_backoff = None;
                 self.more = true;
+                self.noted_node = None;
+                self.note_broker_node().await;
                 true
             }
             Err(e) => {
@@ -284,21 +293,58 @@ impl Relay {
         // again, and the key bookkeeping starts over.
         self.ledger.reset(FailureReason::ConnectionLost);
         self.more = true;
-        self.metrics.broker_connected.set(0);
-        match Publisher::connect(&self.cfg.amqp_url, self.cfg.allow_unroutable).await {
-            Ok(p) => {
-                tracing::info!("connected to RabbitMQ");
-                self.publisher = Some(p);
-                self.metrics.broker_connected.set(1);
-                self.amqp_backoff = None;
-                true
+        self.metrics.broker_node(None, false);
+        // Nodes in the order given, starting after the one just lost; a pause
+        // (backoff) only once every node has refused.
+        let urls = &self.cfg.conn.amqp_urls;
+        let mut last_error = None;
+        for _ in 0..urls.len() {
+            let url = &urls[self.next_node % urls.len()];
+            self.next_node = (self.next_node + 1) % urls.len();
+            match Publisher::connect(url, &self.cfg.conn.amqp_tls, self.cfg.allow_unroutable).await
+            {
+                Ok(p) => {
+                    tracing::info!(node = p.node(), "connected to RabbitMQ");
+                    self.metrics.broker_node(Some(p.node()), true);
+                    self.publisher = Some(p);
+                    self.amqp_backoff = None;
+                    self.note_broker_node().await;
+                    return true;
+                }
+                Err(e) => {
+                    if urls.len() > 1 {
+                        tracing::warn!(node = %crate::publisher::node_name(url), error = %e, "RabbitMQ node unavailable; trying the next");
+                    }
+                    last_error = Some(e);
+                }
             }
-            Err(e) => {
-                let delay = next_delay(&mut self.amqp_backoff);
-                tracing::warn!(error = %e, retry_in = ?delay, "broker unavailable");
-                self.pause(delay).await;
-                false
+            if self.stopping() {
+                break;
             }
+        }
+        let delay = next_delay(&mut self.amqp_backoff);
+        if let Some(e) = last_error {
+            tracing::warn!(error = %e, retry_in = ?delay, "broker unavailable");
+        }
+        self.note_broker_node().await;
+        self.pause(delay).await;
+        false
+    }
+
+    /// Records the connected node in the relay's row (for `status`) when it
+    /// changed; retried on the next connect or database reconnect if it fails.
+    async fn note_broker_node(&mut self) {
+        let node = self.publisher.as_ref().map(|p| p.node().to_string());
+        if self.noted_node.as_ref() == Some(&node) {
+            return;
+        }
+        let Some(store) = &self.store else { return };
+        match store
+            .note_broker_node(&self.cfg.instance_id, node.as_deref())
+            .await
+        {
+            Ok(()) => self.noted_node = Some(node),
+            Err(e) => self.database_error(e),
         }
     }
 

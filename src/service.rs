@@ -29,6 +29,13 @@ pub enum RunError {
 
 pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
+    let nodes: Vec<String> = cfg
+        .conn
+        .amqp_urls
+        .iter()
+        .map(|u| crate::publisher::node_name(u))
+        .collect();
+    metrics.broker_nodes(&nodes);
     check_schema_if_reachable(&cfg).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);

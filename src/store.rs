@@ -195,6 +195,7 @@ pub struct Store {
     delete: Statement,
     fail: Statement,
     idle: Statement,
+    node: Statement,
 }
 
 impl Store {
@@ -300,6 +301,7 @@ impl Store {
         // Whether this relay waits for a NOTIFY (see migration 3): the
         // applications' insert trigger notifies only while a relay does.
         let idle = prepare(format!("SELECT {s}.relay_set_idle($1, $2)")).await?;
+        let node = prepare(format!("SELECT {s}.relay_set_broker_node($1, $2)")).await?;
         Ok(Self {
             client,
             task,
@@ -309,6 +311,7 @@ impl Store {
             delete,
             fail,
             idle,
+            node,
         })
     }
 
@@ -422,6 +425,20 @@ impl Store {
         bounded(
             "saying whether the relay waits for notifications",
             self.client.execute(&self.idle, &[&instance, &idle]),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Records the RabbitMQ node this relay publishes to (None: none), for `status`.
+    pub async fn note_broker_node(
+        &self,
+        instance: &str,
+        node: Option<&str>,
+    ) -> Result<(), StoreError> {
+        bounded(
+            "recording the RabbitMQ node",
+            self.client.execute(&self.node, &[&instance, &node]),
         )
         .await
         .map(|_| ())

@@ -4,7 +4,7 @@ use std::{process::ExitCode, time::Duration};
 
 use super::{connect_db, plural, usage, with_causes, Out, EXIT_PROBLEM};
 use crate::{
-    config::{redact_url, CommonArgs, Connections},
+    config::{redact_url, AmqpTlsFiles, CommonArgs, Connections},
     migrations,
     publisher::{PublishError, Publisher, AMQP_TIMEOUT},
     store::admin,
@@ -17,8 +17,8 @@ const BROKER_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 /// `outbox-relay check`: every condition `run` needs, one line each; exit 0
 /// only when all hold.
 pub async fn check(conn: &Connections) -> ExitCode {
-    let amqp_url = match CommonArgs::amqp_url_required(conn) {
-        Ok(url) => url,
+    let amqp_urls = match CommonArgs::amqp_urls_required(conn) {
+        Ok(urls) => urls,
         Err(e) => return usage(&e),
     };
     let out = Out::new(conn);
@@ -80,37 +80,26 @@ pub async fn check(conn: &Connections) -> ExitCode {
         },
     }
 
-    let broker_url = redact_url(&amqp_url);
-    match tokio::time::timeout(BROKER_CHECK_TIMEOUT, Publisher::connect(&amqp_url, false)).await {
-        Ok(Ok(publisher)) => {
-            report(
-                Verdict::Ok,
-                "broker",
-                &format!(
-                    "connected to {broker_url} (vhost '{}'), confirm-mode channel open",
-                    publisher.vhost()
-                ),
-            );
-            publisher.close().await;
+    // Every node is tried; `run` needs one, so an unreachable node of several
+    // is a warning, and only none reachable fails.
+    let mut reached = 0;
+    let mut refused = Vec::new();
+    for url in &amqp_urls {
+        match broker_check(url, &conn.amqp_tls).await {
+            Ok(text) => {
+                reached += 1;
+                report(Verdict::Ok, "broker", &text);
+            }
+            Err(text) => refused.push(text),
         }
-        // The publisher's own wording says "reconnecting", which `check` does not do.
-        Ok(Err(PublishError::Timeout { what })) => report(
-            Verdict::Fail,
-            "broker",
-            &format!(
-                "RabbitMQ at {broker_url} did not answer {what} within {}s: check the host, port and firewall",
-                AMQP_TIMEOUT.as_secs()
-            ),
-        ),
-        Ok(Err(e)) => report(Verdict::Fail, "broker", &with_causes(&e)),
-        Err(_) => report(
-            Verdict::Fail,
-            "broker",
-            &format!(
-                "no answer from RabbitMQ at {broker_url} within {}s: check the host, port and firewall",
-                BROKER_CHECK_TIMEOUT.as_secs()
-            ),
-        ),
+    }
+    let verdict = if reached == 0 {
+        Verdict::Fail
+    } else {
+        Verdict::Warn
+    };
+    for text in refused {
+        report(verdict, "broker", &text);
     }
 
     if failed == 0 {
@@ -129,13 +118,41 @@ pub async fn check(conn: &Connections) -> ExitCode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
     Ok,
+    /// Works, but not as it should (e.g. one node of several unreachable).
+    Warn,
     Fail,
     Skip,
+}
+
+/// Connects to one node and opens a confirm-mode channel: what `run` does.
+async fn broker_check(url: &str, tls: &AmqpTlsFiles) -> Result<String, String> {
+    let broker_url = redact_url(url);
+    match tokio::time::timeout(BROKER_CHECK_TIMEOUT, Publisher::connect(url, tls, false)).await {
+        Ok(Ok(publisher)) => {
+            let text = format!(
+                "connected to {broker_url} (vhost '{}'), confirm-mode channel open",
+                publisher.vhost()
+            );
+            publisher.close().await;
+            Ok(text)
+        }
+        // The publisher's own wording says "reconnecting", which `check` does not do.
+        Ok(Err(PublishError::Timeout { what })) => Err(format!(
+            "RabbitMQ at {broker_url} did not answer {what} within {}s: check the host, port and firewall",
+            AMQP_TIMEOUT.as_secs()
+        )),
+        Ok(Err(e)) => Err(with_causes(&e)),
+        Err(_) => Err(format!(
+            "no answer from RabbitMQ at {broker_url} within {}s: check the host, port and firewall",
+            BROKER_CHECK_TIMEOUT.as_secs()
+        )),
+    }
 }
 
 fn check_line(verdict: Verdict, what: &str, text: &str) -> String {
     let verdict = match verdict {
         Verdict::Ok => "ok",
+        Verdict::Warn => "warn",
         Verdict::Fail => "FAIL",
         Verdict::Skip => "skip",
     };

@@ -65,6 +65,7 @@ fn status_json(schema: &str, s: &admin::Status) -> Value {
             "partitions": r.partitions,
             "lease_expires_in_seconds": r.lease_expires_in_secs,
             "metrics_addr": r.metrics_addr,
+            "broker_node": r.broker_node,
         })).collect::<Vec<_>>(),
     })
 }
@@ -134,6 +135,7 @@ fn status_text(schema: &str, db_url: &str, s: &admin::Status) -> String {
         "PARTITIONS",
         "LEASES EXPIRE IN",
         "METRICS",
+        "BROKER NODE",
     ]);
     for r in &s.relays {
         table.row(vec![
@@ -147,6 +149,7 @@ fn status_text(schema: &str, db_url: &str, s: &admin::Status) -> String {
             r.lease_expires_in_secs
                 .map_or_else(|| "-".to_string(), format_age),
             r.metrics_addr.clone().unwrap_or_else(|| "-".to_string()),
+            r.broker_node.clone().unwrap_or_else(|| "-".to_string()),
         ]);
     }
     t.push_str(&table.render());
@@ -251,6 +254,7 @@ mod tests {
                     partitions: (0..10).collect(),
                     lease_expires_in_secs: Some(4.5),
                     metrics_addr: Some("127.0.0.1:40123".into()),
+                    broker_node: Some("rabbit-2:5672".into()),
                 },
                 admin::RelayInstance {
                     instance: "relay-b".into(),
@@ -259,6 +263,7 @@ mod tests {
                     partitions: vec![],
                     lease_expires_in_secs: None,
                     metrics_addr: None,
+                    broker_node: None,
                 },
             ],
         };
@@ -277,7 +282,8 @@ mod tests {
             a.contains("live")
                 && a.contains("0-9")
                 && a.contains("4.5s")
-                && a.contains("127.0.0.1:40123"),
+                && a.contains("127.0.0.1:40123")
+                && a.contains("rabbit-2:5672"),
             "{a}"
         );
         let b = text.lines().find(|l| l.starts_with("relay-b")).unwrap();

@@ -109,6 +109,12 @@ pub const REQUIREMENTS: &[Requirement] = &[
     },
     Requirement {
         kind: ObjectKind::Function,
+        name: "relay_set_broker_node",
+        args: "text, text",
+        privileges: &["EXECUTE"],
+    },
+    Requirement {
+        kind: ObjectKind::Function,
         name: "relay_release",
         args: "text",
         privileges: &["EXECUTE"],

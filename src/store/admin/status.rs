@@ -33,6 +33,8 @@ pub struct RelayInstance {
     pub heartbeat_age_secs: Option<f64>,
     /// Where it serves /metrics (the address it bound).
     pub metrics_addr: Option<String>,
+    /// The RabbitMQ node (`host:port`) it publishes to; None when connected to none.
+    pub broker_node: Option<String>,
     /// Partitions whose lease it holds right now.
     pub partitions: Vec<i16>,
     /// Seconds until the first of those leases runs out unless renewed.
@@ -117,14 +119,14 @@ pub async fn status(client: &mut Client, schema: &str) -> Result<Status, StoreEr
                         coalesce(array_agg(l.partition ORDER BY l.partition)
                                  FILTER (WHERE l.partition IS NOT NULL), '{{}}'),
                         extract(epoch FROM min(l.expires_at) - now())::float8,
-                        r.metrics_addr
+                        r.metrics_addr, r.broker_node
                    FROM (SELECT instance FROM {s}.relays
                          UNION
                          SELECT owner FROM {s}.leases
                           WHERE owner IS NOT NULL AND expires_at > now()) i
                    LEFT JOIN {s}.relays r ON r.instance = i.instance
                    LEFT JOIN {s}.leases l ON l.owner = i.instance AND l.expires_at > now()
-                  GROUP BY i.instance, r.started_at, r.heartbeat_at, r.metrics_addr
+                  GROUP BY i.instance, r.started_at, r.heartbeat_at, r.metrics_addr, r.broker_node
                   ORDER BY i.instance"
             ),
             &[],
@@ -147,6 +149,7 @@ pub async fn status(client: &mut Client, schema: &str) -> Result<Status, StoreEr
                 partitions: r.get(3),
                 lease_expires_in_secs: r.get(4),
                 metrics_addr: r.get(5),
+                broker_node: r.get(6),
             })
             .collect(),
     })

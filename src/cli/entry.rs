@@ -43,6 +43,10 @@ pub fn main() -> ExitCode {
     }));
     // Reads FAILPOINTS when built with the `failpoints` feature; a no-op otherwise.
     let _failpoints = fail::FailScenario::setup();
+    // `grants` only prints SQL: it needs no connection, so no URL either.
+    if let Command::Grants(args) = &cli.command {
+        return super::grants(&cli.common.schema, args);
+    }
     let conn = match cli.common.connections() {
         Ok(c) => c,
         Err(e) => return usage(&e),
@@ -73,6 +77,8 @@ pub fn main() -> ExitCode {
             Command::Status { json } => super::status(&conn, *json).await,
             Command::DeadLetters { action } => super::dead_letters(&conn, action).await,
             Command::Replay(args) => super::replay(&conn, args).await,
+            // Answered above, before the connection settings are required.
+            Command::Grants(args) => super::grants(&conn.schema, args),
         }
     })
 }

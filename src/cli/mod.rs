@@ -20,12 +20,14 @@ use crate::{
 mod check;
 mod dead_letters;
 mod entry;
+mod grants;
 mod replay;
 mod status;
 
 pub use check::check;
 pub use dead_letters::dead_letters;
 pub use entry::main;
+pub use grants::{grants, GrantsArgs};
 pub use replay::replay;
 pub use status::status;
 

@@ -132,7 +132,7 @@ struct Out {
 impl Out {
     fn new(conn: &Connections) -> Self {
         let mut secrets: Vec<String> = url_passwords(&conn.database_url);
-        if let Some(url) = &conn.amqp_url {
+        for url in &conn.amqp_urls {
             secrets.extend(url_passwords(url));
         }
         // Longest first, so a password that contains another is replaced whole.

@@ -32,6 +32,16 @@ pub enum FailureReason {
 }
 
 impl FailureReason {
+    const ALL: [FailureReason; 7] = [
+        FailureReason::Nack,
+        FailureReason::Unroutable,
+        FailureReason::ChannelClosed,
+        FailureReason::ExchangeNotFound,
+        FailureReason::InvalidRow,
+        FailureReason::ConnectionLost,
+        FailureReason::LeaseLost,
+    ];
+
     fn as_str(self) -> &'static str {
         match self {
             FailureReason::Nack => "nack",
@@ -104,6 +114,13 @@ impl Metrics {
             published.clone(),
         );
         let failures = Family::<ReasonLabel, Counter>::default();
+        // Every reason from the start at 0: rate() and alerts need a series
+        // before the first failure.
+        for reason in FailureReason::ALL {
+            let _ = failures.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            });
+        }
         registry.register(
             "publish_failures",
             "Failed publish attempts by reason",

@@ -70,10 +70,17 @@ pub enum MigrateError {
 }
 
 /// The schema name goes into the SQL unquoted, as everywhere (see `schema_name`).
-fn preamble(schema: &str) -> String {
+/// `CREATE SCHEMA IF NOT EXISTS` needs CREATE on the database even when the
+/// schema exists, so it is left out then: an owner given only its schema can
+/// migrate it.
+fn preamble(schema: &str, exists: bool) -> String {
+    let create = if exists {
+        String::new()
+    } else {
+        format!("CREATE SCHEMA IF NOT EXISTS {schema};\n")
+    };
     format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema};\n\
-         SET LOCAL search_path TO {schema};\n\
+        "{create}SET LOCAL search_path TO {schema};\n\
          CREATE TABLE IF NOT EXISTS schema_migrations (\n    \
              version int PRIMARY KEY,\n    \
              name text NOT NULL,\n    \
@@ -103,7 +110,15 @@ pub async fn apply(
     )
     .await
     .map_err(apply_err("(lock)"))?;
-    tx.batch_execute(&preamble(schema))
+    let exists: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&schema],
+        )
+        .await
+        .map_err(apply_err("(schema)"))?
+        .get(0);
+    tx.batch_execute(&preamble(schema, exists))
         .await
         .map_err(apply_err("(schema_migrations)"))?;
     let done: Vec<i32> = tx
@@ -132,7 +147,7 @@ pub async fn apply(
 pub async fn pending_sql(client: &Client, schema: &str) -> Result<String, MigrateError> {
     let done = applied_versions(client, schema).await?;
     let mut out = String::from("BEGIN;\n");
-    out.push_str(&preamble(schema));
+    out.push_str(&preamble(schema, !done.is_empty()));
     for m in MIGRATIONS.iter().filter(|m| !done.contains(&m.version)) {
         out.push_str(&format!("\n-- {}\n{}\n", m.name, m.sql));
         out.push_str(&format!(

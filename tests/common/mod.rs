@@ -1597,6 +1597,7 @@ pub fn save(path: &Path, text: &str) {
 // proxy) and the AMQP frame tap of the scale-out tests (frame_tap)
 // ---------------------------------------------------------------------------
 
+pub mod cluster;
 pub mod faults;
 pub mod frame_tap;
 pub mod private_pg;

@@ -798,6 +798,67 @@ async fn scheduled_rows_wait_for_available_at() {
     );
 }
 
+/// The lag SREs are paged on ignores rows scheduled for later: a row due in an
+/// hour is pending, but not late. A row that is due and stuck still counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_scheduled_for_later_are_pending_but_not_lag() {
+    let env = TestEnv::new("scheduled_lag").await;
+    let queue = env.declare_queue("events").await;
+    let later = NewRow {
+        available_in_secs: Some(3600.0),
+        ..NewRow::to_queue(&queue, "in an hour")
+    };
+    let written = env.insert_committed(&[later]).await;
+    // Backdated, as if it had been written long ago for this hour.
+    env.exec(
+        &format!(
+            "UPDATE {} SET created_at = now() - interval '10 minutes' WHERE id = $1",
+            env.table()
+        ),
+        &[&written[0].id],
+    )
+    .await;
+    // Started after the insert: its first statistics see the row.
+    let mut relay = Relay::start(&env, &[]).await;
+    relay.wait_ready(SETUP_TIMEOUT).await;
+    let mut last = String::new();
+    let seen = wait_until(ARRIVAL_TIMEOUT, async || {
+        last = relay.metrics().await;
+        metric_value(&last, "outbox_relay_pending_messages") == Some(1.0)
+    })
+    .await;
+    assert!(seen, "the scheduled row never showed as pending:\n{last}");
+    assert_eq!(
+        metric_value(&last, "outbox_relay_oldest_pending_age_seconds"),
+        Some(0.0),
+        "a row scheduled for later counts as lag:\n{last}"
+    );
+    let out = env
+        .cli(&["status", "--json"], Duration::from_secs(60))
+        .await;
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let j: serde_json::Value = serde_json::from_str(&out.stdout).expect("status JSON");
+    assert_eq!(j["pending"], 1, "{j:#}");
+    assert!(j["oldest_pending_age_seconds"].is_null(), "{j:#}");
+
+    // Once due and stuck (the relay stopped), it is late from its created_at.
+    relay.terminate(Duration::from_secs(60)).await;
+    env.exec(
+        &format!(
+            "UPDATE {} SET available_at = now() - interval '1 second' WHERE id = $1",
+            env.table()
+        ),
+        &[&written[0].id],
+    )
+    .await;
+    let out = env
+        .cli(&["status", "--json"], Duration::from_secs(60))
+        .await;
+    let j: serde_json::Value = serde_json::from_str(&out.stdout).expect("status JSON");
+    let age = j["oldest_pending_age_seconds"].as_f64().unwrap_or(0.0);
+    assert!((590.0..3600.0).contains(&age), "due row's age {age}: {j:#}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_behind_a_scheduled_row_of_their_key_wait_for_it() {
     let env = TestEnv::new("scheduled_order").await;

@@ -22,12 +22,16 @@ pub struct Housekeeping {
 
 /// Counts stop here, so a statistics query stays cheap on a huge backlog.
 pub const COUNT_CAP: i64 = 1_000_000;
+/// Pending rows (oldest first) searched for the oldest one that is late.
+const OLDEST_LOOKAHEAD: i64 = 10_000;
 
 impl Housekeeping {
     pub async fn prepare(client: &Client, schema: &str) -> Result<Self, StoreError> {
         Ok(Self {
-            // Both counts walk partial indexes and stop at COUNT_CAP; the oldest
-            // pending row is the first of the pending index.
+            // Both counts walk partial indexes and stop at COUNT_CAP. The oldest
+            // pending row is the first of the pending index that is due or has
+            // failed: a row scheduled for later is not late (it would page
+            // SREs for nothing); only the first OLDEST_LOOKAHEAD are looked at.
             stats: prepare_in(
                 client,
                 schema,
@@ -35,8 +39,11 @@ impl Housekeeping {
                     "SELECT (SELECT count(*) FROM (SELECT 1 FROM {schema}.messages
                               WHERE published_at IS NULL AND dead_lettered_at IS NULL
                               LIMIT {COUNT_CAP}) p),
-                            (SELECT created_at FROM {schema}.messages
-                              WHERE published_at IS NULL AND dead_lettered_at IS NULL
+                            (SELECT created_at FROM (SELECT id, created_at, available_at, attempts
+                                                       FROM {schema}.messages
+                                                      WHERE published_at IS NULL AND dead_lettered_at IS NULL
+                                                      ORDER BY id LIMIT {OLDEST_LOOKAHEAD}) f
+                              WHERE available_at <= now() OR attempts > 0
                               ORDER BY id LIMIT 1),
                             (SELECT count(*) FROM (SELECT 1 FROM {schema}.messages
                               WHERE dead_lettered_at IS NOT NULL LIMIT {COUNT_CAP}) d)"

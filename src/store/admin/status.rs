@@ -72,7 +72,9 @@ pub async fn status(client: &mut Client, schema: &str) -> Result<Status, StoreEr
                    FROM (SELECT count(*) AS pending,
                                 count(*) FILTER (WHERE available_at <= now()) AS due_now,
                                 count(*) FILTER (WHERE attempts > 0) AS retrying,
-                                min(created_at) AS oldest_created_at,
+                                -- Rows scheduled for later are not late.
+                                min(created_at) FILTER (WHERE available_at <= now() OR attempts > 0)
+                                    AS oldest_created_at,
                                 min(available_at) FILTER (WHERE available_at > now()) AS next_at
                            FROM {s}.messages
                           WHERE published_at IS NULL AND dead_lettered_at IS NULL) p,

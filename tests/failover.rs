@@ -154,6 +154,20 @@ async fn failover_moves_to_the_next_node_and_back_losing_nothing() {
     );
 }
 
+/// `outbox-relay check` with this environment's database and these AMQP URLs.
+async fn check_with(env: &TestEnv, amqp_urls: &str) -> CliOutput {
+    let args = [
+        "check",
+        "--database-url",
+        &env.db_url,
+        "--schema",
+        &env.schema,
+        "--amqp-url",
+        amqp_urls,
+    ];
+    run_cli(&args, &[], Duration::from_secs(120)).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_starts_on_a_later_node_when_the_first_is_down() {
     let env = TestEnv::new("failover_first_down").await;
@@ -170,20 +184,7 @@ async fn failover_starts_on_a_later_node_when_the_first_is_down() {
     got.wait_for_ids(&wanted, RECOVERY_TIMEOUT).await;
 
     // `check` names the dead node as a warning and passes: `run` works.
-    let out = run_cli(
-        &[
-            "check",
-            "--database-url",
-            &env.db_url,
-            "--schema",
-            &env.schema,
-            "--amqp-url",
-            &urls,
-        ],
-        &[],
-        Duration::from_secs(120),
-    )
-    .await;
+    let out = check_with(&env, &urls).await;
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     let dead_node = format!("127.0.0.1:{}", dead.port);
     assert!(
@@ -201,19 +202,6 @@ async fn failover_starts_on_a_later_node_when_the_first_is_down() {
         url_via(&env.amqp_url, dead.port),
         url_via(&env.amqp_url, other.port)
     );
-    let out = run_cli(
-        &[
-            "check",
-            "--database-url",
-            &env.db_url,
-            "--schema",
-            &env.schema,
-            "--amqp-url",
-            &none,
-        ],
-        &[],
-        Duration::from_secs(120),
-    )
-    .await;
+    let out = check_with(&env, &none).await;
     assert_eq!(out.code(), Some(1), "{}", out.describe());
 }

@@ -1,14 +1,19 @@
-//! PostgreSQL TLS with libpq's `sslmode` meanings, over rustls.
+//! TLS over rustls: PostgreSQL with libpq's `sslmode` meanings, and the
+//! words for a refused handshake on either side.
 //!
 //! tokio-postgres itself knows only disable/prefer/require, so the URL's
-//! `sslmode` and `sslrootcert` are read here and the URL handed on without them.
+//! `sslmode`, `sslrootcert`, `sslcert` and `sslkey` are read here and the URL
+//! handed on without them. A refused server certificate is reported by what
+//! is wrong (not signed by a trusted CA, not for this host name) and what to
+//! set; `explain_amqp_tls_error` says the same for the broker's connection.
 
-use std::sync::Arc;
+use std::{error::Error as StdError, sync::Arc};
 
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    pki_types::{CertificateDer, ServerName, UnixTime},
-    DigitallySignedStruct, RootCertStore, SignatureScheme,
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    AlertDescription, CertificateError, DigitallySignedStruct, InvalidMessage, OtherError,
+    RootCertStore, SignatureScheme,
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -25,6 +30,16 @@ pub enum SslMode {
     VerifyFull,
 }
 
+/// The files a database URL names: `sslrootcert` (CAs trusted for the
+/// server; without it verify-ca/verify-full trust the system's CAs),
+/// `sslcert` and `sslkey` (the client certificate and its key, PEM).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PgTlsFiles {
+    pub root_cert: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("sslmode '{0}' is not one of disable, prefer, require, verify-ca, verify-full")]
@@ -33,10 +48,23 @@ pub enum TlsError {
     RootCert { path: String, reason: String },
     #[error("no trusted root certificates: set sslrootcert in the database URL or install CA certificates")]
     NoRoots,
+    #[error("cannot use {param} '{path}': {reason}")]
+    ClientCert {
+        param: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error("{given} is set without {missing}: give both the client certificate (sslcert) and its key (sslkey)")]
+    ClientCertHalf {
+        given: &'static str,
+        missing: &'static str,
+    },
 }
 
-/// The URL without `sslmode`/`sslrootcert`, the mode, and the root cert path.
-pub fn split_tls_params(url: &str) -> Result<(String, SslMode, Option<String>), TlsError> {
+/// The URL without the TLS parameters tokio-postgres does not know, the
+/// mode, and the files the URL names (None: none). Boxed so that callers
+/// take `files.as_deref()`.
+pub fn split_tls_params(url: &str) -> Result<(String, SslMode, Option<Box<PgTlsFiles>>), TlsError> {
     // The query starts at the first '?' after the user info, which
     // tokio-postgres ends at the first '@': a password may hold a raw '?'.
     let authority = url.find('@').map_or(0, |at| at + 1);
@@ -45,7 +73,7 @@ pub fn split_tls_params(url: &str) -> Result<(String, SslMode, Option<String>), 
         None => return Ok((url.to_string(), SslMode::Prefer, None)),
     };
     let mut mode = SslMode::Prefer;
-    let mut root = None;
+    let mut files = PgTlsFiles::default();
     let mut kept = Vec::new();
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
         match kv.split_once('=') {
@@ -59,56 +87,141 @@ pub fn split_tls_params(url: &str) -> Result<(String, SslMode, Option<String>), 
                     other => return Err(TlsError::UnknownMode(other.to_string())),
                 }
             }
-            Some(("sslrootcert", v)) => root = Some(v.to_string()),
+            Some(("sslrootcert", v)) => files.root_cert = Some(decode_path(v)),
+            Some(("sslcert", v)) => files.client_cert = Some(decode_path(v)),
+            Some(("sslkey", v)) => files.client_key = Some(decode_path(v)),
             _ => kept.push(kv),
         }
     }
     // libpq: sslmode=require with a root certificate behaves like verify-ca.
-    if mode == SslMode::Require && root.is_some() {
+    if mode == SslMode::Require && files.root_cert.is_some() {
         mode = SslMode::VerifyCa;
     }
-    let pg_mode = match mode {
-        SslMode::Disable => "disable",
-        SslMode::Prefer => "prefer",
-        _ => "require",
-    };
-    kept.push(match pg_mode {
-        "disable" => "sslmode=disable",
-        "prefer" => "sslmode=prefer",
+    kept.push(match mode {
+        SslMode::Disable => "sslmode=disable",
+        SslMode::Prefer => "sslmode=prefer",
         _ => "sslmode=require",
     });
-    Ok((format!("{base}?{}", kept.join("&")), mode, root))
+    let files = (files != PgTlsFiles::default()).then(|| Box::new(files));
+    Ok((format!("{base}?{}", kept.join("&")), mode, files))
 }
 
-pub fn connector(mode: SslMode, root_cert: Option<&str>) -> Result<MakeRustlsConnect, TlsError> {
+/// A path as written in a URL query, percent-decoded as libpq does (a '%'
+/// not followed by two hex digits stays as written).
+fn decode_path(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The rustls connector for `mode`: what it verifies, which roots it
+/// trusts, which client certificate it presents.
+pub fn connector(mode: SslMode, files: Option<&PgTlsFiles>) -> Result<MakeRustlsConnect, TlsError> {
+    let files = files.cloned().unwrap_or_default();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|_| TlsError::NoRoots)?;
-    let config = match mode {
-        SslMode::Disable | SslMode::Prefer | SslMode::Require => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
-            .with_no_client_auth(),
+    let verifier: Arc<dyn ServerCertVerifier> = match mode {
+        SslMode::Disable | SslMode::Prefer | SslMode::Require => {
+            Arc::new(AcceptAnyCert(provider.clone()))
+        }
         SslMode::VerifyCa | SslMode::VerifyFull => {
-            let roots = root_store(root_cert)?;
-            if mode == SslMode::VerifyFull {
-                builder.with_root_certificates(roots).with_no_client_auth()
-            } else {
-                let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    provider,
-                )
-                .build()
-                .map_err(|_| TlsError::NoRoots)?;
-                builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
-                    .with_no_client_auth()
-            }
+            let roots = root_store(files.root_cert.as_deref())?;
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|_| TlsError::NoRoots)?;
+            Arc::new(Explained {
+                inner,
+                check_host: mode == SslMode::VerifyFull,
+                roots: match &files.root_cert {
+                    Some(path) => format!("sslrootcert '{path}'"),
+                    None => "the system's CA certificates (no sslrootcert)".to_string(),
+                },
+            })
+        }
+    };
+    let builder = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let config = match (&files.client_cert, &files.client_key) {
+        (None, None) => builder.with_no_client_auth(),
+        (Some(cert), Some(key)) => {
+            let (chain, key_der) = client_identity(cert, key)?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| TlsError::ClientCert {
+                    param: "sslkey",
+                    path: key.clone(),
+                    reason: format!("{e}: give the key of the certificate in sslcert '{cert}'"),
+                })?
+        }
+        (Some(_), None) => {
+            return Err(TlsError::ClientCertHalf {
+                given: "sslcert",
+                missing: "sslkey",
+            })
+        }
+        (None, Some(_)) => {
+            return Err(TlsError::ClientCertHalf {
+                given: "sslkey",
+                missing: "sslcert",
+            })
         }
     };
     Ok(MakeRustlsConnect::new(config))
+}
+
+/// The client certificate chain and key, read from PEM files.
+fn client_identity(
+    cert: &str,
+    key: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let unusable = |param: &'static str, path: &str, reason: String| TlsError::ClientCert {
+        param,
+        path: path.to_string(),
+        reason,
+    };
+    let pem = std::fs::read(cert).map_err(|e| unusable("sslcert", cert, e.to_string()))?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unusable("sslcert", cert, format!("not PEM ({e:?})")))?;
+    if chain.is_empty() {
+        return Err(unusable(
+            "sslcert",
+            cert,
+            "holds no certificate: give a PEM file".to_string(),
+        ));
+    }
+    let pem = std::fs::read(key).map_err(|e| unusable("sslkey", key, e.to_string()))?;
+    let key_der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        unusable(
+            "sslkey",
+            key,
+            format!("holds no usable PEM private key ({e:?}): give the key unencrypted"),
+        )
+    })?;
+    Ok((chain, key_der))
 }
 
 fn root_store(path: Option<&str>) -> Result<RootCertStore, TlsError> {
@@ -119,8 +232,8 @@ fn root_store(path: Option<&str>) -> Result<RootCertStore, TlsError> {
                 path: path.to_string(),
                 reason: e.to_string(),
             })?;
-            for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
-                let cert: CertificateDer<'static> = cert.map_err(|e| TlsError::RootCert {
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| TlsError::RootCert {
                     path: path.to_string(),
                     reason: format!("{e:?}"),
                 })?;
@@ -185,11 +298,18 @@ impl ServerCertVerifier for AcceptAnyCert {
     }
 }
 
-/// verify-ca: the chain must lead to a trusted root; the host name may differ.
+/// verify-ca and verify-full: the chain must lead to a trusted root, and for
+/// verify-full the certificate must name the host. A refusal says which of
+/// the two failed and what to set.
 #[derive(Debug)]
-struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
+struct Explained {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    check_host: bool,
+    /// Which roots were trusted, for the message.
+    roots: String,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Explained {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -199,13 +319,29 @@ impl ServerCertVerifier for ChainOnly {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         match self
-            .0
+            .inner
             .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
         {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
-            | Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) if !self.check_host => Ok(ServerCertVerified::assertion()),
+            Err(rustls::Error::InvalidCertificate(e)) => {
+                let host = server_name.to_str();
+                let said = match describe_certificate_error(&e, &host) {
+                    Some(problem) => match e {
+                        CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                            format!("{problem}: set sslrootcert to the CA certificate that signed it (trusted now: {})", self.roots)
+                        }
+                        CertificateError::NotValidForName
+                        | CertificateError::NotValidForNameContext { .. } => format!(
+                            "{problem}: connect with a host name the certificate lists, or use sslmode=verify-ca to check the chain only"
+                        ),
+                        _ => problem,
+                    },
+                    None => return Err(rustls::Error::InvalidCertificate(e)),
+                };
+                Err(refusal(format!("the database server's {said}")))
+            }
             other => other,
         }
     }
@@ -215,7 +351,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
     fn verify_tls13_signature(
         &self,
@@ -223,11 +359,130 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.inner.supported_verify_schemes()
     }
+}
+
+/// A refusal in our words. rustls prints `Error::Other` as "other error: "
+/// and the message; every other variant would print a debug form.
+fn refusal(message: String) -> rustls::Error {
+    #[derive(Debug)]
+    struct Refusal(String);
+    impl std::fmt::Display for Refusal {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+    impl StdError for Refusal {}
+    rustls::Error::Other(OtherError(Arc::new(Refusal(message))))
+}
+
+/// What is wrong with a server certificate, in words ("certificate is not
+/// signed by a trusted CA"); None for the cases rustls already words well.
+fn describe_certificate_error(e: &CertificateError, host: &str) -> Option<String> {
+    Some(match e {
+        CertificateError::UnknownIssuer => "certificate is not signed by a trusted CA".to_string(),
+        CertificateError::BadSignature => {
+            "certificate's signature does not verify against a trusted CA".to_string()
+        }
+        CertificateError::NotValidForName => {
+            format!("certificate is not valid for host name '{host}'")
+        }
+        CertificateError::NotValidForNameContext { presented, .. } => format!(
+            "certificate is not valid for host name '{host}' (it is for {})",
+            presented.join(", ")
+        ),
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+            "certificate has expired".to_string()
+        }
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            "certificate is not valid yet (check the clocks)".to_string()
+        }
+        _ => return None,
+    })
+}
+
+/// What went wrong in an amqps:// handshake, and what to set, when `e` (or
+/// an error it was caused by) is a TLS refusal; None otherwise. `host` is
+/// the URL's host, `ca_file` the amqp-ca-file setting.
+pub fn explain_amqp_tls_error(
+    e: &(dyn StdError + 'static),
+    host: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Option<String> {
+    let tls = find_rustls_error(e)?;
+    let trusted = match ca_file {
+        Some(path) => format!(
+            "amqp-ca-file '{}' and the system's CA certificates",
+            path.display()
+        ),
+        None => "the system's CA certificates (amqp-ca-file is not set)".to_string(),
+    };
+    Some(match tls {
+        rustls::Error::InvalidCertificate(
+            e @ (CertificateError::UnknownIssuer | CertificateError::BadSignature),
+        ) => format!(
+            "the broker's {}: set amqp-ca-file to the CA certificate that signed it (trusted now: {trusted})",
+            describe_certificate_error(e, host)?
+        ),
+        rustls::Error::InvalidCertificate(
+            e @ (CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. }),
+        ) => format!(
+            "the broker's {}: connect with a host name the certificate lists",
+            describe_certificate_error(e, host)?
+        ),
+        rustls::Error::InvalidCertificate(e) => match describe_certificate_error(e, host) {
+            Some(problem) => format!("the broker's {problem}"),
+            None => format!("the broker's certificate was refused: {e}"),
+        },
+        rustls::Error::InvalidMessage(InvalidMessage::InvalidContentType)
+        | rustls::Error::InvalidMessage(_)
+        | rustls::Error::InappropriateMessage { .. } => format!(
+            "the server at '{host}' does not speak TLS on this port (it answered in plain text): use amqp:// for a plain-text port, or the broker's TLS port (5671 by default) for amqps://"
+        ),
+        rustls::Error::AlertReceived(
+            AlertDescription::CertificateRequired | AlertDescription::HandshakeFailure,
+        ) => "the broker requires a client certificate: set amqp-cert-file and amqp-key-file".to_string(),
+        rustls::Error::AlertReceived(
+            alert @ (AlertDescription::UnknownCA
+            | AlertDescription::BadCertificate
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::CertificateExpired
+            | AlertDescription::AccessDenied),
+        ) => format!(
+            "the broker refused the client certificate (TLS alert {alert:?}): give in amqp-cert-file a valid certificate signed by a CA the broker trusts"
+        ),
+        other => format!("the TLS handshake with the broker failed: {other}"),
+    })
+}
+
+/// The rustls error that `e` is or was caused by, looking inside I/O errors
+/// (the TLS streams wrap rustls errors in `std::io::Error`).
+fn find_rustls_error<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Error> {
+    let mut current: Option<&'a (dyn StdError + 'static)> = Some(e);
+    while let Some(err) = current {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(inner) = io.get_ref() {
+                if let Some(tls) = find_rustls_error(inner) {
+                    return Some(tls);
+                }
+            }
+        }
+        if let Some(io) = err.downcast_ref::<Arc<std::io::Error>>() {
+            if let Some(tls) = io.get_ref().and_then(|inner| find_rustls_error(inner)) {
+                return Some(tls);
+            }
+        }
+        current = err.source();
+    }
+    None
 }
 
 #[cfg(test)]
@@ -236,16 +491,19 @@ mod tests {
 
     #[test]
     fn libpq_ssl_params_are_translated_for_tokio_postgres() {
-        let (url, mode, root) =
+        let (url, mode, files) =
             split_tls_params("postgres://u@h/db?sslmode=verify-full&application_name=x").unwrap();
         assert_eq!(mode, SslMode::VerifyFull);
-        assert_eq!(root, None);
+        assert_eq!(files, None);
         assert_eq!(url, "postgres://u@h/db?application_name=x&sslmode=require");
 
-        let (_, mode, root) =
+        let (_, mode, files) =
             split_tls_params("postgres://h/db?sslmode=require&sslrootcert=/ca.pem").unwrap();
         assert_eq!(mode, SslMode::VerifyCa);
-        assert_eq!(root.as_deref(), Some("/ca.pem"));
+        assert_eq!(
+            files.as_deref().and_then(|f| f.root_cert.as_deref()),
+            Some("/ca.pem")
+        );
 
         assert_eq!(
             split_tls_params("postgres://h/db").unwrap().1,
@@ -261,5 +519,120 @@ mod tests {
         let (url, mode, _) = split_tls_params("postgres://u:Se?cr3t@h/db").unwrap();
         assert_eq!(mode, SslMode::Prefer);
         assert_eq!(url, "postgres://u:Se?cr3t@h/db");
+    }
+
+    #[test]
+    fn client_certificate_params_are_taken_out_of_the_url() {
+        let (url, mode, files) = split_tls_params(
+            "postgres://relay@db/app?sslmode=verify-full&sslcert=/etc/relay/client.pem&sslkey=%2Fetc%2Frelay%2Fclient.key&sslrootcert=/etc/relay/ca.pem",
+        )
+        .unwrap();
+        assert_eq!(mode, SslMode::VerifyFull);
+        assert_eq!(url, "postgres://relay@db/app?sslmode=require");
+        assert_eq!(
+            files.as_deref(),
+            Some(&PgTlsFiles {
+                root_cert: Some("/etc/relay/ca.pem".to_string()),
+                client_cert: Some("/etc/relay/client.pem".to_string()),
+                client_key: Some("/etc/relay/client.key".to_string()),
+            })
+        );
+        // A client certificate alone does not make require verify anything.
+        let (_, mode, _) =
+            split_tls_params("postgres://db/app?sslmode=require&sslcert=/c.pem&sslkey=/k.pem")
+                .unwrap();
+        assert_eq!(mode, SslMode::Require);
+    }
+
+    #[test]
+    fn half_a_client_certificate_or_a_missing_file_is_refused_with_the_param_named() {
+        let half = |cert: Option<&str>, key: Option<&str>| PgTlsFiles {
+            root_cert: None,
+            client_cert: cert.map(str::to_string),
+            client_key: key.map(str::to_string),
+        };
+        let refused = |files: PgTlsFiles| match connector(SslMode::Require, Some(&files)) {
+            Ok(_) => panic!("{files:?} accepted"),
+            Err(e) => e,
+        };
+        let e = refused(half(Some("/c.pem"), None));
+        assert!(
+            e.to_string().starts_with("sslcert is set without sslkey"),
+            "{e}"
+        );
+        let e = refused(half(None, Some("/k.pem")));
+        assert!(
+            e.to_string().starts_with("sslkey is set without sslcert"),
+            "{e}"
+        );
+        let e = refused(half(Some("/nonexistent/c.pem"), Some("/nonexistent/k.pem")));
+        assert!(
+            e.to_string()
+                .starts_with("cannot use sslcert '/nonexistent/c.pem'"),
+            "{e}"
+        );
+    }
+
+    fn io_wrapped(e: rustls::Error) -> lapin::Error {
+        lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+
+    #[test]
+    fn amqp_tls_refusals_say_which_case_and_what_to_set() {
+        let explain = |e: rustls::Error, ca: Option<&str>| {
+            explain_amqp_tls_error(
+                &io_wrapped(e),
+                "broker.internal",
+                ca.map(std::path::Path::new),
+            )
+            .expect("a TLS refusal")
+        };
+        let said = explain(
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+            Some("/etc/relay/ca.pem"),
+        );
+        assert_eq!(
+            said,
+            "the broker's certificate is not signed by a trusted CA: set amqp-ca-file to the CA certificate that signed it (trusted now: amqp-ca-file '/etc/relay/ca.pem' and the system's CA certificates)"
+        );
+        let said = explain(
+            rustls::Error::InvalidCertificate(CertificateError::NotValidForName),
+            None,
+        );
+        assert!(
+            said.starts_with(
+                "the broker's certificate is not valid for host name 'broker.internal'"
+            ),
+            "{said}"
+        );
+        let said = explain(
+            rustls::Error::InvalidMessage(InvalidMessage::InvalidContentType),
+            None,
+        );
+        assert!(said.contains("does not speak TLS on this port"), "{said}");
+        let said = explain(
+            rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
+            None,
+        );
+        assert!(said.contains("requires a client certificate"), "{said}");
+        let said = explain(
+            rustls::Error::AlertReceived(AlertDescription::UnknownCA),
+            None,
+        );
+        assert!(said.contains("refused the client certificate"), "{said}");
+
+        // Not a TLS error: nothing to explain.
+        let refused =
+            lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(explain_amqp_tls_error(&refused, "h", None), None);
+    }
+
+    #[test]
+    fn database_refusals_read_as_one_sentence() {
+        let e = refusal("the database server's certificate is not signed by a trusted CA".into());
+        assert_eq!(
+            e.to_string(),
+            "other error: the database server's certificate is not signed by a trusted CA"
+        );
     }
 }

@@ -6,8 +6,9 @@ use super::{connect_db, plural, usage, with_causes, Out, EXIT_PROBLEM};
 use crate::{
     config::{redact_url, AmqpTlsFiles, CommonArgs, Connections},
     migrations,
-    publisher::{PublishError, Publisher, AMQP_TIMEOUT},
+    publisher::{amqp_uri, PublishError, Publisher, AMQP_TIMEOUT},
     store::admin,
+    tls::{self, SslMode},
 };
 
 /// How long `check` waits for the broker in all (connect, then open a channel;
@@ -23,9 +24,12 @@ pub async fn check(conn: &Connections) -> ExitCode {
     };
     let out = Out::new(conn);
     let mut failed = 0;
+    let mut warned = 0;
     let mut report = |verdict: Verdict, what: &str, text: &str| {
-        if verdict == Verdict::Fail {
-            failed += 1;
+        match verdict {
+            Verdict::Fail => failed += 1,
+            Verdict::Warn => warned += 1,
+            Verdict::Ok | Verdict::Skip => {}
         }
         out.line(&check_line(verdict, what, text));
     };
@@ -79,11 +83,15 @@ pub async fn check(conn: &Connections) -> ExitCode {
             Err(e) => report(Verdict::Fail, "database", &with_causes(&e)),
         },
     }
+    if let Some(warning) = database_tls_warning(&conn.database_url) {
+        report(Verdict::Warn, "database", &warning);
+    }
 
     // Every node is tried; `run` needs one, so an unreachable node of several
     // is a warning, and only none reachable fails.
     let mut reached = 0;
     let mut refused = Vec::new();
+    let mut warnings = Vec::new();
     for url in &amqp_urls {
         match broker_check(url, &conn.amqp_tls).await {
             Ok(text) => {
@@ -92,6 +100,7 @@ pub async fn check(conn: &Connections) -> ExitCode {
             }
             Err(text) => refused.push(text),
         }
+        warnings.extend(broker_tls_warning(url, &conn.amqp_tls));
     }
     let verdict = if reached == 0 {
         Verdict::Fail
@@ -101,9 +110,18 @@ pub async fn check(conn: &Connections) -> ExitCode {
     for text in refused {
         report(verdict, "broker", &text);
     }
+    for text in warnings {
+        report(Verdict::Warn, "broker", &text);
+    }
 
     if failed == 0 {
-        out.line("all checks passed: `outbox-relay run` can start with these settings");
+        out.line(&match warned {
+            0 => "all checks passed: `outbox-relay run` can start with these settings".to_string(),
+            n => format!(
+                "all checks passed: `outbox-relay run` can start with these settings (read the {n} warning{} above)",
+                plural(n)
+            ),
+        });
         ExitCode::SUCCESS
     } else {
         out.line(&format!(
@@ -130,11 +148,21 @@ async fn broker_check(url: &str, tls: &AmqpTlsFiles) -> Result<String, String> {
     match tokio::time::timeout(BROKER_CHECK_TIMEOUT, Publisher::connect(url, tls, false)).await {
         Ok(Ok(publisher)) => {
             let text = format!(
-                "connected to {broker_url} (vhost '{}'), confirm-mode channel open",
-                publisher.vhost()
+                "connected to {broker_url} (vhost '{}', {}), confirm-mode channel open",
+                publisher.vhost(),
+                broker_security(url, tls)
             );
             publisher.close().await;
             Ok(text)
+        }
+        Ok(Err(e @ PublishError::Connect { .. })) => {
+            let host = amqp_uri(url).map(|u| u.authority.host).unwrap_or_default();
+            Err(
+                match tls::explain_amqp_tls_error(&e, &host, tls.ca.as_deref()) {
+                    Some(why) => format!("cannot connect to RabbitMQ at {broker_url}: {why}"),
+                    None => with_causes(&e),
+                },
+            )
         }
         // The publisher's own wording says "reconnecting", which `check` does not do.
         Ok(Err(PublishError::Timeout { what })) => Err(format!(
@@ -147,6 +175,95 @@ async fn broker_check(url: &str, tls: &AmqpTlsFiles) -> Result<String, String> {
             BROKER_CHECK_TIMEOUT.as_secs()
         )),
     }
+}
+
+/// How a broker connection is secured, for its `ok` line.
+fn broker_security(url: &str, tls: &AmqpTlsFiles) -> String {
+    if !url.starts_with("amqps://") {
+        return "plain text".to_string();
+    }
+    let roots = match &tls.ca {
+        Some(ca) => format!("amqp-ca-file '{}'", ca.display()),
+        None => "the system's CA certificates".to_string(),
+    };
+    let client = if tls.cert.is_some() {
+        ", client certificate presented"
+    } else {
+        ""
+    };
+    format!("TLS, server verified against {roots}{client}")
+}
+
+/// A warning when the database connection is not verified and leaves this
+/// machine: `disable`, `prefer` and `require` (without sslrootcert) verify
+/// nothing. Loopback hosts and Unix sockets never leave the machine.
+fn database_tls_warning(url: &str) -> Option<String> {
+    let (pg_url, mode, _) = tls::split_tls_params(url).ok()?;
+    let config: tokio_postgres::Config = pg_url.parse().ok()?;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .filter_map(|host| match host {
+            tokio_postgres::config::Host::Tcp(name) if !is_loopback(name) => Some(name.clone()),
+            _ => None,
+        })
+        .chain(
+            config
+                .get_hostaddrs()
+                .iter()
+                .filter(|ip| !ip.is_loopback())
+                .map(|ip| ip.to_string()),
+        )
+        .collect();
+    if hosts.is_empty() {
+        return None;
+    }
+    let hosts = hosts.join(", ");
+    let fix = "use sslmode=verify-full with sslrootcert=<CA file> in the database URL";
+    let said = match mode {
+        SslMode::Disable => {
+            format!("sslmode=disable: the connection to {hosts} is neither encrypted nor verified")
+        }
+        SslMode::Prefer => format!(
+            "sslmode=prefer (the default): the connection to {hosts} is encrypted only if the server offers TLS, and the server is never verified"
+        ),
+        SslMode::Require => format!(
+            "sslmode=require: the connection to {hosts} is encrypted but the server is not verified (anyone on the path can pose as it)"
+        ),
+        SslMode::VerifyCa | SslMode::VerifyFull => return None,
+    };
+    Some(format!("{said}: {fix}"))
+}
+
+/// A warning when a broker URL is plain `amqp://` to a host off this
+/// machine, or names a client certificate it will not use.
+fn broker_tls_warning(url: &str, tls: &AmqpTlsFiles) -> Option<String> {
+    if url.starts_with("amqps://") {
+        return None;
+    }
+    let host = amqp_uri(url).ok()?.authority.host;
+    let shown = redact_url(url);
+    if !is_loopback(&host) {
+        return Some(format!(
+            "{shown} is plain amqp:// to {host}: neither encrypted nor verified: use amqps:// (with amqp-ca-file for a private CA)"
+        ));
+    }
+    tls.cert.as_ref().map(|cert| {
+        format!(
+            "amqp-cert-file '{}' is set but {shown} is plain amqp://: the client certificate is not used",
+            cert.display()
+        )
+    })
+}
+
+/// localhost, 127.0.0.0/8 and ::1: traffic that never leaves the machine.
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.to_ascii_lowercase().ends_with(".localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn check_line(verdict: Verdict, what: &str, text: &str) -> String {
@@ -251,6 +368,66 @@ mod tests {
         let lines = privilege_lines(&fine, "outbox", "app");
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0].0, Verdict::Ok);
+    }
+
+    #[test]
+    fn unverified_database_connections_off_this_machine_are_warned_about() {
+        let warn = |url: &str| database_tls_warning(url);
+        let said = warn("postgres://relay@db.example/app?sslmode=require").unwrap();
+        assert!(
+            said.starts_with("sslmode=require: the connection to db.example is encrypted but the server is not verified"),
+            "{said}"
+        );
+        assert!(said
+            .ends_with("use sslmode=verify-full with sslrootcert=<CA file> in the database URL"));
+        let said = warn("postgres://relay@db.example/app").unwrap();
+        assert!(said.starts_with("sslmode=prefer (the default)"), "{said}");
+        let said = warn("postgres://relay@10.0.0.5:5432,db2/app?sslmode=disable").unwrap();
+        assert!(
+            said.contains("to 10.0.0.5, db2 is neither encrypted"),
+            "{said}"
+        );
+        // Verified, or never leaving the machine: nothing to say.
+        for quiet in [
+            "postgres://relay@db.example/app?sslmode=verify-full",
+            "postgres://relay@db.example/app?sslmode=verify-ca",
+            "postgres://relay@db.example/app?sslmode=require&sslrootcert=/ca.pem",
+            "postgres://relay@127.0.0.1/app?sslmode=disable",
+            "postgres://relay@localhost/app",
+            "postgres://relay@[::1]/app?sslmode=require",
+            "postgres:///app?host=/var/run/postgresql",
+        ] {
+            assert_eq!(warn(quiet), None, "{quiet}");
+        }
+    }
+
+    #[test]
+    fn plain_amqp_off_this_machine_is_warned_about() {
+        let none = AmqpTlsFiles::default();
+        let said = broker_tls_warning("amqp://relay:s3cret@rabbit.example/%2f", &none).unwrap();
+        assert_eq!(
+            said,
+            "amqp://relay:***@rabbit.example/%2f is plain amqp:// to rabbit.example: neither encrypted nor verified: use amqps:// (with amqp-ca-file for a private CA)"
+        );
+        assert_eq!(
+            broker_tls_warning("amqps://rabbit.example/%2f", &none),
+            None
+        );
+        assert_eq!(broker_tls_warning("amqp://127.0.0.1:5672/%2f", &none), None);
+        let with_cert = AmqpTlsFiles {
+            cert: Some("/etc/relay/client.pem".into()),
+            ..Default::default()
+        };
+        let said = broker_tls_warning("amqp://localhost/%2f", &with_cert).unwrap();
+        assert!(
+            said.contains("the client certificate is not used"),
+            "{said}"
+        );
+        assert_eq!(
+            broker_security("amqps://rabbit.example/%2f", &none),
+            "TLS, server verified against the system's CA certificates"
+        );
+        assert_eq!(broker_security("amqp://localhost/%2f", &none), "plain text");
     }
 
     #[test]

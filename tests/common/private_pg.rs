@@ -6,6 +6,9 @@
 //! stops the server (immediate) and removes the directory, also when the test
 //! fails. An instance left behind by a test process that was killed is stopped
 //! by the next one that starts.
+//!
+//! `start()` is plain-text only (`ssl=off`); `start_with` can turn TLS on with
+//! given certificate files and make one role log in by client certificate only.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -20,9 +23,33 @@ pub struct PrivatePostgres {
     stopped: bool,
 }
 
+/// How a private instance starts. The default: plain text only.
+#[derive(Clone, Debug, Default)]
+pub struct PgOptions {
+    /// `ssl=on` with these files; None: `ssl=off`.
+    pub ssl: Option<PgSsl>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PgSsl {
+    /// The server's certificate and key (PEM).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA that signs client certificates (`ssl_ca_file`); needed for `cert_auth_role`.
+    pub ca: Option<PathBuf>,
+    /// A superuser role that may log in over TCP only with a client certificate
+    /// whose CN is its name (pg_hba `hostssl ... cert`; `host` rejected).
+    pub cert_auth_role: Option<String>,
+}
+
 impl PrivatePostgres {
-    /// initdb + start; panics with the server log if that fails.
+    /// initdb + start, plain text only; panics with the server log if that fails.
     pub fn start() -> PrivatePostgres {
+        PrivatePostgres::start_with(&PgOptions::default())
+    }
+
+    /// initdb + start with `options`; panics with the server log if that fails.
+    pub fn start_with(options: &PgOptions) -> PrivatePostgres {
         reap_orphans();
         let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{:08x}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir).expect("create private pg dir");
@@ -45,12 +72,69 @@ impl PrivatePostgres {
             "{PG_BIN}/initdb -D {} -A trust -U postgres --no-sync -E UTF8",
             pg.data.display()
         ));
+        let ssl = match &options.ssl {
+            None => "-c ssl=off".to_string(),
+            Some(ssl) => pg.configure_ssl(ssl),
+        };
         pg.pg_ctl(&format!(
-            "-o \"-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=50\" start",
+            "-o \"-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=50 {ssl}\" start",
             pg.port,
             pg.dir.display()
         ));
+        if let Some(role) = options.ssl.as_ref().and_then(|s| s.cert_auth_role.as_ref()) {
+            pg.as_postgres(&format!(
+                "{PG_BIN}/psql -h {} -p {} -U postgres -d postgres -v ON_ERROR_STOP=1 -c 'CREATE ROLE \"{role}\" LOGIN SUPERUSER'",
+                pg.dir.display(),
+                pg.port
+            ));
+        }
         pg
+    }
+
+    /// Copies the TLS files where the server (user postgres) may read them,
+    /// writes pg_hba for client-certificate login, returns the server options.
+    fn configure_ssl(&self, ssl: &PgSsl) -> String {
+        let tls = self.dir.join("tls");
+        std::fs::create_dir_all(&tls).expect("create private pg tls dir");
+        let copy = |from: &Path, name: &str| -> PathBuf {
+            let to = tls.join(name);
+            std::fs::copy(from, &to)
+                .unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
+            to
+        };
+        let cert = copy(&ssl.cert, "server.pem");
+        let key = copy(&ssl.key, "server.key");
+        let mut options = format!(
+            "-c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            cert.display(),
+            key.display()
+        );
+        if let Some(ca) = &ssl.ca {
+            let ca = copy(ca, "ca.pem");
+            options.push_str(&format!(" -c ssl_ca_file={}", ca.display()));
+        }
+        if let Some(role) = &ssl.cert_auth_role {
+            let hba = format!(
+                "local all all trust\n\
+                 hostssl all {role} 127.0.0.1/32 cert\n\
+                 host all {role} 127.0.0.1/32 reject\n\
+                 host all all 127.0.0.1/32 trust\n"
+            );
+            std::fs::write(self.data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+        }
+        must(
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&self.dir)
+                .output(),
+            "chown the private pg dir",
+        );
+        // PostgreSQL refuses a key file others may read.
+        must(
+            Command::new("chmod").arg("0600").arg(&key).output(),
+            "chmod the server key",
+        );
+        options
     }
 
     pub fn url(&self) -> String {

@@ -205,3 +205,41 @@ async fn failover_starts_on_a_later_node_when_the_first_is_down() {
     let out = check_with(&env, &none).await;
     assert_eq!(out.code(), Some(1), "{}", out.describe());
 }
+
+/// The secret-file form takes several URLs too, one per line as a secret
+/// manager might write them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_nodes_come_from_a_secret_file() {
+    let env = TestEnv::new("failover_file").await;
+    let queue = env.declare_queue("events").await;
+    let dead = ClosedPort::new();
+    let file = env.dir.join("amqp-urls");
+    save(
+        &file,
+        &format!("{},\n{}\n", url_via(&env.amqp_url, dead.port), env.amqp_url),
+    );
+    let file = file.display().to_string();
+    let mut relay = Relay::start_configured(
+        &env,
+        &[],
+        &[("OUTBOX_AMQP_URL_FILE", &file)],
+        Settings::Environment,
+    )
+    .await;
+    relay.wait_ready(RECOVERY_TIMEOUT).await;
+    let rows = env
+        .insert_committed(&[NewRow::to_queue(&queue, "via the second node")])
+        .await;
+    let got = env.consume(&queue, AckMode::Auto).await;
+    let wanted = rows.iter().map(|r| r.message_id.to_string()).collect();
+    got.wait_for_ids(&wanted, RECOVERY_TIMEOUT).await;
+    let m = relay.metrics().await;
+    assert_eq!(
+        node_gauge(&m, dead.port, "broker_node_connected"),
+        Some(0.0),
+        "{m}"
+    );
+    let real = url_addr(&env.amqp_url, 5672);
+    let line = format!("outbox_relay_broker_node_connected{{node=\"{real}\"}} 1");
+    assert!(m.lines().any(|l| l == line), "{line} not in\n{m}");
+}

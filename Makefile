@@ -46,3 +46,13 @@ deploy-check:
 # settings: SIZES_* variables, see scripts/table-sizes.sh.
 table-sizes: services build
 	bash scripts/table-sizes.sh
+
+# The local three-node RabbitMQ cluster (127.0.0.1:5681-5683) beside the default
+# broker; tests/cluster.rs starts it itself. `make cluster-down` removes its state.
+.PHONY: cluster-up cluster-down cluster-status
+cluster-up: services
+	bash scripts/rabbitmq-cluster.sh start
+cluster-down:
+	bash scripts/rabbitmq-cluster.sh stop
+cluster-status:
+	bash scripts/rabbitmq-cluster.sh status

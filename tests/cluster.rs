@@ -560,3 +560,143 @@ async fn cluster_quorum_vs_classic_drain_rate_and_lag() {
     );
     report_figures(TEST, &lines);
 }
+
+// ---------------------------------------------------------------------------
+// A classic queue whose node stops
+// ---------------------------------------------------------------------------
+
+/// How long the classic queue's node stays down.
+const QUEUE_NODE_OUTAGE: Duration = Duration::from_secs(15);
+
+/// A classic queue lives on one node. While that node is down RabbitMQ
+/// returns every publish to it as unroutable (312 NO_ROUTE), which the relay
+/// cannot tell from a missing binding: it charges the rows an attempt and
+/// retries them with backoff (after max-attempts, 10 by default, about 9 to
+/// 17 minutes, it would dead-letter them). Nothing is lost and order holds;
+/// the charged rows are reported, not asserted (README, "RabbitMQ cluster").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_classic_queue_node_down_loses_nothing() {
+    const TEST: &str = "cluster_classic_queue_node_down";
+    const QUEUE_NODE: u8 = 2;
+    let Some(cluster) = cluster_or_skip(TEST).await else {
+        return;
+    };
+    // The queue lives on node 2 (declared there); the relay publishes to
+    // node 1; the consumer reads through node 3.
+    let env = TestEnv::on_cluster(TEST, QUEUE_NODE).await;
+    let (exchange, routing_key, queue) =
+        env.declare_bound_queue("events", QueueKind::Classic).await;
+    let tally = Tally::start(&Cluster::url(CONSUMER_NODE), &queue).await;
+    let relay = start_relay(&env).await;
+    let (relay_node, _) = wait_connected_elsewhere(&relay, None).await;
+    assert_ne!(relay_node, QUEUE_NODE);
+    let work = KeyedWorkload::start(
+        &env.db_url,
+        &env.schema,
+        &exchange,
+        &routing_key,
+        Duration::from_millis(4),
+    );
+    wait_flowing(&tally, 300, &relay).await;
+
+    let stop_at = Instant::now();
+    let down = cluster.take_down(QUEUE_NODE, Outage::Stop).await;
+    let stopped_at = Instant::now();
+    // The outage lasts this long (not a wait for a condition).
+    tokio::time::sleep_until((stopped_at + QUEUE_NODE_OUTAGE).into()).await;
+    let during: HashSet<String> = work
+        .written_between(stopped_at, Instant::now())
+        .iter()
+        .map(|w| w.message_id.to_string())
+        .collect();
+    let (pending_during, charged_during, dead, published_during) = row_counts(&env, &during).await;
+    assert_eq!(
+        dead, 0,
+        "rows dead-lettered during a {QUEUE_NODE_OUTAGE:?} outage"
+    );
+    assert_eq!(
+        published_during, 0,
+        "rows written while the queue's node was down were marked published"
+    );
+    let reasons: HashSet<String> = env
+        .rows()
+        .await
+        .iter()
+        .filter_map(|r| r.last_error.as_deref())
+        .map(|e| match e.split_once("outbox row ") {
+            Some((a, b)) => format!(
+                "{a}outbox row N{}",
+                b.trim_start_matches(|c: char| c.is_ascii_digit())
+            ),
+            None => e.to_string(),
+        })
+        .collect();
+
+    let restart_at = Instant::now();
+    down.start().await;
+    let resumed_at = wait_fresh_arrival(&work, &tally, stopped_at, &relay).await;
+    work.wait_more(300, RECOVERY_TIMEOUT).await;
+    let (log, seqs) = work.stop().await;
+    assert!(
+        log.errors.is_empty() && log.uncertain.is_empty(),
+        "the application's database writes failed: {:?}",
+        log.errors
+    );
+    let committed: HashSet<String> = log
+        .committed
+        .iter()
+        .map(|w| w.message_id.to_string())
+        .collect();
+    // Charged rows wait out their backoff (seconds to about a minute here).
+    let all_in = tally.wait_all(&committed, Duration::from_secs(150)).await;
+    assert!(
+        all_in.is_some(),
+        "LOST: {} of {} committed rows never arrived\n{}",
+        tally.missing(&committed).len(),
+        committed.len(),
+        relay.log_tail(60)
+    );
+    let marked = wait_until(RECOVERY_TIMEOUT, async || env.pending_count().await == 0).await;
+    assert!(marked, "rows still pending after all arrived");
+    let rows = env.rows().await;
+    let keyed: HashMap<String, (Option<String>, i64)> = rows
+        .iter()
+        .map(|r| (r.message_id.to_string(), (r.partition_key.clone(), r.id)))
+        .collect();
+    let arrivals = tally.snapshot();
+    let violations = order_violations(arrivals.iter().map(|a| Some(a.message_id.as_str())), &keyed);
+    assert!(violations.is_empty(), "ORDER: {violations:#?}");
+    let violations = key_sequence_violations(arrivals.iter().map(|a| a.message_id.as_str()), &seqs);
+    assert!(violations.is_empty(), "per-key numbers: {violations:#?}");
+    let dead = rows.iter().filter(|r| r.dead_lettered_at.is_some()).count();
+    assert_eq!(dead, 0, "rows dead-lettered");
+    let charged = rows.iter().filter(|r| r.attempts > 0).count();
+    let max_attempts = rows.iter().map(|r| r.attempts).max().unwrap_or(0);
+    let duplicates = tally.len() - tally.distinct();
+
+    report_figures(
+        TEST,
+        &[
+            format!(
+                "classic queue on node {QUEUE_NODE}, relay on node {relay_node}, node {QUEUE_NODE} \
+                 stopped for {} (rabbitmqctl stop took {})",
+                secs(QUEUE_NODE_OUTAGE),
+                secs(stopped_at - stop_at)
+            ),
+            format!(
+                "during the outage: {} rows written, pending {pending_during}, charged \
+                 {charged_during} (returned as unroutable: {reasons:?})",
+                during.len()
+            ),
+            format!(
+                "first row written during the outage delivered {} after the node's start began",
+                secs(resumed_at.saturating_duration_since(restart_at))
+            ),
+            format!(
+                "lost=0 duplicates={duplicates} committed={} charged={charged} (max attempts \
+                 {max_attempts}) dead-lettered=0",
+                committed.len()
+            ),
+        ],
+    );
+}

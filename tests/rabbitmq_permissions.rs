@@ -1,0 +1,696 @@
+//! Least privilege on the RabbitMQ side: the relay needs a user with no tags
+//! and, on its vhost, configure `^$`, read `^$` and write on the exchanges it
+//! publishes to (`amq.default` for rows with an empty exchange), nothing more.
+//!
+//! Every test creates its own RabbitMQ user with `rabbitmqctl` (unique name,
+//! random password with characters a URL must escape), runs the relay or
+//! `check` as that user, and deletes the user at the end whatever happened.
+//! Users are managed on the local node only: a test prints `SKIPPED` and
+//! returns when `rabbitmqctl` cannot be used or the broker is not local.
+
+// Tests time real processes and services: the real clock is what they need.
+#![allow(clippy::disallowed_types)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::faults::*;
+use common::*;
+use lapin::options::ExchangeDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+
+const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+/// `rabbitmqctl` starts an Erlang VM per call: seconds on a busy machine.
+const RABBITMQCTL_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// `rabbitmqctl <args>`, killed after `RABBITMQCTL_TIMEOUT`. Err: why it failed.
+/// On a test's runtime the wait does not hold up the other tasks (the
+/// relay's consumers, the harness's AMQP connection).
+fn rabbitmqctl(args: &[&str]) -> Result<String, String> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| run_rabbitmqctl(args))
+        }
+        _ => run_rabbitmqctl(args),
+    }
+}
+
+fn run_rabbitmqctl(args: &[&str]) -> Result<String, String> {
+    let started = Command::new("rabbitmqctl")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = started.map_err(|e| format!("cannot run rabbitmqctl: {e}"))?;
+    let deadline = Instant::now() + RABBITMQCTL_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "rabbitmqctl {args:?} did not finish within {RABBITMQCTL_TIMEOUT:?}"
+                ));
+            }
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("rabbitmqctl {args:?}: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!(
+            "rabbitmqctl {args:?} exited with {}: {}{}",
+            out.status,
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The vhost an AMQP URL names (`/` for an empty path or `%2f`).
+fn vhost_of(url: &str) -> String {
+    let parsed = url::Url::parse(url).expect("the test AMQP URL parses");
+    let path = parsed.path().strip_prefix('/').unwrap_or("");
+    let decoded = percent_decode(path);
+    if decoded.is_empty() {
+        "/".to_string()
+    } else {
+        decoded
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `name` as a regular expression that matches exactly it.
+fn regex_literal(name: &str) -> String {
+    name.chars()
+        .flat_map(|c| {
+            let escape = r"\.+*?()|[]{}^$".contains(c);
+            escape.then_some('\\').into_iter().chain([c])
+        })
+        .collect()
+}
+
+/// `^(amq\.default|x|y)$`: write on exactly these exchanges.
+fn write_on(exchanges: &[&str]) -> String {
+    let names: Vec<String> = exchanges.iter().map(|x| regex_literal(x)).collect();
+    format!("^({})$", names.join("|"))
+}
+
+/// A RabbitMQ user of one test, deleted (with its permissions) on drop.
+struct BrokerUser {
+    name: String,
+    password: String,
+    vhost: String,
+    /// The test's AMQP URL, whose host, port and vhost the user's URL keeps.
+    base_url: String,
+}
+
+impl BrokerUser {
+    /// A user with no tags and exactly `configure`, `write`, `read` on the
+    /// test broker's vhost. None (after printing SKIPPED) when users cannot be
+    /// managed here.
+    fn create(
+        env: &TestEnv,
+        test: &str,
+        configure: &str,
+        write: &str,
+        read: &str,
+    ) -> Option<BrokerUser> {
+        let url = url::Url::parse(&env.amqp_url).expect("the test AMQP URL parses");
+        let local = matches!(
+            url.host_str(),
+            Some("127.0.0.1" | "localhost" | "[::1]" | "::1")
+        );
+        if !local {
+            println!(
+                "SKIPPED {test}: the test broker ({}) is not on this machine, and \
+                 rabbitmqctl manages users of the local node only",
+                url.host_str().unwrap_or("?")
+            );
+            return None;
+        }
+        if let Err(e) = rabbitmqctl(&["-q", "list_vhosts"]) {
+            println!("SKIPPED {test}: rabbitmqctl is not usable here ({e})");
+            return None;
+        }
+        // Characters a URL must escape: the test proves the encoding works.
+        let password = format!("p@ss:w/rd%#?{:016x}", rand::random::<u64>());
+        let user = BrokerUser {
+            name: format!("outbox-relay-test-{}", env.schema),
+            password,
+            vhost: vhost_of(&env.amqp_url),
+            base_url: env.amqp_url.clone(),
+        };
+        // From here on the user exists (or may): Drop deletes it.
+        rabbitmqctl(&["add_user", &user.name, &user.password])
+            .unwrap_or_else(|e| panic!("create RabbitMQ user {}: {e}", user.name));
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &user.vhost,
+            &user.name,
+            configure,
+            write,
+            read,
+        ])
+        .unwrap_or_else(|e| panic!("set permissions of {}: {e}", user.name));
+        let users = rabbitmqctl(&["-q", "list_users"])
+            .unwrap_or_else(|e| panic!("list RabbitMQ users: {e}"));
+        let tags = users
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{}\t", user.name)))
+            .unwrap_or_else(|| panic!("user {} not listed:\n{users}", user.name));
+        assert_eq!(tags.trim(), "[]", "user {} has tags", user.name);
+        println!(
+            "RabbitMQ user {} on vhost '{}': configure {configure:?} write {write:?} read {read:?}, no tags",
+            user.name, user.vhost
+        );
+        Some(user)
+    }
+
+    /// The test's AMQP URL logging in as this user (name and password
+    /// percent-encoded).
+    fn url(&self) -> String {
+        let mut url = url::Url::parse(&self.base_url).expect("the test AMQP URL parses");
+        url.set_username(&self.name).expect("set the URL's user");
+        url.set_password(Some(&self.password))
+            .expect("set the URL's password");
+        url.to_string()
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        // Whatever happened: the shared broker is left as it was found.
+        if let Err(e) = rabbitmqctl(&["delete_user", &self.name]) {
+            eprintln!(
+                "could not delete RabbitMQ user {}: {e}; delete it by hand",
+                self.name
+            );
+        }
+    }
+}
+
+/// Relay settings for these tests: quick polls, and a refused row parked at
+/// its second attempt.
+fn launch(user: &BrokerUser) -> Launch {
+    Launch::new()
+        .amqp_url(&user.url())
+        .args(&["--max-attempts", "2", "--poll-interval", "200ms"])
+}
+
+/// Waits until every row in `ids` is marked published.
+async fn wait_marked(env: &TestEnv, ids: &[Inserted], relay: &Relay) {
+    let wanted: HashSet<i64> = ids.iter().map(|i| i.id).collect();
+    let marked = wait_until(ARRIVAL_TIMEOUT, async || {
+        let rows = env.rows().await;
+        rows.iter()
+            .filter(|r| wanted.contains(&r.id))
+            .all(|r| r.published_at.is_some())
+    })
+    .await;
+    assert!(
+        marked,
+        "rows not all marked published within {ARRIVAL_TIMEOUT:?}: {:?}\n{}",
+        env.rows()
+            .await
+            .iter()
+            .filter(|r| wanted.contains(&r.id) && r.published_at.is_none())
+            .collect::<Vec<_>>(),
+        relay.log_tail(100)
+    );
+}
+
+/// Waits until row `id` is dead-lettered; returns it.
+async fn wait_parked(env: &TestEnv, id: i64, relay: &Relay) -> RowState {
+    let parked = wait_until(ARRIVAL_TIMEOUT, async || {
+        let rows = env.rows().await;
+        rows.iter()
+            .any(|r| r.id == id && r.dead_lettered_at.is_some())
+    })
+    .await;
+    let row = env
+        .rows()
+        .await
+        .into_iter()
+        .find(|r| r.id == id)
+        .expect("the row exists");
+    assert!(
+        parked,
+        "row {id} not dead-lettered within {ARRIVAL_TIMEOUT:?}: {row:?}\n{}",
+        relay.log_tail(100)
+    );
+    row
+}
+
+fn to_exchange(exchange: &str, routing_key: &str, payload: &str) -> NewRow {
+    let mut row = NewRow::to_queue(routing_key, payload.as_bytes().to_vec());
+    row.exchange = exchange.to_string();
+    row
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_passes_as_a_publish_only_user() {
+    let env = TestEnv::new("amqp_perm_check").await;
+    let exchange = env.declare_exchange("allowed", ExchangeKind::Direct).await;
+    let write = write_on(&["amq.default", &exchange]);
+    let test = "check_passes_as_a_publish_only_user";
+    let Some(user) = BrokerUser::create(&env, test, "^$", &write, "^$") else {
+        return;
+    };
+    let user_url = user.url();
+    let out = run_cli(
+        &[
+            "check",
+            "--database-url",
+            &env.db_url,
+            "--amqp-url",
+            &user_url,
+            "--schema",
+            &env.schema,
+        ],
+        &[],
+        CLI_TIMEOUT,
+    )
+    .await;
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "check as the publish-only user {}\n{}",
+        user.name,
+        out.describe()
+    );
+    let broker_line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("broker"))
+        .unwrap_or_else(|| panic!("no broker line\n{}", out.describe()));
+    assert!(
+        broker_line.starts_with("ok"),
+        "broker line: {broker_line}\n{}",
+        out.describe()
+    );
+    assert!(
+        !out.stdout.contains(&user.password) && !out.stderr.contains(&user.password),
+        "check printed the password\n{}",
+        out.describe()
+    );
+    println!("check as {}: {broker_line}", user.name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_only_user_publishes_rows_to_the_exchanges_it_may_write() {
+    let env = TestEnv::new("amqp_perm_publish").await;
+    let exchange = env.declare_exchange("allowed", ExchangeKind::Direct).await;
+    let queue = env.declare_queue("events").await;
+    env.bind(&queue, &exchange, "orders").await;
+    let direct_queue = env.declare_queue("direct").await;
+    let write = write_on(&["amq.default", &exchange]);
+    let test = "publish_only_user_publishes_rows_to_the_exchanges_it_may_write";
+    let Some(user) = BrokerUser::create(&env, test, "^$", &write, "^$") else {
+        return;
+    };
+
+    // The relay's exchange check (a passive exchange.declare) needs no
+    // permission: the user gets true answers, 404 included.
+    let conn = Connection::connect(&user.url(), ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("connect as {}: {e}", user.name));
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Direct,
+            passive,
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("passive declare of {exchange} as {}: {e}", user.name));
+    let missing = env.unique("missing");
+    let answer = conn
+        .create_channel()
+        .await
+        .expect("channel")
+        .exchange_declare(
+            missing.as_str().into(),
+            ExchangeKind::Direct,
+            passive,
+            FieldTable::default(),
+        )
+        .await;
+    let answer = format!("{answer:?}");
+    assert!(
+        answer.contains("NOT_FOUND") || answer.contains("404"),
+        "passive declare of a missing exchange as {}: {answer}",
+        user.name
+    );
+    let _ = conn.close(200, "done".into()).await;
+
+    let collector = env.consume(&queue, AckMode::Manual).await;
+    let direct = env.consume(&direct_queue, AckMode::Manual).await;
+    let mut rows: Vec<NewRow> = (1..=5)
+        .map(|i| to_exchange(&exchange, "orders", &format!("x{i}")))
+        .collect();
+    rows.extend((1..=3).map(|i| NewRow::to_queue(&direct_queue, format!("d{i}"))));
+    let ins = env.insert_committed(&rows).await;
+    let relay = Relay::start_with(&env, &launch(&user)).await;
+
+    collector
+        .wait_for_ids(&ids_of(&ins[..5]), ARRIVAL_TIMEOUT)
+        .await;
+    direct
+        .wait_for_ids(&ids_of(&ins[5..]), ARRIVAL_TIMEOUT)
+        .await;
+    wait_marked(&env, &ins, &relay).await;
+    for row in env.rows().await {
+        assert_eq!(row.attempts, 0, "a row was charged: {row:?}");
+    }
+    let logs = relay.logs();
+    assert!(
+        !logs.contains("ACCESS_REFUSED") && !logs.contains("access to"),
+        "the relay was refused something\n{}",
+        relay.log_tail(100)
+    );
+    assert!(
+        !logs.contains(&user.password),
+        "the relay logged the password"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_to_an_exchange_the_user_may_not_write_is_charged_and_parked_others_flow() {
+    let env = TestEnv::new("amqp_perm_refused").await;
+    let allowed = env.declare_exchange("allowed", ExchangeKind::Direct).await;
+    let refused = env.declare_exchange("refused", ExchangeKind::Direct).await;
+    let queue = env.declare_queue("events").await;
+    env.bind(&queue, &allowed, "orders").await;
+    // Routable if it were written: only the permission stops it.
+    let refused_queue = env.declare_queue("refused").await;
+    env.bind(&refused_queue, &refused, "orders").await;
+    let direct_queue = env.declare_queue("direct").await;
+    let write = write_on(&["amq.default", &allowed]);
+    let test = "row_to_an_exchange_the_user_may_not_write_is_charged_and_parked_others_flow";
+    let Some(user) = BrokerUser::create(&env, test, "^$", &write, "^$") else {
+        return;
+    };
+
+    let collector = env.consume(&queue, AckMode::Manual).await;
+    let direct = env.consume(&direct_queue, AckMode::Manual).await;
+    let mut rows = vec![
+        to_exchange(&allowed, "orders", "x1"),
+        to_exchange(&refused, "orders", "refused"),
+    ];
+    rows.extend((2..=5).map(|i| to_exchange(&allowed, "orders", &format!("x{i}"))));
+    rows.extend((1..=3).map(|i| NewRow::to_queue(&direct_queue, format!("d{i}"))));
+    let ins = env.insert_committed(&rows).await;
+    let bad = ins[1];
+    let good: Vec<Inserted> = ins.iter().copied().filter(|i| *i != bad).collect();
+    let relay = Relay::start_with(&env, &launch(&user)).await;
+
+    let to_allowed: Vec<Inserted> = good[..5].to_vec();
+    collector
+        .wait_for_ids(&ids_of(&to_allowed), ARRIVAL_TIMEOUT)
+        .await;
+    direct
+        .wait_for_ids(&ids_of(&good[5..]), ARRIVAL_TIMEOUT)
+        .await;
+    wait_marked(&env, &good, &relay).await;
+    let parked = wait_parked(&env, bad.id, &relay).await;
+
+    assert!(
+        parked.published_at.is_none(),
+        "the refused row was marked published: {parked:?}"
+    );
+    assert_eq!(
+        parked.attempts, 2,
+        "attempts of the refused row: {parked:?}"
+    );
+    let err = parked.last_error.clone().unwrap_or_default();
+    for needle in ["ACCESS_REFUSED", refused.as_str(), user.name.as_str()] {
+        assert!(
+            err.contains(needle),
+            "last_error does not say {needle:?}: {err:?}"
+        );
+    }
+    assert!(
+        !err.contains(&user.password),
+        "last_error holds the password"
+    );
+    for row in env.rows().await.iter().filter(|r| r.id != bad.id) {
+        assert!(
+            row.published_at.is_some() && row.attempts == 0,
+            "a row beside the refused one was charged or not marked: {row:?}"
+        );
+    }
+    assert_eq!(
+        env.queue_depth(&refused_queue).await,
+        0,
+        "the refused row reached the exchange it may not write"
+    );
+    let arrived = collector.distinct_ids();
+    assert!(
+        !arrived.contains(&bad.message_id.to_string()),
+        "the refused row arrived"
+    );
+    println!("refused row {} parked after 2 attempts: {err}", bad.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_to_the_default_exchange_need_write_on_amq_default() {
+    let env = TestEnv::new("amqp_perm_default").await;
+    let allowed = env.declare_exchange("allowed", ExchangeKind::Direct).await;
+    let queue = env.declare_queue("events").await;
+    env.bind(&queue, &allowed, "orders").await;
+    let direct_queue = env.declare_queue("direct").await;
+    // No amq.default: rows with an empty exchange are refused.
+    let write = write_on(&[&allowed]);
+    let test = "rows_to_the_default_exchange_need_write_on_amq_default";
+    let Some(user) = BrokerUser::create(&env, test, "^$", &write, "^$") else {
+        return;
+    };
+
+    let collector = env.consume(&queue, AckMode::Manual).await;
+    let rows = vec![
+        NewRow::to_queue(&direct_queue, "direct"),
+        to_exchange(&allowed, "orders", "x1"),
+        to_exchange(&allowed, "orders", "x2"),
+    ];
+    let ins = env.insert_committed(&rows).await;
+    let relay = Relay::start_with(&env, &launch(&user)).await;
+
+    collector
+        .wait_for_ids(&ids_of(&ins[1..]), ARRIVAL_TIMEOUT)
+        .await;
+    wait_marked(&env, &ins[1..], &relay).await;
+    let parked = wait_parked(&env, ins[0].id, &relay).await;
+    assert!(parked.published_at.is_none(), "{parked:?}");
+    let err = parked.last_error.clone().unwrap_or_default();
+    for needle in ["ACCESS_REFUSED", "amq.default"] {
+        assert!(
+            err.contains(needle),
+            "last_error does not say {needle:?}: {err:?}"
+        );
+    }
+    assert_eq!(env.queue_depth(&direct_queue).await, 0);
+    println!("default-exchange row without write on amq.default: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_a_user_without_access_to_the_vhost() {
+    let env = TestEnv::new("amqp_perm_vhost").await;
+    let test = "check_names_a_user_without_access_to_the_vhost";
+    let Some(user) = BrokerUser::create(&env, test, "^$", "^$", "^$") else {
+        return;
+    };
+    // No permissions at all on the vhost, not even empty ones.
+    rabbitmqctl(&["clear_permissions", "-p", &user.vhost, &user.name])
+        .unwrap_or_else(|e| panic!("clear permissions of {}: {e}", user.name));
+    let user_url = user.url();
+    let out = run_cli(
+        &[
+            "check",
+            "--database-url",
+            &env.db_url,
+            "--amqp-url",
+            &user_url,
+            "--schema",
+            &env.schema,
+        ],
+        &[],
+        CLI_TIMEOUT,
+    )
+    .await;
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    let broker_line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("broker"))
+        .unwrap_or_else(|| panic!("no broker line\n{}", out.describe()));
+    for needle in ["FAIL", "access to vhost", &user.name] {
+        assert!(
+            broker_line.contains(needle),
+            "broker line does not say {needle:?}: {broker_line}"
+        );
+    }
+    assert!(!out.stdout.contains(&user.password), "{}", out.describe());
+    println!("check as a user without vhost access: {broker_line}");
+}
+
+/// Rows to a refused exchange spread through a backlog: each closes the
+/// publishing channel, so the rows in flight with it go again alone (a
+/// repeat is possible, as after any closed channel: at least once), and only
+/// the refused rows are charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_rows_spread_through_a_backlog_are_each_parked_and_the_rest_flow() {
+    let env = TestEnv::new("amqp_perm_backlog").await;
+    let allowed = env.declare_exchange("allowed", ExchangeKind::Direct).await;
+    let refused = env.declare_exchange("refused", ExchangeKind::Direct).await;
+    let queue = env.declare_queue("events").await;
+    env.bind(&queue, &allowed, "orders").await;
+    let refused_queue = env.declare_queue("refused").await;
+    env.bind(&refused_queue, &refused, "orders").await;
+    let write = write_on(&["amq.default", &allowed]);
+    let test = "refused_rows_spread_through_a_backlog_are_each_parked_and_the_rest_flow";
+    let Some(user) = BrokerUser::create(&env, test, "^$", &write, "^$") else {
+        return;
+    };
+    let collector = env.consume(&queue, AckMode::Manual).await;
+    // One row in 40 refused, spread over three partition keys (a refused
+    // row holds its key until it is parked, like any charged row); one row
+    // in 5 has no key and owes nothing to the refused rows.
+    let is_refused = |i: usize| i % 40 == 7;
+    let unkeyed = |i: usize| i.is_multiple_of(5);
+    let rows: Vec<NewRow> = (0..400)
+        .map(|i| {
+            let row = if is_refused(i) {
+                to_exchange(&refused, "orders", &format!("r{i}"))
+            } else {
+                to_exchange(&allowed, "orders", &format!("x{i}"))
+            };
+            if unkeyed(i) {
+                row
+            } else {
+                row.key(&format!("k{}", i % 3))
+            }
+        })
+        .collect();
+    let ins = env.insert_committed(&rows).await;
+    type Numbered = Vec<(usize, Inserted)>;
+    let (bad, good): (Numbered, Numbered) = ins
+        .iter()
+        .copied()
+        .enumerate()
+        .partition(|(i, _)| is_refused(*i));
+    let free: HashSet<String> = good
+        .iter()
+        .filter(|(i, _)| unkeyed(*i))
+        .map(|(_, r)| r.message_id.to_string())
+        .collect();
+    let bad: Vec<Inserted> = bad.into_iter().map(|(_, r)| r).collect();
+    let good: Vec<Inserted> = good.into_iter().map(|(_, r)| r).collect();
+    let started = Instant::now();
+    let relay = Relay::start_with(&env, &launch(&user)).await;
+
+    collector
+        .wait_for_ids(&ids_of(&good), ARRIVAL_TIMEOUT)
+        .await;
+    wait_marked(&env, &good, &relay).await;
+    let good_done = started.elapsed();
+    for b in &bad {
+        wait_parked(&env, b.id, &relay).await;
+    }
+    let all_parked = started.elapsed();
+
+    let rows = env.rows().await;
+    let bad_ids: HashSet<i64> = bad.iter().map(|b| b.id).collect();
+    for row in &rows {
+        if bad_ids.contains(&row.id) {
+            let err = row.last_error.as_deref().unwrap_or("");
+            assert!(
+                row.published_at.is_none() && row.attempts == 2 && err.contains("ACCESS_REFUSED"),
+                "refused row not parked as refused: {row:?}"
+            );
+        } else {
+            assert!(
+                row.published_at.is_some() && row.attempts == 0,
+                "a row beside the refused ones was charged or not marked: {row:?}"
+            );
+        }
+    }
+    assert_eq!(env.queue_depth(&refused_queue).await, 0);
+    let arrived = collector.snapshot();
+    let bad_messages = ids_of(&bad);
+    assert!(
+        arrived
+            .iter()
+            .all(|r| !bad_messages.contains(r.message_id.as_deref().unwrap_or(""))),
+        "a refused row arrived"
+    );
+    let by_message: std::collections::HashMap<String, (Option<String>, i64)> = rows
+        .iter()
+        .map(|r| (r.message_id.to_string(), (r.partition_key.clone(), r.id)))
+        .collect();
+    let violations = order_violations(arrived.iter().map(|r| r.message_id.as_deref()), &by_message);
+    assert!(
+        violations.is_empty(),
+        "order per key broken: {violations:?}"
+    );
+    let last_parked = rows
+        .iter()
+        .filter_map(|r| r.dead_lettered_at)
+        .max()
+        .expect("parked rows");
+    let late: Vec<&Received> = arrived
+        .iter()
+        .filter(|r| free.contains(r.message_id.as_deref().unwrap_or("")) && r.at > last_parked)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} rows without a key waited for the refused rows to be parked",
+        late.len()
+    );
+    let duplicates = arrived.len() - collector.distinct_ids().len();
+    println!(
+        "{} good rows published and marked in {good_done:?} (repeats {duplicates}), \
+         {} refused rows parked after 2 attempts by {all_parked:?}",
+        good.len(),
+        bad.len()
+    );
+}

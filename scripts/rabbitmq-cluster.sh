@@ -8,6 +8,8 @@
 #   scripts/rabbitmq-cluster.sh stop-node N    stop node N's whole VM (its TCP connections drop)
 #   scripts/rabbitmq-cluster.sh kill-node N    SIGKILL node N's VM (a crash: no goodbye to clients)
 #   scripts/rabbitmq-cluster.sh start-node N   start node N again and wait until it is back in the cluster
+#   scripts/rabbitmq-cluster.sh freeze-node N  SIGSTOP node N's VM (a hung node: connections stay open, silent)
+#   scripts/rabbitmq-cluster.sh thaw-node N    SIGCONT it (within ~45 s, or its peers see a network partition)
 #   scripts/rabbitmq-cluster.sh urls           the AMQP URLs of the nodes, comma-separated
 #
 # Nodes (N = 1, 2, 3):
@@ -58,8 +60,9 @@ check_node_arg() {
 
 RABBIT_HOME=
 preflight() {
-    command -v rabbitmq-server >/dev/null && [ -x "$RABBIT_LIB/rabbitmq-server" ] \
-        || cannot "rabbitmq-server is not installed (apt-get install rabbitmq-server, or run scripts/services.sh)"
+    if ! command -v rabbitmq-server >/dev/null || [ ! -x "$RABBIT_LIB/rabbitmq-server" ]; then
+        cannot "rabbitmq-server is not installed (apt-get install rabbitmq-server, or run scripts/services.sh)"
+    fi
     [ -x "$RABBIT_LIB/rabbitmqctl" ] || cannot "$RABBIT_LIB/rabbitmqctl is missing"
     local entry
     entry=$(getent passwd "$RABBIT_USER") \
@@ -102,8 +105,11 @@ port_open() { timeout 2 bash -c "</dev/tcp/127.0.0.1/$1" 2>/dev/null; }
 # writes one only some way into its boot).
 vm_pid() {
     local pid
+    local environ
     for pid in $(pgrep -u "$RABBIT_USER" -x beam.smp); do
-        if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "RABBITMQ_NODENAME=$(node_name "$1")"; then
+        # No pipe into grep -q: with pipefail, tr's SIGPIPE would read as no match.
+        environ=$(tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ") || continue
+        if grep -qx "RABBITMQ_NODENAME=$(node_name "$1")" <<<"$environ"; then
             echo "$pid"
             return 0
         fi
@@ -230,7 +236,9 @@ sorted() { tr ' ' '\n' | grep -v '^$' | sort | tr '\n' ' ' | sed 's/ $//'; }
 join_node() {
     local n=$1
     [ "$n" = 1 ] && return 0
-    if all_members "$n" | tr ' ' '\n' | grep -qx "$(node_name 1)"; then
+    local members
+    members=$(all_members "$n" | tr ' ' '\n')
+    if grep -qx "$(node_name 1)" <<<"$members"; then
         return 0
     fi
     say "joining $(node_name "$n") to $(node_name 1)"
@@ -290,6 +298,7 @@ fresh_cluster() {
 
 cmd_start() {
     local began=$SECONDS n stopped=()
+    thaw_all
     if healthy; then
         say "already running: $(expected_members) (AMQP $(cmd_urls)); nothing done"
         return 0
@@ -368,9 +377,37 @@ cmd_kill_node() {
     say "killed $(node_name "$n") (SIGKILL of its VM)"
 }
 
+cmd_freeze_node() {
+    local n=$1 pid
+    pid=$(vm_pid "$n") || die "$(node_name "$n") is not running"
+    kill -STOP "$pid"
+    say "froze $(node_name "$n") (SIGSTOP of pid $pid; thaw-node $n within ~45 s, before its peers declare a partition)"
+}
+
+cmd_thaw_node() {
+    local n=$1 pid
+    pid=$(vm_pid "$n") || { say "$(node_name "$n") is not running; nothing done"; return 0; }
+    kill -CONT "$pid"
+    say "thawed $(node_name "$n") (SIGCONT of pid $pid)"
+}
+
+# SIGCONT for every frozen VM (a test that froze one and died).
+thaw_all() {
+    local n pid
+    for n in "${NODES[@]}"; do
+        if pid=$(vm_pid "$n") && [ "$(ps -o stat= -p "$pid" | cut -c1)" = T ]; then
+            kill -CONT "$pid"
+            say "thawed $(node_name "$n"), which was frozen"
+        fi
+    done
+}
+
 cmd_start_node() {
     local n=$1 began=$SECONDS
     [ -d "$(node_dir "$n")/mnesia" ] || die "node $n has no state: run '$0 start' first"
+    if vm_pid "$n" >/dev/null && [ "$(ps -o stat= -p "$(vm_pid "$n")" | cut -c1)" = T ]; then
+        cmd_thaw_node "$n"
+    fi
     if vm_pid "$n" >/dev/null && node_up "$n"; then
         say "$(node_name "$n") is already running; nothing done"
         return 0
@@ -397,7 +434,7 @@ with_lock() {
 }
 
 usage() {
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -414,7 +451,7 @@ main() {
             ;;
         urls) cmd_urls; return ;;
         start | stop | status) preflight; with_lock "cmd_$cmd" ;;
-        stop-node | kill-node | start-node)
+        stop-node | kill-node | start-node | freeze-node | thaw-node)
             check_node_arg "${2:-}"
             preflight
             with_lock "cmd_${cmd//-/_}" "$2"

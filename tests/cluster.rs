@@ -700,3 +700,99 @@ async fn cluster_classic_queue_node_down_loses_nothing() {
         ],
     );
 }
+
+// ---------------------------------------------------------------------------
+// A hung node: connections stay open, nothing answers
+// ---------------------------------------------------------------------------
+
+/// How long a node may stay frozen: its peers declare a network partition
+/// after 45 to 75 s of silence (net_ticktime 60 s), which this cluster
+/// (partition handling `ignore`) would not heal by itself.
+const FREEZE_LIMIT: Duration = Duration::from_secs(42);
+
+/// The relay's node hangs (SIGSTOP: no FIN, no RST, no answer). The relay
+/// leaves it once confirms stop coming (its 30 s confirm timeout) for the
+/// next node given, and nothing is lost or charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_hung_node_is_left_for_the_next_one() {
+    const TEST: &str = "cluster_hung_node";
+    let Some(cluster) = cluster_or_skip(TEST).await else {
+        return;
+    };
+    let env = TestEnv::on_cluster(TEST, CONSUMER_NODE).await;
+    let (exchange, routing_key, queue) = env.declare_bound_queue("events", QueueKind::Quorum).await;
+    let tally = Tally::start(&Cluster::url(CONSUMER_NODE), &queue).await;
+    let relay = start_relay(&env).await;
+    let (first_node, _) = wait_connected_elsewhere(&relay, None).await;
+    assert_eq!(first_node, RELAY_NODES[0]);
+    let work = KeyedWorkload::start(
+        &env.db_url,
+        &env.schema,
+        &exchange,
+        &routing_key,
+        Duration::from_millis(4),
+    );
+    wait_flowing(&tally, 300, &relay).await;
+
+    let probe = NodeProbe::start(&relay);
+    let freeze_at = Instant::now();
+    let frozen = cluster.take_down(first_node, Outage::Freeze).await;
+    let next = RELAY_NODES[1];
+    // Thawed at the limit whether or not the relay has moved by then.
+    let left = wait_until(
+        FREEZE_LIMIT.saturating_sub(freeze_at.elapsed()),
+        async || probe.first_on(next, freeze_at).is_some(),
+    )
+    .await;
+    let thaw_at = Instant::now();
+    frozen.start().await;
+    assert!(
+        left,
+        "the relay was still not on node {next} {} after node {first_node} froze\n{}",
+        secs(thaw_at - freeze_at),
+        relay.log_tail(40)
+    );
+    let (moved_at, published_at) = wait_publishing_on(&probe, next, freeze_at, &relay).await;
+    let resumed_at = wait_fresh_arrival(&work, &tally, moved_at, &relay).await;
+    let pause = longest_pause(&tally, freeze_at, resumed_at);
+    work.wait_more(300, RECOVERY_TIMEOUT).await;
+    let (log, seqs) = work.stop().await;
+    assert!(
+        log.errors.is_empty() && log.uncertain.is_empty(),
+        "the application's database writes failed: {:?}",
+        log.errors
+    );
+    let figures = verify_delivery(&env, &tally, &log, &relay).await;
+    let arrivals = tally.snapshot();
+    let violations = key_sequence_violations(arrivals.iter().map(|a| a.message_id.as_str()), &seqs);
+    assert!(violations.is_empty(), "per-key numbers: {violations:#?}");
+    let why = relay.log_lines_with(&["no confirm", "took no publish", "lost the RabbitMQ"], 4);
+    // The frozen node is a member again (or the next test's start heals it).
+    let healthy = Cluster::ensure().await.is_ok();
+
+    report_figures(
+        TEST,
+        &[
+            format!(
+                "node {first_node} (the relay's) frozen with SIGSTOP for {}: relay on node {next} \
+                 {} after the freeze, publishing there (confirmed) {} after; first row written \
+                 after the switch delivered {} after the freeze; longest pause between new \
+                 deliveries {}; cluster healthy after the thaw: {healthy}",
+                secs(thaw_at - freeze_at),
+                secs(moved_at.saturating_duration_since(freeze_at)),
+                secs(published_at.saturating_duration_since(freeze_at)),
+                secs(resumed_at.saturating_duration_since(freeze_at)),
+                secs(pause),
+            ),
+            format!("why the relay left: {}", why.replace('\n', " | ")),
+            format!(
+                "lost={} duplicates={} (of received={}, committed={}) charged={} dead-lettered=0",
+                figures.lost,
+                figures.duplicates,
+                figures.received,
+                figures.committed,
+                figures.charged
+            ),
+        ],
+    );
+}

@@ -65,6 +65,9 @@ pub enum Outage {
     Stop,
     /// SIGKILL of the VM: a crash; clients see their TCP connections end.
     Kill,
+    /// SIGSTOP of the VM: a hung node; connections stay open and silent.
+    /// Undone (SIGCONT) within about 45 s, or its peers see a partition.
+    Freeze,
 }
 
 /// The running cluster: three nodes on 127.0.0.1:5681..5683.
@@ -116,10 +119,12 @@ impl Cluster {
         let verb = match how {
             Outage::Stop => "stop-node",
             Outage::Kill => "kill-node",
+            Outage::Freeze => "freeze-node",
         };
         // The guard first: the node comes back even if the stop itself fails.
         let guard = NodeDown {
             node,
+            how,
             started: false,
         };
         let arg = node.to_string();
@@ -140,14 +145,23 @@ impl Cluster {
 /// A node that is down until `start` or drop.
 pub struct NodeDown {
     pub node: u8,
+    how: Outage,
     started: bool,
 }
 
 impl NodeDown {
-    /// `start-node N`, which returns once the node is back in the cluster.
+    fn undo_verb(&self) -> &'static str {
+        match self.how {
+            Outage::Freeze => "thaw-node",
+            Outage::Stop | Outage::Kill => "start-node",
+        }
+    }
+
+    /// `start-node N`, which returns once the node is back in the cluster
+    /// (`thaw-node N` for a frozen node).
     pub async fn start(mut self) {
-        let arg = self.node.to_string();
-        tokio::task::spawn_blocking(move || run_script_ok(&["start-node", &arg]))
+        let (verb, arg) = (self.undo_verb(), self.node.to_string());
+        tokio::task::spawn_blocking(move || run_script_ok(&[verb, &arg]))
             .await
             .expect("script task");
         self.started = true;
@@ -157,8 +171,9 @@ impl NodeDown {
 impl Drop for NodeDown {
     fn drop(&mut self) {
         if !self.started {
-            let (code, text) = run_script(&["start-node", &self.node.to_string()]);
-            eprintln!("(guard) start-node {}: {code:?} {text}", self.node);
+            let verb = self.undo_verb();
+            let (code, text) = run_script(&[verb, &self.node.to_string()]);
+            eprintln!("(guard) {verb} {}: {code:?} {text}", self.node);
         }
     }
 }

@@ -25,6 +25,7 @@ pub enum FailureReason {
     Nack,
     Unroutable,
     ChannelClosed,
+    AccessRefused,
     ExchangeNotFound,
     InvalidRow,
     ConnectionLost,
@@ -32,10 +33,11 @@ pub enum FailureReason {
 }
 
 impl FailureReason {
-    const ALL: [FailureReason; 7] = [
+    const ALL: [FailureReason; 8] = [
         FailureReason::Nack,
         FailureReason::Unroutable,
         FailureReason::ChannelClosed,
+        FailureReason::AccessRefused,
         FailureReason::ExchangeNotFound,
         FailureReason::InvalidRow,
         FailureReason::ConnectionLost,
@@ -47,6 +49,7 @@ impl FailureReason {
             FailureReason::Nack => "nack",
             FailureReason::Unroutable => "unroutable",
             FailureReason::ChannelClosed => "channel_closed",
+            FailureReason::AccessRefused => "access_refused",
             FailureReason::ExchangeNotFound => "exchange_not_found",
             FailureReason::InvalidRow => "invalid_row",
             FailureReason::ConnectionLost => "connection_lost",

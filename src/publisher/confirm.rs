@@ -25,8 +25,9 @@ pub enum Verdict {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BrokerFault {
     /// The broker closed the channel. Every unconfirmed publish on it fails with
-    /// the same error, so it does not say which row caused it.
-    ChannelClosed { reason: String },
+    /// the same error, so it does not say which row caused it. `code` is the
+    /// AMQP reply code when the broker gave one (403 access refused, 404 ...).
+    ChannelClosed { reason: String, code: Option<u16> },
     /// The connection went away, stalled, or the channel answered in a way it
     /// should not (a return for another message, a confirm not requested):
     /// nothing is known about the message.
@@ -36,7 +37,7 @@ pub enum BrokerFault {
 impl BrokerFault {
     pub fn reason(&self) -> &str {
         match self {
-            BrokerFault::ChannelClosed { reason } | BrokerFault::ConnectionLost { reason } => {
+            BrokerFault::ChannelClosed { reason, .. } | BrokerFault::ConnectionLost { reason } => {
                 reason
             }
         }
@@ -130,8 +131,13 @@ fn judge(
 /// connection stands, or a lost connection.
 pub(super) fn fault(connection: &lapin::ConnectionStatus, e: lapin::Error) -> BrokerFault {
     if connection.connected() && !is_connection_error(&e) {
+        let code = match e.kind() {
+            lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+            _ => None,
+        };
         BrokerFault::ChannelClosed {
             reason: e.to_string(),
+            code,
         }
     } else {
         BrokerFault::ConnectionLost {

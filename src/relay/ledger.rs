@@ -4,7 +4,7 @@
 //! claim cursor, and what the broker side needs after a fault.
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
     time::SystemTime,
 };
@@ -22,6 +22,10 @@ use crate::{
 
 /// Culprits remembered at most (each is parked after max-attempts anyway).
 const MAX_CULPRITS: usize = 10_000;
+/// AMQP reply code: the user may not do this (here: write to the exchange).
+const ACCESS_REFUSED: u16 = 403;
+/// How long rows to an exchange the broker refused go out alone.
+const REFUSED_EXCHANGE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What the broker side needs before anything more is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -85,6 +89,9 @@ pub struct Ledger<C> {
     suspects: HashSet<i64>,
     /// Rows that closed the channel when sent alone: they always go alone.
     culprits: HashSet<i64>,
+    /// Exchanges the broker refused the relay's user (403), until when their
+    /// rows go alone.
+    refused_exchanges: HashMap<String, Instant>,
     order: KeyOrder,
     /// Highest id claimed while anything is held.
     cursor: i64,
@@ -100,6 +107,7 @@ impl<C> Ledger<C> {
             failures: Vec::new(),
             suspects: HashSet::new(),
             culprits: HashSet::new(),
+            refused_exchanges: HashMap::new(),
             order: KeyOrder::default(),
             cursor: 0,
             trouble: None,
@@ -177,8 +185,13 @@ impl<C> Ledger<C> {
     }
 
     /// The row must be published with nothing else in flight.
-    pub fn goes_alone(&self, id: i64) -> bool {
-        self.suspects.contains(&id) || self.culprits.contains(&id)
+    pub fn goes_alone(&self, row: &OutboxRow) -> bool {
+        self.suspects.contains(&row.id)
+            || self.culprits.contains(&row.id)
+            || self
+                .refused_exchanges
+                .get(&row.exchange)
+                .is_some_and(|until| Instant::now() < *until)
     }
 
     // -- sending ----------------------------------------------------------
@@ -255,7 +268,7 @@ impl<C> Ledger<C> {
                 self.suspects.remove(&row.id);
                 self.book(Sent::of(row), verdict);
             }
-            Err(BrokerFault::ChannelClosed { reason }) => {
+            Err(BrokerFault::ChannelClosed { reason, code }) => {
                 // Alone on a channel of a connection that stands: this row
                 // closed it. Charged, and from now on always sent alone.
                 self.suspects.remove(&row.id);
@@ -263,15 +276,37 @@ impl<C> Ledger<C> {
                     self.culprits.clear();
                 }
                 self.culprits.insert(row.id);
-                let error = format!(
-                    "the broker closed the channel when outbox row {} was published alone: {reason}",
-                    row.id
-                );
+                let (error, reason) = if code == Some(ACCESS_REFUSED) {
+                    // Other rows to this exchange would close the channel
+                    // too, taking their neighbours with them: alone for a while.
+                    self.refused_exchanges
+                        .insert(row.exchange.clone(), Instant::now() + REFUSED_EXCHANGE_TTL);
+                    // RabbitMQ checks the default exchange as 'amq.default'.
+                    let exchange = match row.exchange.as_str() {
+                        "" => "amq.default",
+                        named => named,
+                    };
+                    (
+                        format!(
+                            "RabbitMQ refused outbox row {} ({reason}): grant the relay's user write access to exchange '{exchange}' (the write pattern of `rabbitmqctl set_permissions`), or fix the row's exchange",
+                            row.id
+                        ),
+                        FailureReason::AccessRefused,
+                    )
+                } else {
+                    (
+                        format!(
+                            "the broker closed the channel when outbox row {} was published alone: {reason}",
+                            row.id
+                        ),
+                        FailureReason::ChannelClosed,
+                    )
+                };
                 self.not_sent(
                     row,
                     NotSent::Refused {
                         error,
-                        reason: FailureReason::ChannelClosed,
+                        reason,
                         park: false,
                     },
                 );
@@ -408,166 +443,4 @@ impl<C> Ledger<C> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn row(id: i64, key: Option<&str>) -> OutboxRow {
-        let mut row = OutboxRow::defective(id, 0, key.map(str::to_string), String::new());
-        row.defect = None;
-        row.routing_key = "q".into();
-        row
-    }
-
-    fn ledger() -> Ledger<()> {
-        Ledger::new(Arc::new(Metrics::new()))
-    }
-
-    fn send(l: &mut Ledger<()>, r: OutboxRow) {
-        let r = l.admit(r).unwrap_or_else(|| panic!("row should go now"));
-        l.sent(&r, ());
-    }
-
-    #[test]
-    fn acks_in_publish_order_become_marks() {
-        let mut l = ledger();
-        send(&mut l, row(1, Some("a")));
-        send(&mut l, row(2, None));
-        l.settle_front(Ok(Verdict::Delivered));
-        l.settle_front(Ok(Verdict::Delivered));
-        assert_eq!(l.marks(), &[1, 2]);
-        assert!(l.holds_nothing());
-        l.marks_written(false);
-        assert!(l.marks().is_empty());
-    }
-
-    #[test]
-    fn a_nack_charges_its_row_and_holds_its_key() {
-        let mut l = ledger();
-        send(&mut l, row(1, Some("a")));
-        l.settle_front(Ok(Verdict::Nacked));
-        assert_eq!(l.failures().len(), 1);
-        assert!(!l.failures()[0].park_now);
-        assert!(
-            l.admit(row(2, Some("a"))).is_none(),
-            "row 2 must wait behind row 1's retry"
-        );
-        l.failures_recorded(&[]);
-        l.new_claim();
-        assert!(l.admit(row(2, Some("a"))).is_some());
-    }
-
-    #[test]
-    fn a_closed_channel_charges_nobody_and_makes_suspects() {
-        let mut l = ledger();
-        send(&mut l, row(1, Some("a")));
-        send(&mut l, row(2, Some("b")));
-        l.settle_front(Err(BrokerFault::ChannelClosed {
-            reason: "406".into(),
-        }));
-        assert!(l.failures().is_empty(), "nobody is charged");
-        assert_eq!(l.in_flight(), 0);
-        assert!(l.holds_nothing());
-        assert!(l.goes_alone(1) && l.goes_alone(2));
-        assert_eq!(l.take_trouble(), Some(Trouble::Channel));
-        assert_eq!(l.take_trouble(), None);
-    }
-
-    #[test]
-    fn a_lost_connection_charges_nobody_and_makes_no_suspects() {
-        let mut l = ledger();
-        send(&mut l, row(1, Some("a")));
-        l.broker_fault(
-            &BrokerFault::ConnectionLost {
-                reason: "reset".into(),
-            },
-            None,
-        );
-        assert!(l.failures().is_empty());
-        assert!(!l.goes_alone(1));
-        assert_eq!(l.take_trouble(), Some(Trouble::Connection));
-        // The key's bookkeeping starts over: its next row goes at once.
-        assert!(l.admit(row(1, Some("a"))).is_some());
-    }
-
-    #[test]
-    fn a_row_that_closes_the_channel_alone_is_charged_and_always_goes_alone() {
-        let mut l = ledger();
-        send(&mut l, row(7, Some("a")));
-        l.broker_fault(&BrokerFault::ChannelClosed { reason: "x".into() }, None);
-        let _ = l.take_trouble();
-        let suspect = l
-            .admit(row(7, Some("a")))
-            .unwrap_or_else(|| panic!("admitted"));
-        assert!(l.goes_alone(7));
-        l.settle_alone(
-            &suspect,
-            Err(BrokerFault::ChannelClosed {
-                reason: "406 PRECONDITION_FAILED".into(),
-            }),
-        );
-        assert_eq!(l.failures().len(), 1);
-        assert!(l.failures()[0].error.contains("published alone"));
-        assert_eq!(l.take_trouble(), Some(Trouble::Channel));
-        assert!(l.goes_alone(7), "a culprit always goes alone");
-    }
-
-    #[test]
-    fn a_suspect_alone_on_a_lost_connection_is_not_charged() {
-        let mut l = ledger();
-        send(&mut l, row(7, None));
-        l.broker_fault(&BrokerFault::ChannelClosed { reason: "x".into() }, None);
-        let suspect = l.admit(row(7, None)).unwrap_or_else(|| panic!("admitted"));
-        l.settle_alone(
-            &suspect,
-            Err(BrokerFault::ConnectionLost {
-                reason: "no confirm within 30s".into(),
-            }),
-        );
-        assert!(
-            l.failures().is_empty(),
-            "a timeout says nothing about the row"
-        );
-        assert!(l.goes_alone(7), "still a suspect");
-        assert_eq!(l.take_trouble(), Some(Trouble::Connection));
-    }
-
-    #[test]
-    fn parked_rows_let_their_key_go_on() {
-        let mut l = ledger();
-        let bad = l
-            .admit(row(1, Some("a")))
-            .unwrap_or_else(|| panic!("admitted"));
-        l.not_sent(
-            &bad,
-            NotSent::Refused {
-                error: "headers".into(),
-                reason: FailureReason::InvalidRow,
-                park: true,
-            },
-        );
-        assert!(l.failures()[0].park_now);
-        assert!(l.admit(row(2, Some("a"))).is_some());
-    }
-
-    #[test]
-    fn the_held_window_spans_what_is_in_flight_and_waiting() {
-        let mut l = ledger();
-        assert_eq!(l.held_window().highest, 0);
-        send(&mut l, row(5, Some("a")));
-        send(&mut l, row(9, None));
-        l.claimed(HeldWindow::default(), 9);
-        let w = l.held_window();
-        assert_eq!((w.lowest, w.highest), (5, 9));
-        l.settle_front(Ok(Verdict::Delivered));
-        assert_eq!(l.held_window().lowest, 9);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_front_remembers_when_it_was_sent() {
-        let mut l = ledger();
-        send(&mut l, row(1, None));
-        let sent = l.front_sent_at().unwrap_or_else(|| panic!("in flight"));
-        tokio::time::advance(std::time::Duration::from_secs(31)).await;
-        assert!(sent.elapsed() >= std::time::Duration::from_secs(31));
-    }
-}
+mod tests;

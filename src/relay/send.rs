@@ -189,7 +189,7 @@ impl Relay {
                 return Checked::Broken;
             }
         }
-        if self.ledger.goes_alone(row.id) {
+        if self.ledger.goes_alone(&row) {
             return Checked::Alone(row, prepared);
         }
         Checked::Send(row, prepared)

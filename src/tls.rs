@@ -393,7 +393,11 @@ fn describe_certificate_error(e: &CertificateError, host: &str) -> Option<String
         }
         CertificateError::NotValidForNameContext { presented, .. } => format!(
             "certificate is not valid for host name '{host}' (it is for {})",
-            presented.join(", ")
+            presented
+                .iter()
+                .map(|name| plain_name(name))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
             "certificate has expired".to_string()
@@ -403,6 +407,15 @@ fn describe_certificate_error(e: &CertificateError, host: &str) -> Option<String
         }
         _ => return None,
     })
+}
+
+/// `wrong-host.invalid` from rustls' `DnsName("wrong-host.invalid")` (and
+/// the address from `IpAddress(..)`); anything else as written.
+fn plain_name(presented: &str) -> &str {
+    match (presented.find('('), presented.rfind(')')) {
+        (Some(open), Some(close)) if open < close => presented[open + 1..close].trim_matches('"'),
+        _ => presented,
+    }
 }
 
 /// What went wrong in an amqps:// handshake, and what to set, when `e` (or
@@ -625,6 +638,21 @@ mod tests {
         let refused =
             lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert_eq!(explain_amqp_tls_error(&refused, "h", None), None);
+    }
+
+    #[test]
+    fn the_names_a_certificate_is_for_are_shown_plain() {
+        let e = CertificateError::NotValidForNameContext {
+            expected: ServerName::try_from("localhost").unwrap().to_owned(),
+            presented: vec![
+                "DnsName(\"wrong-host.invalid\")".to_string(),
+                "IpAddress(10.0.0.1)".to_string(),
+            ],
+        };
+        assert_eq!(
+            describe_certificate_error(&e, "localhost").unwrap(),
+            "certificate is not valid for host name 'localhost' (it is for wrong-host.invalid, 10.0.0.1)"
+        );
     }
 
     #[test]

@@ -418,32 +418,49 @@ async fn cluster_quorum_queue_survives_node_stops_and_majority_loss() {
 // Quorum vs classic: drain rate and delivery lag, same run
 // ---------------------------------------------------------------------------
 
-/// Rows of the backlog each queue drains.
+/// Rows of the backlog each round drains.
 const BACKLOG: i64 = 20_000;
-/// Rows of the steady phase each queue gets (the application's own pace).
+/// Rows of the steady phase of each round (the application's own pace).
 const STEADY_ROWS: usize = 3_000;
+/// The rounds, each on a fresh queue of its kind; the order cancels drift.
+const ROUNDS: [QueueKind; 4] = [
+    QueueKind::Quorum,
+    QueueKind::Classic,
+    QueueKind::Classic,
+    QueueKind::Quorum,
+];
 
-/// Delivery lag (created_at to first arrival) of `ids`, p50 and p99, seconds.
-fn lag_quantiles(
-    ids: &HashSet<String>,
-    created: &HashMap<String, SystemTime>,
-    tally: &Tally,
-) -> (f64, f64) {
+/// Delivery lags (created_at to first arrival) of `ids`, in seconds.
+fn lags(ids: &HashSet<String>, created: &HashMap<String, SystemTime>, tally: &Tally) -> Vec<f64> {
     let mut first: HashMap<String, SystemTime> = HashMap::new();
     for a in tally.snapshot() {
         first.entry(a.message_id.clone()).or_insert(a.at_wall);
     }
-    let mut lags: Vec<f64> = ids
-        .iter()
+    ids.iter()
         .filter_map(|m| {
             let at = first.get(m)?;
             let c = created.get(m)?;
             Some(at.duration_since(*c).unwrap_or_default().as_secs_f64())
         })
-        .collect();
-    let p50 = quantile(&mut lags, 0.50).unwrap_or(f64::NAN);
-    let p99 = quantile(&mut lags, 0.99).unwrap_or(f64::NAN);
-    (p50, p99)
+        .collect()
+}
+
+/// p50 and p99 of `values`.
+fn p50_p99(values: &[f64]) -> (f64, f64) {
+    let mut v = values.to_vec();
+    (
+        quantile(&mut v, 0.50).unwrap_or(f64::NAN),
+        quantile(&mut v, 0.99).unwrap_or(f64::NAN),
+    )
+}
+
+/// What the rounds of one queue kind measured.
+#[derive(Default)]
+struct KindFigures {
+    drain_rates: Vec<f64>,
+    backlog_lags: Vec<f64>,
+    steady_lags: Vec<f64>,
+    duplicates: usize,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,11 +472,16 @@ async fn cluster_quorum_vs_classic_drain_rate_and_lag() {
     let env = TestEnv::on_cluster(TEST, CONSUMER_NODE).await;
     let relay = start_relay(&env).await;
     let mut lines = vec![format!(
-        "relay on node {} (given 1,2,3), queues declared and consumed on node {CONSUMER_NODE}; \
-         backlog {BACKLOG} rows, then {STEADY_ROWS} rows at the application's pace",
-        wait_connected_elsewhere(&relay, None).await.0
+        "{} build of the relay, on node {} (given 1,2,3); queues declared and consumed on node {CONSUMER_NODE}; \
+         per round a backlog of {BACKLOG} rows, then {STEADY_ROWS} rows at the application's \
+         pace; rounds {:?}",
+        // The relay binary is built with the test's profile.
+        if cfg!(debug_assertions) { "debug (unoptimized)" } else { "release" },
+        wait_connected_elsewhere(&relay, None).await.0,
+        ROUNDS.map(QueueKind::name)
     )];
-    for kind in [QueueKind::Quorum, QueueKind::Classic] {
+    let mut by_kind: HashMap<&str, KindFigures> = HashMap::new();
+    for kind in ROUNDS {
         let (exchange, routing_key, queue) = env.declare_bound_queue(kind.name(), kind).await;
         let tally = Tally::start(&Cluster::url(CONSUMER_NODE), &queue).await;
 
@@ -536,20 +558,47 @@ async fn cluster_quorum_vs_classic_drain_rate_and_lag() {
             .into_iter()
             .map(|r| (r.message_id.to_string(), r.created_at))
             .collect();
-        let (b50, b99) = lag_quantiles(&backlog, &created, &tally);
-        let (s50, s99) = lag_quantiles(&steady, &created, &tally);
+        let backlog_lags = lags(&backlog, &created, &tally);
+        let steady_lags = lags(&steady, &created, &tally);
+        let (b50, b99) = p50_p99(&backlog_lags);
+        let (s50, s99) = p50_p99(&steady_lags);
         let duplicates = tally.len() - tally.distinct();
         lines.push(format!(
-            "{:7} queue: drained {BACKLOG} rows in {} = {drain_rate:.0} msg/s (backlog lag p50 \
-             {b50:.2} s, p99 {b99:.2} s); steady {} rows over {steady_secs:.1} s: lag p50 \
-             {:.0} ms, p99 {:.0} ms; duplicates {duplicates}",
+            "round, {:7} queue: drained {BACKLOG} rows in {} = {drain_rate:.0} msg/s (backlog \
+             lag p50 {b50:.2} s, p99 {b99:.2} s); steady {} rows over {steady_secs:.1} s: lag \
+             p50 {:.0} ms, p99 {:.0} ms; duplicates {duplicates}",
             kind.name(),
             secs(drained),
             steady.len(),
             s50 * 1000.0,
             s99 * 1000.0,
         ));
+        let k = by_kind.entry(kind.name()).or_default();
+        k.drain_rates.push(drain_rate);
+        k.backlog_lags.extend(backlog_lags);
+        k.steady_lags.extend(steady_lags);
+        k.duplicates += duplicates;
         tally.stop().await;
+    }
+    for kind in [QueueKind::Quorum, QueueKind::Classic] {
+        let k = &by_kind[kind.name()];
+        let mean = k.drain_rates.iter().sum::<f64>() / k.drain_rates.len() as f64;
+        let (b50, b99) = p50_p99(&k.backlog_lags);
+        let (s50, s99) = p50_p99(&k.steady_lags);
+        lines.push(format!(
+            "SUMMARY {:7} queue: drain rate {mean:.0} msg/s (rounds: {}); delivery lag at the \
+             application's pace p50 {:.0} ms, p99 {:.0} ms; backlog lag p50 {b50:.2} s, p99 \
+             {b99:.2} s; duplicates {}",
+            kind.name(),
+            k.drain_rates
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            s50 * 1000.0,
+            s99 * 1000.0,
+            k.duplicates
+        ));
     }
     let (pending, charged, dead, _) = row_counts(&env, &HashSet::new()).await;
     assert_eq!((charged, dead), (0, 0), "rows charged or dead-lettered");

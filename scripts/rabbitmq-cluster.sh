@@ -71,7 +71,7 @@ preflight() {
     [ -f "$RABBIT_HOME/.erlang.cookie" ] \
         || cannot "no Erlang cookie at $RABBIT_HOME/.erlang.cookie: start the default broker once (scripts/services.sh) so it creates one"
     if [ "$(id -u)" -ne 0 ] && [ "$(id -un)" != "$RABBIT_USER" ]; then
-        cannot "the nodes run as '$RABBIT_USER' (for the default broker's cookie): run this as root or as $RABBIT_USER"
+        cannot "the nodes run as '$RABBIT_USER' (for the default broker's cookie): run this as root, as $RABBIT_USER, or with passwordless sudo"
     fi
     if [ "$(id -u)" -eq 0 ]; then
         command -v runuser >/dev/null || cannot "runuser (util-linux) is missing"
@@ -440,6 +440,12 @@ usage() {
 
 main() {
     local cmd=${1:-}
+    # The nodes run as the broker's user: from another user, through
+    # passwordless sudo when there is one (CI has no stdin to type a password).
+    if [ "$(id -u)" -ne 0 ] && [ "$(id -un)" != "$RABBIT_USER" ] && [ "$cmd" != urls ] \
+        && command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+        exec sudo -n RABBIT_CLUSTER_DIR="$STATE_DIR" RABBIT_CLUSTER_WAIT_SECS="$WAIT_SECS" bash "$0" "$@"
+    fi
     case "$cmd" in
         __ctl)
             # Internal: rabbitmqctl against node $2 as the broker's user.

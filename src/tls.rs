@@ -17,6 +17,8 @@ use rustls::{
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use crate::config::AmqpTlsFiles;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {
     Disable,
@@ -418,15 +420,26 @@ fn plain_name(presented: &str) -> &str {
     }
 }
 
-/// What went wrong in an amqps:// handshake, and what to set, when `e` (or
-/// an error it was caused by) is a TLS refusal; None otherwise. `host` is
-/// the URL's host, `ca_file` the amqp-ca-file setting.
+/// What went wrong when an amqps:// connect failed, and what to set, when
+/// `e` (or an error it was caused by) is a TLS refusal; None otherwise.
+/// `host` is the URL's host, `files` the amqp-ca/cert/key-file settings.
+/// Call it for amqps:// URLs only: it reads a reset connection as the TLS 1.3
+/// refusal of a client certificate whose alert was not read in time.
 pub fn explain_amqp_tls_error(
     e: &(dyn StdError + 'static),
     host: &str,
-    ca_file: Option<&std::path::Path>,
+    files: &AmqpTlsFiles,
 ) -> Option<String> {
-    let tls = find_rustls_error(e)?;
+    let ca_file = files.ca.as_deref();
+    let Some(tls) = find_rustls_error(e) else {
+        return is_reset(e).then(|| match &files.cert {
+            None => "the broker reset the connection during the handshake (a broker that requires a client certificate may do so instead of sending its alert): set amqp-cert-file and amqp-key-file if it requires one".to_string(),
+            Some(cert) => format!(
+                "the broker reset the connection during the handshake (a broker that refuses a client certificate may do so instead of sending its alert): check that amqp-cert-file '{}' is signed by a CA the broker trusts",
+                cert.display()
+            ),
+        });
+    };
     let trusted = match ca_file {
         Some(path) => format!(
             "amqp-ca-file '{}' and the system's CA certificates",
@@ -471,6 +484,21 @@ pub fn explain_amqp_tls_error(
         ),
         other => format!("the TLS handshake with the broker failed: {other}"),
     })
+}
+
+/// Whether the connection was reset by the peer (somewhere in `e`'s causes).
+fn is_reset(e: &(dyn StdError + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        let io = err
+            .downcast_ref::<std::io::Error>()
+            .or_else(|| err.downcast_ref::<Arc<std::io::Error>>().map(|io| &**io));
+        if io.is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionReset) {
+            return true;
+        }
+        current = err.source();
+    }
+    false
 }
 
 /// The rustls error that `e` is or was caused by, looking inside I/O errors
@@ -593,12 +621,12 @@ mod tests {
     #[test]
     fn amqp_tls_refusals_say_which_case_and_what_to_set() {
         let explain = |e: rustls::Error, ca: Option<&str>| {
-            explain_amqp_tls_error(
-                &io_wrapped(e),
-                "broker.internal",
-                ca.map(std::path::Path::new),
-            )
-            .expect("a TLS refusal")
+            let files = AmqpTlsFiles {
+                ca: ca.map(Into::into),
+                ..Default::default()
+            };
+            explain_amqp_tls_error(&io_wrapped(e), "broker.internal", &files)
+                .expect("a TLS refusal")
         };
         let said = explain(
             rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
@@ -637,7 +665,24 @@ mod tests {
         // Not a TLS error: nothing to explain.
         let refused =
             lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
-        assert_eq!(explain_amqp_tls_error(&refused, "h", None), None);
+        let none = AmqpTlsFiles::default();
+        assert_eq!(explain_amqp_tls_error(&refused, "h", &none), None);
+        // TLS 1.3: a reset instead of the client-certificate alert.
+        let reset = lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let said = explain_amqp_tls_error(&reset, "h", &none).expect("a reset");
+        assert!(
+            said.ends_with("set amqp-cert-file and amqp-key-file if it requires one"),
+            "{said}"
+        );
+        let with_cert = AmqpTlsFiles {
+            cert: Some("/etc/relay/client.pem".into()),
+            ..Default::default()
+        };
+        let said = explain_amqp_tls_error(&reset, "h", &with_cert).expect("a reset");
+        assert!(
+            said.ends_with("check that amqp-cert-file '/etc/relay/client.pem' is signed by a CA the broker trusts"),
+            "{said}"
+        );
     }
 
     #[test]

@@ -158,22 +158,10 @@ async fn broker_check(url: &str, tls: &AmqpTlsFiles) -> Result<String, String> {
         Ok(Err(e @ PublishError::Connect { .. })) => {
             let host = amqp_uri(url).map(|u| u.authority.host).unwrap_or_default();
             Err(
-                match tls::explain_amqp_tls_error(&e, &host, tls.ca.as_deref()) {
+                match tls::explain_amqp_tls_error(&e, &host, tls)
+                    .filter(|_| url.starts_with("amqps://"))
+                {
                     Some(why) => format!("cannot connect to RabbitMQ at {broker_url}: {why}"),
-                    // TLS 1.3: a broker that refuses the client's certificate
-                    // (or its absence) may reset the connection before its
-                    // alert is read.
-                    None if url.starts_with("amqps://") && is_reset(&e) => format!(
-                        "{}; {}",
-                        with_causes(&e),
-                        match &tls.cert {
-                            None => "if the broker requires a client certificate, set amqp-cert-file and amqp-key-file".to_string(),
-                            Some(cert) => format!(
-                                "the broker may have refused the client certificate in amqp-cert-file '{}': check that it is signed by a CA the broker trusts",
-                                cert.display()
-                            ),
-                        }
-                    ),
                     None => with_causes(&e),
                 },
             )
@@ -189,21 +177,6 @@ async fn broker_check(url: &str, tls: &AmqpTlsFiles) -> Result<String, String> {
             BROKER_CHECK_TIMEOUT.as_secs()
         )),
     }
-}
-
-/// Whether the connection was reset by the peer (somewhere in `e`'s causes).
-fn is_reset(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(e);
-    while let Some(err) = current {
-        if err
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionReset)
-        {
-            return true;
-        }
-        current = err.source();
-    }
-    false
 }
 
 /// How a broker connection is secured, for its `ok` line.

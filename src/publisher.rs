@@ -71,6 +71,10 @@ pub enum PublishError {
     Timeout { what: &'static str },
     #[error(transparent)]
     TlsFiles(#[from] TlsFileError),
+    /// A TLS handshake that failed for a reason the user can fix (CA, host
+    /// name, plain-text port, client certificate), in words that say how.
+    #[error("cannot connect to RabbitMQ at {url}: {why}")]
+    TlsHandshake { url: String, why: String },
 }
 
 /// One AMQP connection with a confirm-mode publishing channel, and a second
@@ -109,7 +113,9 @@ impl Publisher {
             Tokio::current(),
             FencedReactor::new(fence.clone()),
         ));
-        let tls = tls_config(tls)?;
+        let tls_files = tls;
+        let tls = tls_config(tls_files)?;
+        let uri_host = uri.authority.host.clone();
         // What lapin's own connect does, over a fenced socket.
         let connect = Connection::connector(
             uri,
@@ -124,10 +130,21 @@ impl Publisher {
         let connection = match tokio::time::timeout(AMQP_TIMEOUT, connect).await {
             Ok(Ok(c)) => c,
             Ok(Err(source)) => {
-                return Err(PublishError::Connect {
-                    url: redact_url(url),
-                    source,
-                })
+                let host = &uri_host;
+                let why = url
+                    .starts_with("amqps://")
+                    .then(|| crate::tls::explain_amqp_tls_error(&source, host, tls_files))
+                    .flatten();
+                return Err(match why {
+                    Some(why) => PublishError::TlsHandshake {
+                        url: redact_url(url),
+                        why,
+                    },
+                    None => PublishError::Connect {
+                        url: redact_url(url),
+                        source,
+                    },
+                });
             }
             Err(_) => {
                 return Err(PublishError::Timeout {

@@ -164,7 +164,7 @@ pub async fn connect_raw(
     ),
     StoreError,
 > {
-    let (url, mode, root) = tls::split_tls_params(database_url)?;
+    let (url, mode, files) = tls::split_tls_params(database_url)?;
     let mut config: tokio_postgres::Config = url.parse().map_err(|source| StoreError::Connect {
         url: redact_url(database_url),
         source,
@@ -174,7 +174,7 @@ pub async fn connect_raw(
     }
     config.connect_timeout(Duration::from_secs(10));
     config.keepalives_idle(Duration::from_secs(10));
-    let connector = tls::connector(mode, root.as_deref())?;
+    let connector = tls::connector(mode, files.as_deref())?;
     config
         .connect(connector)
         .await

@@ -414,6 +414,25 @@ async fn a_server_certificate_from_an_untrusted_ca_is_refused_naming_the_ca() {
     )
     .await;
     eprintln!("run logs: {line}");
+
+    // The database right, the broker's CA wrong: `run` says so in the same words.
+    let right_db = pg_url(
+        &pg,
+        "localhost",
+        "postgres",
+        &format!("sslmode=verify-full&sslrootcert={}", pki.path("ca.pem")),
+    );
+    let launch = Launch::new()
+        .db_url(&right_db)
+        .amqp_url(&amqp_url)
+        .args(&["--amqp-ca-file", &other_ca]);
+    let line = run_is_refused(
+        &env,
+        &launch,
+        "the broker's certificate is not signed by a trusted CA: set amqp-ca-file",
+    )
+    .await;
+    eprintln!("run logs: {line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -155,17 +155,6 @@ async fn broker_check(url: &str, tls: &AmqpTlsFiles) -> Result<String, String> {
             publisher.close().await;
             Ok(text)
         }
-        Ok(Err(e @ PublishError::Connect { .. })) => {
-            let host = amqp_uri(url).map(|u| u.authority.host).unwrap_or_default();
-            Err(
-                match tls::explain_amqp_tls_error(&e, &host, tls)
-                    .filter(|_| url.starts_with("amqps://"))
-                {
-                    Some(why) => format!("cannot connect to RabbitMQ at {broker_url}: {why}"),
-                    None => with_causes(&e),
-                },
-            )
-        }
         // The publisher's own wording says "reconnecting", which `check` does not do.
         Ok(Err(PublishError::Timeout { what })) => Err(format!(
             "RabbitMQ at {broker_url} did not answer {what} within {}s: check the host, port and firewall",

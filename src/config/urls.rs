@@ -32,7 +32,7 @@ pub(super) fn check_database_url(url: &str) -> Result<(), ConfigError> {
             "'{shown}': tokio-postgres would end the user info at the '@' of the password parameter: percent-encode it as %40"
         )));
     }
-    let (pg_url, mode, root) =
+    let (pg_url, mode, files) =
         tls::split_tls_params(url).map_err(|e| bad(format!("'{shown}': {e}")))?;
     let config: tokio_postgres::Config = pg_url
         .parse()
@@ -47,8 +47,12 @@ pub(super) fn check_database_url(url: &str) -> Result<(), ConfigError> {
             "'{shown}' names no host: use e.g. postgres://user@db.example:5432/app"
         )));
     }
-    if matches!(mode, tls::SslMode::VerifyCa | tls::SslMode::VerifyFull) {
-        tls::connector(mode, root.as_deref()).map_err(|e| bad(format!("'{shown}': {e}")))?;
+    // Files named in the URL (sslrootcert, sslcert, sslkey) are read now, so a
+    // wrong path stops the command here instead of failing every reconnect.
+    if mode != tls::SslMode::Disable
+        && (files.is_some() || matches!(mode, tls::SslMode::VerifyCa | tls::SslMode::VerifyFull))
+    {
+        tls::connector(mode, files.as_deref()).map_err(|e| bad(format!("'{shown}': {e}")))?;
     }
     Ok(())
 }

@@ -845,3 +845,75 @@ async fn cluster_hung_node_is_left_for_the_next_one() {
         ],
     );
 }
+
+// ---------------------------------------------------------------------------
+// Starting while the first node is down
+// ---------------------------------------------------------------------------
+
+/// A relay started while the first node given is down connects to the next
+/// one, and stays there when the first comes back (no fail-back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_relay_started_while_the_first_node_is_down_uses_the_next() {
+    const TEST: &str = "cluster_first_node_down_at_start";
+    let Some(cluster) = cluster_or_skip(TEST).await else {
+        return;
+    };
+    let env = TestEnv::on_cluster(TEST, CONSUMER_NODE).await;
+    let (exchange, routing_key, queue) = env.declare_bound_queue("events", QueueKind::Quorum).await;
+    let tally = Tally::start(&Cluster::url(CONSUMER_NODE), &queue).await;
+    let first = RELAY_NODES[0];
+    let down = cluster.take_down(first, Outage::Kill).await;
+
+    let started_at = Instant::now();
+    let relay = start_relay(&env).await;
+    let (node, _) = wait_connected_elsewhere(&relay, None).await;
+    let ready_in = started_at.elapsed();
+    assert_eq!(
+        node, RELAY_NODES[1],
+        "node {first} is down: the next one given"
+    );
+    assert!(
+        relay.log_count("trying the next") >= 1,
+        "the relay did not say it skipped node {first}\n{}",
+        relay.log_tail(20)
+    );
+    let work = KeyedWorkload::start(
+        &env.db_url,
+        &env.schema,
+        &exchange,
+        &routing_key,
+        Duration::from_millis(4),
+    );
+    wait_flowing(&tally, 300, &relay).await;
+
+    down.start().await;
+    // Rows keep flowing after node 1 is back, and through node 2 still.
+    wait_flowing(&tally, 300, &relay).await;
+    let m = relay.metrics().await;
+    assert_eq!(
+        connected_node(&m),
+        Some(RELAY_NODES[1]),
+        "the relay moved although its node stayed up"
+    );
+    let (log, seqs) = work.stop().await;
+    let figures = verify_delivery(&env, &tally, &log, &relay).await;
+    let arrivals = tally.snapshot();
+    let violations = key_sequence_violations(arrivals.iter().map(|a| a.message_id.as_str()), &seqs);
+    assert!(violations.is_empty(), "per-key numbers: {violations:#?}");
+    assert_eq!(
+        node_metric(&m, "broker_connections_total", first),
+        Some(0.0),
+        "a connection to the node that was down is counted"
+    );
+    report_figures(
+        TEST,
+        &[
+            format!(
+                "node {first} down at start: relay ready on node {node} {} after it was started; \
+                 still on node {node} after node {first} came back",
+                secs(ready_in)
+            ),
+            figures.line(),
+        ],
+    );
+}

@@ -817,7 +817,7 @@ async fn cluster_hung_node_is_left_for_the_next_one() {
     assert!(violations.is_empty(), "per-key numbers: {violations:#?}");
     let why = relay.log_lines_with(&["no confirm", "took no publish", "lost the RabbitMQ"], 4);
     // The frozen node is a member again (or the next test's start heals it).
-    let healthy = Cluster::ensure().await.is_ok();
+    let healthy = cluster.heal().await;
 
     report_figures(
         TEST,

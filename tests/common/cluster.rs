@@ -70,25 +70,44 @@ pub enum Outage {
     Freeze,
 }
 
-/// The running cluster: three nodes on 127.0.0.1:5681..5683.
-pub struct Cluster;
+/// Held by the test that uses the cluster. nextest runs cluster tests one at
+/// a time anyway (group `cluster`); `cargo test` runs a binary's tests on
+/// parallel threads, and two tests stopping nodes under each other would fail.
+static ONE_TEST_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The running cluster: three nodes on 127.0.0.1:5681..5683, for the test
+/// that holds this.
+pub struct Cluster {
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+}
 
 impl Cluster {
     /// `scripts/rabbitmq-cluster.sh start` (idempotent). Err(reason) when this
     /// machine cannot run the cluster (the test then says SKIPPED); panics
     /// when the script fails for another reason.
     pub async fn ensure() -> Result<Cluster, String> {
+        let serial = ONE_TEST_AT_A_TIME.lock().await;
         let (code, text) = tokio::task::spawn_blocking(|| run_script(&["start"]))
             .await
             .expect("script task");
         match code {
             Some(0) => {
                 eprintln!("{text}");
-                Ok(Cluster)
+                Ok(Cluster { _serial: serial })
             }
             Some(EXIT_CANNOT) => Err(text),
             _ => panic!("scripts/rabbitmq-cluster.sh start failed ({code:?}):\n{text}"),
         }
+    }
+
+    /// `start` again for the test that holds the cluster: whether it is (or
+    /// was made) healthy.
+    pub async fn heal(&self) -> bool {
+        let (code, text) = tokio::task::spawn_blocking(|| run_script(&["start"]))
+            .await
+            .expect("script task");
+        eprintln!("{text}");
+        code == Some(0)
     }
 
     pub fn port(node: u8) -> u16 {

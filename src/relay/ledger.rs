@@ -386,7 +386,7 @@ impl<C> Ledger<C> {
             Verdict::Unroutable { reply } => (
                 FailureReason::Unroutable,
                 format!(
-                    "unroutable: the broker returned outbox row {} ({reply}): no queue is bound for its exchange and routing key; bind one, or set allow-unroutable",
+                    "unroutable: the broker returned outbox row {} ({reply}): no queue took it: none is bound for its exchange and routing key, or the one bound is a classic queue on a node that is down; bind one (replicated: a quorum queue), or set allow-unroutable",
                     sent.id
                 ),
             ),

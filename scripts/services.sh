@@ -118,6 +118,16 @@ ensure_promtool() {
     fi
 }
 
+# The TLS tests make their certificates with the openssl CLI.
+ensure_openssl() {
+    if ! command -v openssl >/dev/null; then
+        echo "openssl: not installed, installing with apt-get" >&2
+        apt_install openssl
+    fi
+    echo "openssl: $(command -v openssl)"
+}
+
 ensure_postgres
 ensure_rabbitmq
 ensure_promtool
+ensure_openssl

@@ -41,7 +41,10 @@ async fn cluster_or_skip(test: &str) -> Option<Cluster> {
     match Cluster::ensure().await {
         Ok(cluster) => Some(cluster),
         Err(reason) => {
-            eprintln!("SKIPPED: {test}: this machine cannot run the RabbitMQ cluster: {reason}");
+            cannot_run(
+                &format!("cluster::{test}"),
+                &format!("this machine cannot run the RabbitMQ cluster: {reason}"),
+            );
             None
         }
     }

@@ -155,15 +155,17 @@ impl BrokerUser {
             Some("127.0.0.1" | "localhost" | "[::1]" | "::1")
         );
         if !local {
-            println!(
-                "SKIPPED {test}: the test broker ({}) is not on this machine, and \
-                 rabbitmqctl manages users of the local node only",
-                url.host_str().unwrap_or("?")
+            cannot_run(
+                test,
+                &format!(
+                    "the test broker ({}) is not on this machine, and rabbitmqctl manages users of the local node only",
+                    url.host_str().unwrap_or("?")
+                ),
             );
             return None;
         }
         if let Err(e) = rabbitmqctl(&["-q", "list_vhosts"]) {
-            println!("SKIPPED {test}: rabbitmqctl is not usable here ({e})");
+            cannot_run(test, &format!("rabbitmqctl is not usable here ({e})"));
             return None;
         }
         // Characters a URL must escape: the test proves the encoding works.

@@ -7,7 +7,7 @@
 //! certificate no server trusts.
 //!
 //! A test that the machine cannot run (no openssl, no rabbitmq-server) prints
-//! `SKIPPED` with the reason and passes; with OUTBOX_TEST_REQUIRE_TLS=1 it
+//! `SKIPPED` with the reason and passes; with OUTBOX_TEST_REQUIRE_ALL=1 it
 //! fails instead. The node is stopped by the last test process that used it
 //! (the script counts its users); each test's PostgreSQL stops with the test.
 
@@ -43,16 +43,9 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(60);
 // What the machine can run
 // ---------------------------------------------------------------------------
 
-/// Says why `test` cannot run here and returns true (the test then passes),
-/// or panics when OUTBOX_TEST_REQUIRE_TLS=1 says it must run.
+/// `common::cannot_run`, with the test file's name.
 fn cannot_run(test: &str, why: &str) -> bool {
-    let line = format!("SKIPPED tls::{test}: {why}");
-    if std::env::var("OUTBOX_TEST_REQUIRE_TLS").is_ok_and(|v| v == "1") {
-        panic!("{line} (OUTBOX_TEST_REQUIRE_TLS=1: this machine must run it)");
-    }
-    eprintln!("{line}");
-    println!("{line}");
-    true
+    common::cannot_run(&format!("tls::{test}"), why)
 }
 
 fn node_dir() -> PathBuf {

@@ -1279,6 +1279,19 @@ fn dechunk(mut data: &[u8]) -> std::io::Result<Vec<u8>> {
     }
 }
 
+/// Says why `test` cannot run on this machine and returns true (the test then
+/// passes), or panics when OUTBOX_TEST_REQUIRE_ALL=1 says every test must run
+/// here (CI on the machine kind the project is built for sets it).
+pub fn cannot_run(test: &str, why: &str) -> bool {
+    let line = format!("SKIPPED {test}: {why}");
+    if std::env::var("OUTBOX_TEST_REQUIRE_ALL").is_ok_and(|v| v == "1") {
+        panic!("{line} (OUTBOX_TEST_REQUIRE_ALL=1: this machine must run it)");
+    }
+    eprintln!("{line}");
+    println!("{line}");
+    true
+}
+
 /// Sum of the samples of `name` (all label sets), from Prometheus text.
 /// None when no sample has that exact name.
 pub fn metric_value(text: &str, name: &str) -> Option<f64> {

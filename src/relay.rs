@@ -286,7 +286,10 @@ impl Relay {
             Some(Trouble::Connection) => {}
         }
         if let Some(p) = self.publisher.take() {
-            tracing::warn!(node = p.node(), "lost the RabbitMQ connection; reconnecting");
+            tracing::warn!(
+                node = p.node(),
+                "lost the RabbitMQ connection; reconnecting"
+            );
             // A hung node would hold the polite close for its whole timeout:
             // the next node is tried meanwhile.
             tokio::spawn(async move { p.close().await });

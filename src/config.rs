@@ -10,7 +10,7 @@ use crate::schema_name;
 mod urls;
 
 use urls::{check_amqp_url, check_database_url};
-pub use urls::{redact_url, scrub, url_secrets};
+pub use urls::{percent_decode, redact_url, scrub, url_secrets};
 
 /// A setting that cannot work. The binary prints it on one line and exits 2.
 #[derive(Debug, thiserror::Error)]

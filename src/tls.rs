@@ -113,26 +113,7 @@ pub fn split_tls_params(url: &str) -> Result<(String, SslMode, Option<Box<PgTlsF
 /// A path as written in a URL query, percent-decoded as libpq does (a '%'
 /// not followed by two hex digits stays as written).
 fn decode_path(v: &str) -> String {
-    let bytes = v.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::config::percent_decode(v)
 }
 
 /// The rustls connector for `mode`: what it verifies, which roots it

@@ -15,6 +15,9 @@
 #                  (stands in for kubeconform, which is not packaged here,
 #                  and `kubectl --dry-run`, which needs an API server)
 #   kubectl kustomize    the kustomization renders, if kubectl is installed
+#   RabbitMQ users the relay's user in compose's definitions file: untagged,
+#                  configure and read '^$', may write amq.default, and the
+#                  password in its URL matches the stored hash
 #   check-jsonschema     compose.yaml against the Compose spec schema, and the
 #                  files it bind-mounts exist
 #   hadolint       the Dockerfile (it is never built here)
@@ -278,6 +281,56 @@ if kubectl version --client >/dev/null 2>&1; then
 else
     skip "no kubectl; the kustomization not rendered"
 fi
+
+# RabbitMQ's users in compose: the relay logs in as a user of the definitions
+# file, untagged, with write access only, and the password its URL carries.
+"$PY" - <<'EOF'
+import base64, hashlib, json, re, sys, urllib.parse, yaml
+
+defs = json.load(open("deploy/compose/rabbitmq-definitions.json"))
+compose = yaml.safe_load(open("deploy/compose.yaml"))
+urls = set()
+def walk(node):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "OUTBOX_AMQP_URL" and isinstance(v, str):
+                urls.add(v)
+            walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            walk(v)
+walk(compose)
+if not urls:
+    sys.exit("deploy-check: compose.yaml sets no OUTBOX_AMQP_URL")
+users = {u["name"]: u for u in defs.get("users", [])}
+perms = {(p["user"], p["vhost"]): p for p in defs.get("permissions", [])}
+errors = []
+for url in sorted(urls):
+    u = urllib.parse.urlsplit(url)
+    name, password = urllib.parse.unquote(u.username or ""), urllib.parse.unquote(u.password or "")
+    vhost = urllib.parse.unquote(u.path[1:] or "/")
+    user = users.get(name)
+    if user is None:
+        errors.append(f"the relay's RabbitMQ user '{name}' is not in rabbitmq-definitions.json")
+        continue
+    if user.get("tags"):
+        errors.append(f"the relay's RabbitMQ user '{name}' has tags {user['tags']}: it needs none")
+    raw = base64.b64decode(user["password_hash"])
+    salt, digest = raw[:4], raw[4:]
+    if hashlib.sha256(salt + password.encode()).digest() != digest:
+        errors.append(f"the password in the relay's URL does not match user '{name}''s password_hash")
+    perm = perms.get((name, vhost))
+    if perm is None:
+        errors.append(f"user '{name}' has no permissions on vhost '{vhost}'")
+    else:
+        if perm["configure"] != "^$" or perm["read"] != "^$":
+            errors.append(f"user '{name}' may configure {perm['configure']!r} / read {perm['read']!r}: the relay needs neither ('^$')")
+        if not re.search(perm["write"], "amq.default"):
+            errors.append(f"user '{name}' may not write amq.default (rows with an empty exchange)")
+if errors:
+    sys.exit("deploy-check: " + "\ndeploy-check: ".join(errors))
+print(f"deploy-check: ok: RabbitMQ definitions: the relay's user ({len(urls)} URL) is untagged, write-only, its password matches")
+EOF
 
 if have check-jsonschema; then
     "$VENV/bin/check-jsonschema" -q --builtin-schema vendor.compose-spec deploy/compose.yaml

@@ -166,6 +166,60 @@ async fn wait_flowing(tally: &Tally, n: usize, relay: &Relay) {
     );
 }
 
+/// A queue of `kind` bound to a fresh exchange in `env` and a consumer
+/// reading it through the consumer node: (exchange, routing key, consumer).
+async fn bound_queue_read_on_consumer_node(
+    env: &TestEnv,
+    what: &str,
+    kind: QueueKind,
+) -> (String, String, Tally) {
+    let (exchange, routing_key, queue) = env.declare_bound_queue(what, kind).await;
+    let tally = Tally::start(&Cluster::url(CONSUMER_NODE), &queue).await;
+    (exchange, routing_key, tally)
+}
+
+/// The application at its usual pace: a transaction every 4 ms.
+fn start_application(env: &TestEnv, exchange: &str, routing_key: &str) -> KeyedWorkload {
+    KeyedWorkload::start(
+        &env.db_url,
+        &env.schema,
+        exchange,
+        routing_key,
+        Duration::from_millis(4),
+    )
+}
+
+/// Lets the application commit 300 more rows, stops it and asserts that its
+/// own database writes never failed; returns its write log and per-key numbers.
+async fn stop_application_after_300_more(
+    work: KeyedWorkload,
+) -> (WriteLog, HashMap<String, (String, u64)>) {
+    work.wait_more(300, RECOVERY_TIMEOUT).await;
+    let (log, seqs) = work.stop().await;
+    assert!(
+        log.errors.is_empty() && log.uncertain.is_empty(),
+        "the application's database writes failed: {:?}",
+        log.errors
+    );
+    (log, seqs)
+}
+
+/// Asserts that the first arrivals of each key carry its numbers 1, 2, 3, ...
+/// in order, none missing.
+fn assert_per_key_order(tally: &Tally, seqs: &HashMap<String, (String, u64)>) {
+    let arrivals = tally.snapshot();
+    let violations = key_sequence_violations(arrivals.iter().map(|a| a.message_id.as_str()), seqs);
+    assert!(
+        violations.is_empty(),
+        "per-key numbers out of order or missing among first arrivals: {:#?}",
+        &violations[..violations.len().min(10)]
+    );
+}
+
+fn message_ids(rows: &[Written]) -> HashSet<String> {
+    rows.iter().map(|w| w.message_id.to_string()).collect()
+}
+
 /// Rows neither published nor dead-lettered, rows charged an attempt, rows
 /// dead-lettered, and rows published among `ids`.
 async fn row_counts(env: &TestEnv, ids: &HashSet<String>) -> (usize, usize, usize, usize) {
@@ -198,8 +252,8 @@ async fn cluster_quorum_queue_survives_node_stops_and_majority_loss() {
         return;
     };
     let env = TestEnv::on_cluster(TEST, CONSUMER_NODE).await;
-    let (exchange, routing_key, queue) = env.declare_bound_queue("events", QueueKind::Quorum).await;
-    let tally = Tally::start(&Cluster::url(CONSUMER_NODE), &queue).await;
+    let (exchange, routing_key, tally) =
+        bound_queue_read_on_consumer_node(&env, "events", QueueKind::Quorum).await;
     let relay = start_relay(&env).await;
     let instance = relay.instance.clone();
 
@@ -210,13 +264,7 @@ async fn cluster_quorum_queue_survives_node_stops_and_majority_loss() {
         "the relay did not connect to the first node given"
     );
 
-    let work = KeyedWorkload::start(
-        &env.db_url,
-        &env.schema,
-        &exchange,
-        &routing_key,
-        Duration::from_millis(4),
-    );
+    let work = start_application(&env, &exchange, &routing_key);
     wait_flowing(&tally, 300, &relay).await;
 
     // -- 1. The node the relay publishes to stops (whole VM) -----------------
@@ -267,11 +315,7 @@ async fn cluster_quorum_queue_survives_node_stops_and_majority_loss() {
         .unwrap_or_else(Instant::now);
     // The outage lasts this long whatever happens meanwhile (not a wait for a condition).
     tokio::time::sleep_until((lost_at + MAJORITY_LOSS).into()).await;
-    let during: HashSet<String> = work
-        .written_between(lost_at, Instant::now())
-        .iter()
-        .map(|w| w.message_id.to_string())
-        .collect();
+    let during = work.committed_between(lost_at, Instant::now());
     let (pending_during, charged, dead, confirmed_during) = row_counts(&env, &during).await;
     let arrived_during = during
         .iter()
@@ -319,21 +363,9 @@ async fn cluster_quorum_queue_survives_node_stops_and_majority_loss() {
     });
 
     // -- The verdict ------------------------------------------------------------
-    work.wait_more(300, RECOVERY_TIMEOUT).await;
-    let (log, seqs) = work.stop().await;
-    assert!(
-        log.errors.is_empty() && log.uncertain.is_empty(),
-        "the application's database writes failed: {:?}",
-        log.errors
-    );
+    let (log, seqs) = stop_application_after_300_more(work).await;
     let figures = verify_delivery(&env, &tally, &log, &relay).await;
-    let arrivals = tally.snapshot();
-    let violations = key_sequence_violations(arrivals.iter().map(|a| a.message_id.as_str()), &seqs);
-    assert!(
-        violations.is_empty(),
-        "per-key numbers out of order or missing among first arrivals: {:#?}",
-        &violations[..violations.len().min(10)]
-    );
+    assert_per_key_order(&tally, &seqs);
     let m = relay.metrics().await;
     let connections: Vec<String> = NODES
         .iter()
@@ -485,8 +517,8 @@ async fn cluster_quorum_vs_classic_drain_rate_and_lag() {
     )];
     let mut by_kind: HashMap<&str, KindFigures> = HashMap::new();
     for kind in ROUNDS {
-        let (exchange, routing_key, queue) = env.declare_bound_queue(kind.name(), kind).await;
-        let tally = Tally::start(&Cluster::url(CONSUMER_NODE), &queue).await;
+        let (exchange, routing_key, tally) =
+            bound_queue_read_on_consumer_node(&env, kind.name(), kind).await;
 
         // Drain: a backlog committed at once, published as fast as it goes.
         let sql = format!(
@@ -520,20 +552,10 @@ async fn cluster_quorum_vs_classic_drain_rate_and_lag() {
         let drain_rate = BACKLOG as f64 / drained.as_secs_f64();
 
         // Steady: the application's pace, lag per row.
-        let work = KeyedWorkload::start(
-            &env.db_url,
-            &env.schema,
-            &exchange,
-            &routing_key,
-            Duration::from_millis(4),
-        );
+        let work = start_application(&env, &exchange, &routing_key);
         work.wait_more(STEADY_ROWS, RECOVERY_TIMEOUT).await;
         let (log, _) = work.stop().await;
-        let steady: HashSet<String> = log
-            .committed
-            .iter()
-            .map(|w| w.message_id.to_string())
-            .collect();
+        let steady = message_ids(&log.committed);
         tally
             .wait_all(&steady, RECOVERY_TIMEOUT)
             .await
@@ -636,19 +658,12 @@ async fn cluster_classic_queue_node_down_loses_nothing() {
     // The queue lives on node 2 (declared there); the relay publishes to
     // node 1; the consumer reads through node 3.
     let env = TestEnv::on_cluster(TEST, QUEUE_NODE).await;
-    let (exchange, routing_key, queue) =
-        env.declare_bound_queue("events", QueueKind::Classic).await;
-    let tally = Tally::start(&Cluster::url(CONSUMER_NODE), &queue).await;
+    let (exchange, routing_key, tally) =
+        bound_queue_read_on_consumer_node(&env, "events", QueueKind::Classic).await;
     let relay = start_relay(&env).await;
     let (relay_node, _) = wait_connected_elsewhere(&relay, None).await;
     assert_ne!(relay_node, QUEUE_NODE);
-    let work = KeyedWorkload::start(
-        &env.db_url,
-        &env.schema,
-        &exchange,
-        &routing_key,
-        Duration::from_millis(4),
-    );
+    let work = start_application(&env, &exchange, &routing_key);
     wait_flowing(&tally, 300, &relay).await;
 
     let stop_at = Instant::now();
@@ -656,11 +671,7 @@ async fn cluster_classic_queue_node_down_loses_nothing() {
     let stopped_at = Instant::now();
     // The outage lasts this long (not a wait for a condition).
     tokio::time::sleep_until((stopped_at + QUEUE_NODE_OUTAGE).into()).await;
-    let during: HashSet<String> = work
-        .written_between(stopped_at, Instant::now())
-        .iter()
-        .map(|w| w.message_id.to_string())
-        .collect();
+    let during = work.committed_between(stopped_at, Instant::now());
     let (pending_during, charged_during, dead, published_during) = row_counts(&env, &during).await;
     assert_eq!(
         dead, 0,
@@ -687,18 +698,8 @@ async fn cluster_classic_queue_node_down_loses_nothing() {
     let restart_at = Instant::now();
     down.start().await;
     let resumed_at = wait_fresh_arrival(&work, &tally, stopped_at, &relay).await;
-    work.wait_more(300, RECOVERY_TIMEOUT).await;
-    let (log, seqs) = work.stop().await;
-    assert!(
-        log.errors.is_empty() && log.uncertain.is_empty(),
-        "the application's database writes failed: {:?}",
-        log.errors
-    );
-    let committed: HashSet<String> = log
-        .committed
-        .iter()
-        .map(|w| w.message_id.to_string())
-        .collect();
+    let (log, seqs) = stop_application_after_300_more(work).await;
+    let committed = message_ids(&log.committed);
     // Charged rows wait out their backoff (seconds to about a minute here).
     let all_in = tally.wait_all(&committed, Duration::from_secs(150)).await;
     assert!(
@@ -718,8 +719,7 @@ async fn cluster_classic_queue_node_down_loses_nothing() {
     let arrivals = tally.snapshot();
     let violations = order_violations(arrivals.iter().map(|a| Some(a.message_id.as_str())), &keyed);
     assert!(violations.is_empty(), "ORDER: {violations:#?}");
-    let violations = key_sequence_violations(arrivals.iter().map(|a| a.message_id.as_str()), &seqs);
-    assert!(violations.is_empty(), "per-key numbers: {violations:#?}");
+    assert_per_key_order(&tally, &seqs);
     let dead = rows.iter().filter(|r| r.dead_lettered_at.is_some()).count();
     assert_eq!(dead, 0, "rows dead-lettered");
     let charged = rows.iter().filter(|r| r.attempts > 0).count();
@@ -772,18 +772,12 @@ async fn cluster_hung_node_is_left_for_the_next_one() {
         return;
     };
     let env = TestEnv::on_cluster(TEST, CONSUMER_NODE).await;
-    let (exchange, routing_key, queue) = env.declare_bound_queue("events", QueueKind::Quorum).await;
-    let tally = Tally::start(&Cluster::url(CONSUMER_NODE), &queue).await;
+    let (exchange, routing_key, tally) =
+        bound_queue_read_on_consumer_node(&env, "events", QueueKind::Quorum).await;
     let relay = start_relay(&env).await;
     let (first_node, _) = wait_connected_elsewhere(&relay, None).await;
     assert_eq!(first_node, RELAY_NODES[0]);
-    let work = KeyedWorkload::start(
-        &env.db_url,
-        &env.schema,
-        &exchange,
-        &routing_key,
-        Duration::from_millis(4),
-    );
+    let work = start_application(&env, &exchange, &routing_key);
     wait_flowing(&tally, 300, &relay).await;
 
     let probe = NodeProbe::start(&relay);
@@ -807,17 +801,9 @@ async fn cluster_hung_node_is_left_for_the_next_one() {
     let (moved_at, published_at) = wait_publishing_on(&probe, next, freeze_at, &relay).await;
     let resumed_at = wait_fresh_arrival(&work, &tally, moved_at, &relay).await;
     let pause = longest_pause(&tally, freeze_at, resumed_at);
-    work.wait_more(300, RECOVERY_TIMEOUT).await;
-    let (log, seqs) = work.stop().await;
-    assert!(
-        log.errors.is_empty() && log.uncertain.is_empty(),
-        "the application's database writes failed: {:?}",
-        log.errors
-    );
+    let (log, seqs) = stop_application_after_300_more(work).await;
     let figures = verify_delivery(&env, &tally, &log, &relay).await;
-    let arrivals = tally.snapshot();
-    let violations = key_sequence_violations(arrivals.iter().map(|a| a.message_id.as_str()), &seqs);
-    assert!(violations.is_empty(), "per-key numbers: {violations:#?}");
+    assert_per_key_order(&tally, &seqs);
     let why = relay.log_lines_with(&["no confirm", "took no publish", "lost the RabbitMQ"], 4);
     // The frozen node is a member again (or the next test's start heals it).
     let healthy = cluster.heal().await;
@@ -862,8 +848,8 @@ async fn cluster_relay_started_while_the_first_node_is_down_uses_the_next() {
         return;
     };
     let env = TestEnv::on_cluster(TEST, CONSUMER_NODE).await;
-    let (exchange, routing_key, queue) = env.declare_bound_queue("events", QueueKind::Quorum).await;
-    let tally = Tally::start(&Cluster::url(CONSUMER_NODE), &queue).await;
+    let (exchange, routing_key, tally) =
+        bound_queue_read_on_consumer_node(&env, "events", QueueKind::Quorum).await;
     let first = RELAY_NODES[0];
     let down = cluster.take_down(first, Outage::Kill).await;
 
@@ -880,13 +866,7 @@ async fn cluster_relay_started_while_the_first_node_is_down_uses_the_next() {
         "the relay did not say it skipped node {first}\n{}",
         relay.log_tail(20)
     );
-    let work = KeyedWorkload::start(
-        &env.db_url,
-        &env.schema,
-        &exchange,
-        &routing_key,
-        Duration::from_millis(4),
-    );
+    let work = start_application(&env, &exchange, &routing_key);
     wait_flowing(&tally, 300, &relay).await;
 
     down.start().await;
@@ -900,9 +880,7 @@ async fn cluster_relay_started_while_the_first_node_is_down_uses_the_next() {
     );
     let (log, seqs) = work.stop().await;
     let figures = verify_delivery(&env, &tally, &log, &relay).await;
-    let arrivals = tally.snapshot();
-    let violations = key_sequence_violations(arrivals.iter().map(|a| a.message_id.as_str()), &seqs);
-    assert!(violations.is_empty(), "per-key numbers: {violations:#?}");
+    assert_per_key_order(&tally, &seqs);
     assert_eq!(
         node_metric(&m, "broker_connections_total", first),
         Some(0.0),

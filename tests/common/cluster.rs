@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
-use super::faults::{WriteLog, Written};
+use super::faults::{Workload, WriteLog, Written};
 use super::*;
 
 /// Exit status of the script when this machine cannot run the cluster.
@@ -320,12 +320,20 @@ pub fn connected_node(metrics: &str) -> Option<u8> {
 /// Partition keys of the keyed workload.
 pub const KEYS: usize = 8;
 
+/// The application's `Workload` (tests/common/faults.rs), writing rows
+/// numbered per partition key; its queries are the `Workload`'s.
 pub struct KeyedWorkload {
-    log: Arc<Mutex<WriteLog>>,
+    rows: Workload,
     /// message id -> (key, per-key sequence number) of committed rows.
     seqs: Arc<Mutex<HashMap<String, (String, u64)>>>,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::ops::Deref for KeyedWorkload {
+    type Target = Workload;
+
+    fn deref(&self) -> &Workload {
+        &self.rows
+    }
 }
 
 impl KeyedWorkload {
@@ -341,61 +349,22 @@ impl KeyedWorkload {
         routing_key: &str,
         pause: Duration,
     ) -> KeyedWorkload {
-        let log = Arc::new(Mutex::new(WriteLog::default()));
         let seqs = Arc::new(Mutex::new(HashMap::new()));
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(keyed_write_loop(
-            KeyedTarget {
-                db_url: db_url.to_string(),
-                schema: schema.to_string(),
-                exchange: exchange.to_string(),
-                routing_key: routing_key.to_string(),
-                pause,
-            },
-            log.clone(),
-            seqs.clone(),
-            stop_rx,
-        ));
-        KeyedWorkload {
-            log,
-            seqs,
-            stop,
-            task,
-        }
-    }
-
-    pub fn committed_count(&self) -> usize {
-        self.log.lock().unwrap().committed.len()
-    }
-
-    /// The rows committed in [from, to).
-    pub fn written_between(&self, from: Instant, to: Instant) -> Vec<Written> {
-        self.log
-            .lock()
-            .unwrap()
-            .committed
-            .iter()
-            .filter(|w| w.committed_at >= from && w.committed_at < to)
-            .cloned()
-            .collect()
-    }
-
-    /// Waits until `n` more rows are committed (bounded).
-    pub async fn wait_more(&self, n: usize, timeout: Duration) {
-        let target = self.committed_count() + n;
-        let ok = wait_until(timeout, async || self.committed_count() >= target).await;
-        assert!(
-            ok,
-            "the application did not commit {n} more rows within {timeout:?}: {:?}",
-            self.log.lock().unwrap().errors.last()
-        );
+        let target = KeyedTarget {
+            db_url: db_url.to_string(),
+            schema: schema.to_string(),
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            pause,
+        };
+        let rows =
+            Workload::spawn(|log, stop_rx| keyed_write_loop(target, log, seqs.clone(), stop_rx));
+        KeyedWorkload { rows, seqs }
     }
 
     /// Stops writing; the write log and each committed row's (key, number).
     pub async fn stop(self) -> (WriteLog, HashMap<String, (String, u64)>) {
-        self.stop.send_replace(true);
-        let _ = tokio::time::timeout(Duration::from_secs(30), self.task).await;
-        let log = self.log.lock().unwrap().clone();
+        let log = self.rows.stop().await;
         let seqs = self.seqs.lock().unwrap().clone();
         (log, seqs)
     }

@@ -286,6 +286,21 @@ impl Workload {
         Workload { log, stop, task }
     }
 
+    /// Runs `write_loop` as the application: it records what it wrote in the
+    /// log it is given and returns once the receiver says stop. For
+    /// applications that write rows of another shape (tests/common/cluster.rs).
+    pub fn spawn<F>(
+        write_loop: impl FnOnce(Arc<Mutex<WriteLog>>, watch::Receiver<bool>) -> F,
+    ) -> Workload
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let log = Arc::new(Mutex::new(WriteLog::default()));
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(write_loop(log.clone(), stop_rx));
+        Workload { log, stop, task }
+    }
+
     pub fn committed_count(&self) -> usize {
         self.log.lock().unwrap().committed.len()
     }

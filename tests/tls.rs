@@ -157,6 +157,14 @@ impl Drop for TlsNode {
 // Helpers
 // ---------------------------------------------------------------------------
 
+/// The PKI and the private TLS node, or None when the machine cannot run them
+/// (the test says so and passes).
+fn pki_and_node_or_skip(test: &str) -> Option<(Pki, TlsNode)> {
+    let pki = pki_or_skip(test)?;
+    let node = TlsNode::start_or_skip(test)?;
+    Some((pki, node))
+}
+
 /// A private PostgreSQL with `ssl=on` and `cert` as its certificate (from `ca`).
 fn tls_postgres(pki: &Pki, cert: &str, cert_auth_role: Option<&str>) -> PrivatePostgres {
     PrivatePostgres::start_with(&PgOptions {
@@ -171,6 +179,25 @@ fn tls_postgres(pki: &Pki, cert: &str, cert_auth_role: Option<&str>) -> PrivateP
 
 fn pg_url(pg: &PrivatePostgres, host: &str, user: &str, params: &str) -> String {
     format!("postgres://{user}@{host}:{}/postgres?{params}", pg.port)
+}
+
+/// A URL that logs in as `user` at `host` and verifies the server's
+/// certificate and host name against `ca` (sslmode=verify-full).
+fn pg_url_verified(pg: &PrivatePostgres, host: &str, user: &str, ca: &str) -> String {
+    pg_url(
+        pg,
+        host,
+        user,
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    )
+}
+
+/// The relay with these URLs, trusting `ca` for the broker's certificate.
+fn launch_trusting(db_url: &str, amqp_url: &str, ca: &str) -> Launch {
+    Launch::new()
+        .db_url(db_url)
+        .amqp_url(amqp_url)
+        .args(&["--amqp-ca-file", ca])
 }
 
 /// `outbox-relay check` with these URLs and extra flags.
@@ -209,6 +236,14 @@ fn assert_check_says(out: &CliOutput, verdict: &str, what: &str, says: &str) {
         "`{verdict} {what}` line does not say {says:?}\n{}",
         out.describe()
     );
+}
+
+/// Asserts that `check` failed, its database line saying `database` and its
+/// broker line saying `broker`.
+fn assert_check_refuses(out: &CliOutput, database: &str, broker: &str) {
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert_check_says(out, "FAIL", "database", database);
+    assert_check_says(out, "FAIL", "broker", broker);
 }
 
 /// A queue on the private node and a consumer on it (over plain 5690).
@@ -301,19 +336,13 @@ async fn relay_sessions_ssl(env: &TestEnv) -> (i64, i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_full_and_amqps_with_the_right_ca_carry_rows_end_to_end() {
     const TEST: &str = "verify_full_and_amqps_with_the_right_ca_carry_rows_end_to_end";
-    let Some(pki) = pki_or_skip(TEST) else { return };
-    let Some(node) = TlsNode::start_or_skip(TEST) else {
+    let Some((pki, node)) = pki_and_node_or_skip(TEST) else {
         return;
     };
     let pg = tls_postgres(&pki, "server", None);
     let env = TestEnv::new_on_database("tls_verified", &pg.url()).await;
     let ca = pki.path("ca.pem");
-    let db_url = pg_url(
-        &pg,
-        "localhost",
-        "postgres",
-        &format!("sslmode=verify-full&sslrootcert={ca}"),
-    );
+    let db_url = pg_url_verified(&pg, "localhost", "postgres", &ca);
     let amqp_url = TlsNode::amqps(PORT_TLS, "localhost");
 
     let out = check(&env, &db_url, &amqp_url, &["--amqp-ca-file", &ca]).await;
@@ -332,10 +361,7 @@ async fn verify_full_and_amqps_with_the_right_ca_carry_rows_end_to_end() {
     );
 
     let (_conn, queue, collector) = node_queue(&env).await;
-    let launch = Launch::new()
-        .db_url(&db_url)
-        .amqp_url(&amqp_url)
-        .args(&["--amqp-ca-file", &ca]);
+    let launch = launch_trusting(&db_url, &amqp_url, &ca);
     let _relay = relay_delivers(&env, &launch, &queue, &collector, 20).await;
     let (encrypted, plain) = relay_sessions_ssl(&env).await;
     assert!(
@@ -357,33 +383,19 @@ async fn verify_full_and_amqps_with_the_right_ca_carry_rows_end_to_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_certificate_from_an_untrusted_ca_is_refused_naming_the_ca() {
     const TEST: &str = "a_server_certificate_from_an_untrusted_ca_is_refused_naming_the_ca";
-    let Some(pki) = pki_or_skip(TEST) else { return };
-    let Some(_node) = TlsNode::start_or_skip(TEST) else {
+    let Some((pki, _node)) = pki_and_node_or_skip(TEST) else {
         return;
     };
     let pg = tls_postgres(&pki, "server", None);
     let env = TestEnv::new_on_database("tls_wrong_ca", &pg.url()).await;
     let other_ca = pki.path("other-ca.pem");
-    let db_url = pg_url(
-        &pg,
-        "localhost",
-        "postgres",
-        &format!("sslmode=verify-full&sslrootcert={other_ca}"),
-    );
+    let db_url = pg_url_verified(&pg, "localhost", "postgres", &other_ca);
     let amqp_url = TlsNode::amqps(PORT_TLS, "localhost");
 
     let out = check(&env, &db_url, &amqp_url, &["--amqp-ca-file", &other_ca]).await;
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
-    assert_check_says(
+    assert_check_refuses(
         &out,
-        "FAIL",
-        "database",
         &format!("the database server's certificate is not signed by a trusted CA: set sslrootcert to the CA certificate that signed it (trusted now: sslrootcert '{other_ca}')"),
-    );
-    assert_check_says(
-        &out,
-        "FAIL",
-        "broker",
         &format!("the broker's certificate is not signed by a trusted CA: set amqp-ca-file to the CA certificate that signed it (trusted now: amqp-ca-file '{other_ca}' and the system's CA certificates)"),
     );
     // verify-ca refuses it just the same: the chain is what is wrong.
@@ -396,10 +408,7 @@ async fn a_server_certificate_from_an_untrusted_ca_is_refused_naming_the_ca() {
     let out = check(&env, &verify_ca, NODE_AMQP, &[]).await;
     assert_check_says(&out, "FAIL", "database", "is not signed by a trusted CA");
 
-    let launch = Launch::new()
-        .db_url(&db_url)
-        .amqp_url(&amqp_url)
-        .args(&["--amqp-ca-file", &other_ca]);
+    let launch = launch_trusting(&db_url, &amqp_url, &other_ca);
     let line = run_is_refused(
         &env,
         &launch,
@@ -409,16 +418,8 @@ async fn a_server_certificate_from_an_untrusted_ca_is_refused_naming_the_ca() {
     eprintln!("run logs: {line}");
 
     // The database right, the broker's CA wrong: `run` says so in the same words.
-    let right_db = pg_url(
-        &pg,
-        "localhost",
-        "postgres",
-        &format!("sslmode=verify-full&sslrootcert={}", pki.path("ca.pem")),
-    );
-    let launch = Launch::new()
-        .db_url(&right_db)
-        .amqp_url(&amqp_url)
-        .args(&["--amqp-ca-file", &other_ca]);
+    let right_db = pg_url_verified(&pg, "localhost", "postgres", &pki.path("ca.pem"));
+    let launch = launch_trusting(&right_db, &amqp_url, &other_ca);
     let line = run_is_refused(
         &env,
         &launch,
@@ -431,34 +432,20 @@ async fn a_server_certificate_from_an_untrusted_ca_is_refused_naming_the_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_certificate_for_another_host_is_refused_naming_the_host() {
     const TEST: &str = "a_server_certificate_for_another_host_is_refused_naming_the_host";
-    let Some(pki) = pki_or_skip(TEST) else { return };
-    let Some(_node) = TlsNode::start_or_skip(TEST) else {
+    let Some((pki, _node)) = pki_and_node_or_skip(TEST) else {
         return;
     };
     // Signed by the trusted CA, but for wrong-host.invalid.
     let pg = tls_postgres(&pki, "wrong-host", None);
     let env = TestEnv::new_on_database("tls_wrong_host", &pg.url()).await;
     let ca = pki.path("ca.pem");
-    let db_url = pg_url(
-        &pg,
-        "localhost",
-        "postgres",
-        &format!("sslmode=verify-full&sslrootcert={ca}"),
-    );
+    let db_url = pg_url_verified(&pg, "localhost", "postgres", &ca);
     let amqp_url = TlsNode::amqps(PORT_TLS_WRONG_HOST, "127.0.0.1");
 
     let out = check(&env, &db_url, &amqp_url, &["--amqp-ca-file", &ca]).await;
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
-    assert_check_says(
+    assert_check_refuses(
         &out,
-        "FAIL",
-        "database",
         "the database server's certificate is not valid for host name 'localhost' (it is for wrong-host.invalid): connect with a host name the certificate lists, or use sslmode=verify-ca to check the chain only",
-    );
-    assert_check_says(
-        &out,
-        "FAIL",
-        "broker",
         "the broker's certificate is not valid for host name '127.0.0.1'",
     );
 
@@ -480,8 +467,7 @@ async fn a_server_certificate_for_another_host_is_refused_naming_the_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_text_only_server_is_refused_when_tls_is_required() {
     const TEST: &str = "a_plain_text_only_server_is_refused_when_tls_is_required";
-    let Some(pki) = pki_or_skip(TEST) else { return };
-    let Some(_node) = TlsNode::start_or_skip(TEST) else {
+    let Some((pki, _node)) = pki_and_node_or_skip(TEST) else {
         return;
     };
     let pg = PrivatePostgres::start(); // ssl=off
@@ -496,12 +482,9 @@ async fn a_plain_text_only_server_is_refused_when_tls_is_required() {
     ] {
         let db_url = pg_url(&pg, "127.0.0.1", "postgres", &params);
         let out = check(&env, &db_url, amqp_url, &["--amqp-ca-file", &ca]).await;
-        assert_eq!(out.code(), Some(1), "{}", out.describe());
-        assert_check_says(&out, "FAIL", "database", "server does not support TLS");
-        assert_check_says(
+        assert_check_refuses(
             &out,
-            "FAIL",
-            "broker",
+            "server does not support TLS",
             "the server at '127.0.0.1' does not speak TLS on this port (it answered in plain text)",
         );
     }
@@ -557,8 +540,7 @@ async fn sslmode_prefer_falls_back_to_plain_text_and_encrypts_when_offered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificates_log_in_to_postgresql_and_rabbitmq() {
     const TEST: &str = "client_certificates_log_in_to_postgresql_and_rabbitmq";
-    let Some(pki) = pki_or_skip(TEST) else { return };
-    let Some(node) = TlsNode::start_or_skip(TEST) else {
+    let Some((pki, node)) = pki_and_node_or_skip(TEST) else {
         return;
     };
     // Role outbox_relay may log in over TCP only with a certificate whose CN is its name.
@@ -596,12 +578,7 @@ async fn client_certificates_log_in_to_postgresql_and_rabbitmq() {
     assert_check_says(&out, "ok", "broker", "client certificate presented");
 
     // Without a certificate, or with one from a CA the servers do not trust: refused.
-    let no_cert = pg_url(
-        &pg,
-        "localhost",
-        "outbox_relay",
-        &format!("sslmode=verify-full&sslrootcert={ca}"),
-    );
+    let no_cert = pg_url_verified(&pg, "localhost", "outbox_relay", &ca);
     let out = check(&env, &no_cert, &amqp_url, &["--amqp-ca-file", &ca]).await;
     assert_eq!(out.code(), Some(1), "{}", out.describe());
     assert_check_says(&out, "FAIL", "database", "certificate");

@@ -203,6 +203,11 @@ impl BrokerUser {
         Some(user)
     }
 
+    /// A user who may write on exactly `exchanges` and nothing else.
+    fn publish_only(env: &TestEnv, test: &str, exchanges: &[&str]) -> Option<BrokerUser> {
+        BrokerUser::create(env, test, "^$", &write_on(exchanges), "^$")
+    }
+
     /// The test's AMQP URL logging in as this user (name and password
     /// percent-encoded).
     fn url(&self) -> String {
@@ -278,23 +283,17 @@ async fn wait_parked(env: &TestEnv, id: i64, relay: &Relay) -> RowState {
     row
 }
 
-fn to_exchange(exchange: &str, routing_key: &str, payload: &str) -> NewRow {
-    let mut row = NewRow::to_queue(routing_key, payload.as_bytes().to_vec());
-    row.exchange = exchange.to_string();
-    row
+/// A queue `exchange` routes the routing key "orders" to.
+async fn queue_bound_for_orders(env: &TestEnv, what: &str, exchange: &str) -> String {
+    let queue = env.declare_queue(what).await;
+    env.bind(&queue, exchange, "orders").await;
+    queue
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_passes_as_a_publish_only_user() {
-    let env = TestEnv::new("amqp_perm_check").await;
-    let exchange = env.declare_exchange("allowed", ExchangeKind::Direct).await;
-    let write = write_on(&["amq.default", &exchange]);
-    let test = "check_passes_as_a_publish_only_user";
-    let Some(user) = BrokerUser::create(&env, test, "^$", &write, "^$") else {
-        return;
-    };
+/// `outbox-relay check` logging in to the broker as `user`.
+async fn check_as(env: &TestEnv, user: &BrokerUser) -> CliOutput {
     let user_url = user.url();
-    let out = run_cli(
+    run_cli(
         &[
             "check",
             "--database-url",
@@ -307,7 +306,42 @@ async fn check_passes_as_a_publish_only_user() {
         &[],
         CLI_TIMEOUT,
     )
-    .await;
+    .await
+}
+
+/// The line of `check`'s output about the broker.
+fn broker_line(out: &CliOutput) -> &str {
+    out.stdout
+        .lines()
+        .find(|l| l.contains("broker"))
+        .unwrap_or_else(|| panic!("no broker line\n{}", out.describe()))
+}
+
+/// Asserts that a row's last_error names each of `needles`.
+fn assert_says_all(err: &str, needles: &[&str]) {
+    for needle in needles {
+        assert!(
+            err.contains(needle),
+            "last_error does not say {needle:?}: {err:?}"
+        );
+    }
+}
+
+fn to_exchange(exchange: &str, routing_key: &str, payload: &str) -> NewRow {
+    let mut row = NewRow::to_queue(routing_key, payload.as_bytes().to_vec());
+    row.exchange = exchange.to_string();
+    row
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_passes_as_a_publish_only_user() {
+    let env = TestEnv::new("amqp_perm_check").await;
+    let exchange = env.declare_exchange("allowed", ExchangeKind::Direct).await;
+    let test = "check_passes_as_a_publish_only_user";
+    let Some(user) = BrokerUser::publish_only(&env, test, &["amq.default", &exchange]) else {
+        return;
+    };
+    let out = check_as(&env, &user).await;
     assert_eq!(
         out.code(),
         Some(0),
@@ -315,11 +349,7 @@ async fn check_passes_as_a_publish_only_user() {
         user.name,
         out.describe()
     );
-    let broker_line = out
-        .stdout
-        .lines()
-        .find(|l| l.contains("broker"))
-        .unwrap_or_else(|| panic!("no broker line\n{}", out.describe()));
+    let broker_line = broker_line(&out);
     assert!(
         broker_line.starts_with("ok"),
         "broker line: {broker_line}\n{}",
@@ -337,12 +367,10 @@ async fn check_passes_as_a_publish_only_user() {
 async fn publish_only_user_publishes_rows_to_the_exchanges_it_may_write() {
     let env = TestEnv::new("amqp_perm_publish").await;
     let exchange = env.declare_exchange("allowed", ExchangeKind::Direct).await;
-    let queue = env.declare_queue("events").await;
-    env.bind(&queue, &exchange, "orders").await;
+    let queue = queue_bound_for_orders(&env, "events", &exchange).await;
     let direct_queue = env.declare_queue("direct").await;
-    let write = write_on(&["amq.default", &exchange]);
     let test = "publish_only_user_publishes_rows_to_the_exchanges_it_may_write";
-    let Some(user) = BrokerUser::create(&env, test, "^$", &write, "^$") else {
+    let Some(user) = BrokerUser::publish_only(&env, test, &["amq.default", &exchange]) else {
         return;
     };
 
@@ -421,15 +449,12 @@ async fn row_to_an_exchange_the_user_may_not_write_is_charged_and_parked_others_
     let env = TestEnv::new("amqp_perm_refused").await;
     let allowed = env.declare_exchange("allowed", ExchangeKind::Direct).await;
     let refused = env.declare_exchange("refused", ExchangeKind::Direct).await;
-    let queue = env.declare_queue("events").await;
-    env.bind(&queue, &allowed, "orders").await;
+    let queue = queue_bound_for_orders(&env, "events", &allowed).await;
     // Routable if it were written: only the permission stops it.
-    let refused_queue = env.declare_queue("refused").await;
-    env.bind(&refused_queue, &refused, "orders").await;
+    let refused_queue = queue_bound_for_orders(&env, "refused", &refused).await;
     let direct_queue = env.declare_queue("direct").await;
-    let write = write_on(&["amq.default", &allowed]);
     let test = "row_to_an_exchange_the_user_may_not_write_is_charged_and_parked_others_flow";
-    let Some(user) = BrokerUser::create(&env, test, "^$", &write, "^$") else {
+    let Some(user) = BrokerUser::publish_only(&env, test, &["amq.default", &allowed]) else {
         return;
     };
 
@@ -465,12 +490,10 @@ async fn row_to_an_exchange_the_user_may_not_write_is_charged_and_parked_others_
         "attempts of the refused row: {parked:?}"
     );
     let err = parked.last_error.clone().unwrap_or_default();
-    for needle in ["ACCESS_REFUSED", refused.as_str(), user.name.as_str()] {
-        assert!(
-            err.contains(needle),
-            "last_error does not say {needle:?}: {err:?}"
-        );
-    }
+    assert_says_all(
+        &err,
+        &["ACCESS_REFUSED", refused.as_str(), user.name.as_str()],
+    );
     assert!(
         !err.contains(&user.password),
         "last_error holds the password"
@@ -498,13 +521,11 @@ async fn row_to_an_exchange_the_user_may_not_write_is_charged_and_parked_others_
 async fn rows_to_the_default_exchange_need_write_on_amq_default() {
     let env = TestEnv::new("amqp_perm_default").await;
     let allowed = env.declare_exchange("allowed", ExchangeKind::Direct).await;
-    let queue = env.declare_queue("events").await;
-    env.bind(&queue, &allowed, "orders").await;
+    let queue = queue_bound_for_orders(&env, "events", &allowed).await;
     let direct_queue = env.declare_queue("direct").await;
     // No amq.default: rows with an empty exchange are refused.
-    let write = write_on(&[&allowed]);
     let test = "rows_to_the_default_exchange_need_write_on_amq_default";
-    let Some(user) = BrokerUser::create(&env, test, "^$", &write, "^$") else {
+    let Some(user) = BrokerUser::publish_only(&env, test, &[&allowed]) else {
         return;
     };
 
@@ -524,12 +545,7 @@ async fn rows_to_the_default_exchange_need_write_on_amq_default() {
     let parked = wait_parked(&env, ins[0].id, &relay).await;
     assert!(parked.published_at.is_none(), "{parked:?}");
     let err = parked.last_error.clone().unwrap_or_default();
-    for needle in ["ACCESS_REFUSED", "amq.default"] {
-        assert!(
-            err.contains(needle),
-            "last_error does not say {needle:?}: {err:?}"
-        );
-    }
+    assert_says_all(&err, &["ACCESS_REFUSED", "amq.default"]);
     assert_eq!(env.queue_depth(&direct_queue).await, 0);
     println!("default-exchange row without write on amq.default: {err}");
 }
@@ -544,27 +560,9 @@ async fn check_names_a_user_without_access_to_the_vhost() {
     // No permissions at all on the vhost, not even empty ones.
     rabbitmqctl(&["clear_permissions", "-p", &user.vhost, &user.name])
         .unwrap_or_else(|e| panic!("clear permissions of {}: {e}", user.name));
-    let user_url = user.url();
-    let out = run_cli(
-        &[
-            "check",
-            "--database-url",
-            &env.db_url,
-            "--amqp-url",
-            &user_url,
-            "--schema",
-            &env.schema,
-        ],
-        &[],
-        CLI_TIMEOUT,
-    )
-    .await;
+    let out = check_as(&env, &user).await;
     assert_eq!(out.code(), Some(1), "{}", out.describe());
-    let broker_line = out
-        .stdout
-        .lines()
-        .find(|l| l.contains("broker"))
-        .unwrap_or_else(|| panic!("no broker line\n{}", out.describe()));
+    let broker_line = broker_line(&out);
     for needle in ["FAIL", "access to vhost", &user.name] {
         assert!(
             broker_line.contains(needle),
@@ -584,13 +582,10 @@ async fn refused_rows_spread_through_a_backlog_are_each_parked_and_the_rest_flow
     let env = TestEnv::new("amqp_perm_backlog").await;
     let allowed = env.declare_exchange("allowed", ExchangeKind::Direct).await;
     let refused = env.declare_exchange("refused", ExchangeKind::Direct).await;
-    let queue = env.declare_queue("events").await;
-    env.bind(&queue, &allowed, "orders").await;
-    let refused_queue = env.declare_queue("refused").await;
-    env.bind(&refused_queue, &refused, "orders").await;
-    let write = write_on(&["amq.default", &allowed]);
+    let queue = queue_bound_for_orders(&env, "events", &allowed).await;
+    let refused_queue = queue_bound_for_orders(&env, "refused", &refused).await;
     let test = "refused_rows_spread_through_a_backlog_are_each_parked_and_the_rest_flow";
-    let Some(user) = BrokerUser::create(&env, test, "^$", &write, "^$") else {
+    let Some(user) = BrokerUser::publish_only(&env, test, &["amq.default", &allowed]) else {
         return;
     };
     let collector = env.consume(&queue, AckMode::Manual).await;

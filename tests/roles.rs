@@ -167,18 +167,7 @@ fn as_user(url: &str, user: &str) -> String {
 async fn least_privilege(name: &str) -> (TestEnv, Roles) {
     let env = TestEnv::new_unmigrated(name).await;
     let roles = Roles::create(&env).await;
-    let out = run_cli(
-        &[
-            "migrate",
-            "--database-url",
-            &roles.url(&roles.owner),
-            "--schema",
-            &env.schema,
-        ],
-        &[],
-        CLI_TIMEOUT,
-    )
-    .await;
+    let out = cli_as(&env, &roles.url(&roles.owner), &["migrate"]).await;
     assert_eq!(
         out.code(),
         Some(0),
@@ -201,11 +190,18 @@ async fn assert_refused(client: &Client, role: &str, sql: &str) {
     }
 }
 
-/// An operator command as `role`, e.g. `["dead-letters", "list"]`.
+/// A command as the role `url` logs in as, e.g. `["dead-letters", "list"]`.
 async fn cli_as(env: &TestEnv, url: &str, args: &[&str]) -> CliOutput {
     let mut all: Vec<&str> = args.to_vec();
     all.extend(["--database-url", url, "--schema", &env.schema]);
     run_cli(&all, &[], CLI_TIMEOUT).await
+}
+
+/// `cli_as`, asserting that the command exits 0.
+async fn cli_as_succeeds(env: &TestEnv, url: &str, args: &[&str]) -> CliOutput {
+    let out = cli_as(env, url, args).await;
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    out
 }
 
 /// Inserts rows as `client` (the application role): a plain INSERT without
@@ -264,20 +260,7 @@ async fn relay_role_publishes_what_the_application_role_writes() {
     let (env, roles) = least_privilege("roles_relay").await;
     let relay_url = roles.url(&roles.relay);
 
-    let check = run_cli(
-        &[
-            "check",
-            "--database-url",
-            &relay_url,
-            "--amqp-url",
-            &env.amqp_url,
-            "--schema",
-            &env.schema,
-        ],
-        &[],
-        CLI_TIMEOUT,
-    )
-    .await;
+    let check = cli_as(&env, &relay_url, &["check", "--amqp-url", &env.amqp_url]).await;
     assert_eq!(
         check.code(),
         Some(0),
@@ -446,28 +429,24 @@ async fn operator_role_runs_status_dead_letters_and_replay() {
             == 1
     };
 
-    let out = cli_as(&env, &operator, &["status", "--json"]).await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let out = cli_as_succeeds(&env, &operator, &["status", "--json"]).await;
     let status: Value = serde_json::from_str(&out.stdout).expect("status --json");
     assert_eq!(status["dead_lettered"], 4, "{status:#}");
     assert_eq!(status["published_kept"], 2, "{status:#}");
     assert_eq!(status["partitions_total"], 32, "{status:#}");
-    let out = cli_as(&env, &operator, &["status"]).await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    cli_as_succeeds(&env, &operator, &["status"]).await;
 
-    let out = cli_as(&env, &operator, &["dead-letters", "list", "--json"]).await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let out = cli_as_succeeds(&env, &operator, &["dead-letters", "list", "--json"]).await;
     let list: Value = serde_json::from_str(&out.stdout).expect("dead-letters list --json");
     assert_eq!(list["total"], 4, "{list:#}");
 
     let retry_one = id(2).to_string();
-    let out = cli_as(
+    cli_as_succeeds(
         &env,
         &operator,
         &["dead-letters", "retry", "--id", &retry_one],
     )
     .await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
     assert_eq!(
         state(2).await,
         (false, false),
@@ -476,13 +455,12 @@ async fn operator_role_runs_status_dead_letters_and_replay() {
     );
 
     let discard_one = id(3).to_string();
-    let out = cli_as(
+    cli_as_succeeds(
         &env,
         &operator,
         &["dead-letters", "discard", "--id", &discard_one],
     )
     .await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
     assert!(!exists(3).await, "row {} not discarded", id(3));
 
     // A named row that is not dead-lettered: reported (it reads its state), exit 1.
@@ -500,8 +478,7 @@ async fn operator_role_runs_status_dead_letters_and_replay() {
         out.describe()
     );
 
-    let out = cli_as(&env, &operator, &["dead-letters", "retry", "--all"]).await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    cli_as_succeeds(&env, &operator, &["dead-letters", "retry", "--all"]).await;
     assert_eq!(state(4).await, (false, false));
     assert_eq!(state(5).await, (false, false));
     env.exec(
@@ -512,27 +489,24 @@ async fn operator_role_runs_status_dead_letters_and_replay() {
         &[&id(5)],
     )
     .await;
-    let out = cli_as(&env, &operator, &["dead-letters", "discard", "--all"]).await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    cli_as_succeeds(&env, &operator, &["dead-letters", "discard", "--all"]).await;
     assert!(!exists(5).await, "row {} not discarded by --all", id(5));
 
     let from = id(0).to_string();
     let to = id(0).to_string();
-    let out = cli_as(
+    cli_as_succeeds(
         &env,
         &operator,
         &["replay", "--from-id", &from, "--to-id", &to],
     )
     .await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
     assert_eq!(state(0).await, (false, false), "row {} not replayed", id(0));
-    let out = cli_as(
+    cli_as_succeeds(
         &env,
         &operator,
         &["replay", "--since", "2000-01-01T00:00:00Z"],
     )
     .await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
     assert_eq!(state(1).await, (false, false), "row {} not replayed", id(1));
 }
 

@@ -15,10 +15,9 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use rand::Rng;
 use tokio::sync::watch;
-use tokio_postgres::NoTls;
 use uuid::Uuid;
 
-use super::faults::{Workload, WriteLog, Written};
+use super::faults::{app_connection, Workload, WriteLog, Written};
 use super::*;
 
 /// Exit status of the script when this machine cannot run the cluster.
@@ -393,22 +392,9 @@ async fn keyed_write_loop(
     let mut next: HashMap<String, u64> = HashMap::new();
     let mut client: Option<tokio_postgres::Client> = None;
     while !*stop.borrow() {
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            match tokio_postgres::connect(&target.db_url, NoTls).await {
-                Ok((c, conn)) => {
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                    client = Some(c);
-                }
-                Err(e) => {
-                    log.lock().unwrap().errors.push(format!("connect: {e}"));
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            }
-        }
-        let c = client.as_mut().unwrap();
+        let Some(c) = app_connection(&target.db_url, &mut client, &log).await else {
+            continue;
+        };
         let (keys, commit) = {
             let mut rng = rand::rng();
             let n = rng.random_range(1..=5);

@@ -274,16 +274,8 @@ impl Workload {
     /// rows without a key, a header `seq` counting rows in write order.
     /// Reconnects on its own when its database goes away.
     pub fn start(db_url: &str, schema: &str, queue: &str) -> Workload {
-        let log = Arc::new(Mutex::new(WriteLog::default()));
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(write_loop(
-            db_url.to_string(),
-            schema.to_string(),
-            queue.to_string(),
-            log.clone(),
-            stop_rx,
-        ));
-        Workload { log, stop, task }
+        let (db_url, schema, queue) = (db_url.to_string(), schema.to_string(), queue.to_string());
+        Workload::spawn(|log, stop| write_loop(db_url, schema, queue, log, stop))
     }
 
     /// Runs `write_loop` as the application: it records what it wrote in the
@@ -360,6 +352,31 @@ impl Workload {
     }
 }
 
+/// The application's connection, (re)connected when it is gone: None (after
+/// logging why and a short pause) while the database cannot be reached.
+pub async fn app_connection<'a>(
+    db_url: &str,
+    client: &'a mut Option<tokio_postgres::Client>,
+    log: &Mutex<WriteLog>,
+) -> Option<&'a mut tokio_postgres::Client> {
+    if client.as_ref().is_none_or(|c| c.is_closed()) {
+        match tokio_postgres::connect(db_url, NoTls).await {
+            Ok((c, conn)) => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                *client = Some(c);
+            }
+            Err(e) => {
+                log.lock().unwrap().errors.push(format!("connect: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return None;
+            }
+        }
+    }
+    client.as_mut()
+}
+
 async fn write_loop(
     db_url: String,
     schema: String,
@@ -375,22 +392,9 @@ async fn write_loop(
     let mut client: Option<tokio_postgres::Client> = None;
     let mut seq: i64 = 0;
     while !*stop.borrow() {
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            match tokio_postgres::connect(&db_url, NoTls).await {
-                Ok((c, conn)) => {
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                    client = Some(c);
-                }
-                Err(e) => {
-                    log.lock().unwrap().errors.push(format!("connect: {e}"));
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            }
-        }
-        let c = client.as_mut().unwrap();
+        let Some(c) = app_connection(&db_url, &mut client, &log).await else {
+            continue;
+        };
         let (rows, commit) = {
             let mut rng = rand::rng();
             let n = rng.random_range(1..=5);

@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_broker_node.sql",
         sql: include_str!("../sql/0004_broker_node.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_backlog_definer.sql",
+        sql: include_str!("../sql/0005_backlog_definer.sql"),
+    },
 ];
 
 pub fn latest_version() -> i32 {

@@ -534,6 +534,7 @@ async fn application_role_writes_rows_and_is_refused_everything_else() {
         format!("SELECT payload FROM \"{s}\".messages"),
         format!("SELECT * FROM \"{s}\".messages"),
         format!("SELECT headers, exchange, routing_key FROM \"{s}\".messages"),
+        format!("SELECT created_at, published_at, dead_lettered_at FROM \"{s}\".messages"),
         format!("SELECT \"{s}\".relay_heartbeat('app', interval '10 s', NULL)"),
         format!("SELECT \"{s}\".relay_set_idle('app', true)"),
         format!("SELECT \"{s}\".relay_release('app')"),

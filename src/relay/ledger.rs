@@ -188,10 +188,11 @@ impl<C> Ledger<C> {
     pub fn goes_alone(&self, row: &OutboxRow) -> bool {
         self.suspects.contains(&row.id)
             || self.culprits.contains(&row.id)
-            || self
-                .refused_exchanges
-                .get(&row.exchange)
-                .is_some_and(|until| Instant::now() < *until)
+            || (!self.refused_exchanges.is_empty()
+                && self
+                    .refused_exchanges
+                    .get(&row.exchange)
+                    .is_some_and(|until| Instant::now() < *until))
     }
 
     // -- sending ----------------------------------------------------------

@@ -95,10 +95,10 @@ pub struct Publisher {
 
 impl Publisher {
     /// Connects to the one node `url` names, trusting and presenting what
-    /// `tls` points at (read now, so a renewed certificate is used).
+    /// `tls_files` points at (read now, so a renewed certificate is used).
     pub async fn connect(
         url: &str,
-        tls: &AmqpTlsFiles,
+        tls_files: &AmqpTlsFiles,
         allow_unroutable: bool,
     ) -> Result<Self, PublishError> {
         let props = ConnectionProperties::default().with_connection_name(LongString::from(
@@ -113,9 +113,9 @@ impl Publisher {
             Tokio::current(),
             FencedReactor::new(fence.clone()),
         ));
-        let tls_files = tls;
         let tls = tls_config(tls_files)?;
-        let uri_host = uri.authority.host.clone();
+        let node = tls::node_of(&uri);
+        let host = uri.authority.host.clone();
         // What lapin's own connect does, over a fenced socket.
         let connect = Connection::connector(
             uri,
@@ -130,10 +130,9 @@ impl Publisher {
         let connection = match tokio::time::timeout(AMQP_TIMEOUT, connect).await {
             Ok(Ok(c)) => c,
             Ok(Err(source)) => {
-                let host = &uri_host;
                 let why = url
                     .starts_with("amqps://")
-                    .then(|| crate::tls::explain_amqp_tls_error(&source, host, tls_files))
+                    .then(|| crate::tls::explain_amqp_tls_error(&source, &host, tls_files))
                     .flatten();
                 return Err(match why {
                     Some(why) => PublishError::TlsHandshake {
@@ -163,7 +162,7 @@ impl Publisher {
             exchanges: HashMap::new(),
             allow_unroutable,
             vhost,
-            node: node_name(url),
+            node,
         })
     }
 

@@ -78,39 +78,11 @@ fn run_rabbitmqctl(args: &[&str]) -> Result<String, String> {
     }
 }
 
-/// The vhost an AMQP URL names (`/` for an empty path or `%2f`).
+/// The vhost an AMQP URL names, as lapin reads it (`/` for an empty path or `%2f`).
 fn vhost_of(url: &str) -> String {
-    let parsed = url::Url::parse(url).expect("the test AMQP URL parses");
-    let path = parsed.path().strip_prefix('/').unwrap_or("");
-    let decoded = percent_decode(path);
-    if decoded.is_empty() {
-        "/".to_string()
-    } else {
-        decoded
-    }
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    url.parse::<lapin::uri::AMQPUri>()
+        .expect("the test AMQP URL parses")
+        .vhost
 }
 
 /// `name` as a regular expression that matches exactly it.

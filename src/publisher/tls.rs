@@ -3,7 +3,10 @@
 
 use std::path::Path;
 
-use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::{
+    tcp::{OwnedIdentity, OwnedTLSConfig},
+    uri::AMQPUri,
+};
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 
 use super::amqp_uri;
@@ -19,12 +22,16 @@ pub struct TlsFileError {
 
 /// `host:port` of the node a URL points at (the label in metrics and status).
 pub fn node_name(url: &str) -> String {
-    match amqp_uri(url) {
-        Ok(uri) if uri.authority.host.contains(':') => {
-            format!("[{}]:{}", uri.authority.host, uri.authority.port)
-        }
-        Ok(uri) => format!("{}:{}", uri.authority.host, uri.authority.port),
-        Err(_) => "unknown".to_string(),
+    amqp_uri(url).map_or_else(|_| "unknown".to_string(), |uri| node_of(&uri))
+}
+
+/// `host:port` of a parsed URL (an IPv6 host in brackets).
+pub(super) fn node_of(uri: &AMQPUri) -> String {
+    let authority = &uri.authority;
+    if authority.host.contains(':') {
+        format!("[{}]:{}", authority.host, authority.port)
+    } else {
+        format!("{}:{}", authority.host, authority.port)
     }
 }
 

@@ -2,6 +2,22 @@
 
 use crate::{bench::LoadRun, util::quantile};
 
+/// A phase's result that keeps how its relay stopped (see `Bench::conclude`).
+pub(crate) trait StopNoted {
+    fn set_stop_note(&mut self, note: Option<String>);
+}
+
+macro_rules! stop_noted {
+    ($($run:ty),*) => {$(
+        impl StopNoted for $run {
+            fn set_stop_note(&mut self, note: Option<String>) {
+                self.stop_note = note;
+            }
+        }
+    )*};
+}
+stop_noted!(DrainRun, SteadyRun, KeyedRun, ColdDrain);
+
 #[derive(Debug, Clone)]
 pub(crate) struct CeilingRun {
     pub(crate) confirmed_s: f64,

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use lapin::types::ShortString;
 
 use super::Bench;
@@ -153,20 +153,7 @@ impl Bench {
             })
         }
         .await;
-        let measured = match measured {
-            Ok(m) => Ok(m),
-            Err(e) => Err(anyhow!(
-                "{e:#}\n{}",
-                self.evidence(schema, &mut relay, consumer.as_ref()).await
-            )),
-        };
-        let stop_note = relay.stop().await;
-        if let Some(c) = consumer {
-            c.close().await;
-        }
-        let mut run = measured?;
-        run.stop_note = stop_note;
-        Ok(run)
+        self.conclude(schema, relay, consumer, measured).await
     }
 
     /// Polls (EXISTS every 20 ms) until no row is pending; fails when the

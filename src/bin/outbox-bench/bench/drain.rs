@@ -107,17 +107,6 @@ impl Bench {
             })
         }
         .await;
-        let measured = match measured {
-            Ok(m) => Ok(m),
-            Err(e) => Err(anyhow!(
-                "{e:#}\n{}",
-                self.evidence(schema, &mut relay, Some(&consumer)).await
-            )),
-        };
-        let stop_note = relay.stop().await;
-        consumer.close().await;
-        let mut run = measured?;
-        run.stop_note = stop_note;
-        Ok(run)
+        self.conclude(schema, relay, Some(consumer), measured).await
     }
 }

@@ -23,6 +23,7 @@ use tokio_postgres::{Client, NoTls};
 use crate::{
     consumer::Consumer,
     relay_proc::{claim_stats, metric, RelayProc},
+    results::StopNoted,
     sysinfo::{clock_ticks, tcp_ports_to},
     util::redact,
     Args,
@@ -389,6 +390,32 @@ impl Bench {
             .await?
             .get(0);
         Ok(n as f64)
+    }
+
+    /// Ends a measured phase: a failure carries the evidence (consumer,
+    /// outbox, relay log); the relay is stopped and the consumer closed either
+    /// way, and a result keeps how the relay stopped.
+    async fn conclude<T: StopNoted>(
+        &self,
+        schema: &str,
+        mut relay: RelayProc,
+        consumer: Option<Consumer>,
+        measured: Result<T>,
+    ) -> Result<T> {
+        let measured = match measured {
+            Ok(m) => Ok(m),
+            Err(e) => Err(anyhow::anyhow!(
+                "{e:#}\n{}",
+                self.evidence(schema, &mut relay, consumer.as_ref()).await
+            )),
+        };
+        let stop_note = relay.stop().await;
+        if let Some(c) = consumer {
+            c.close().await;
+        }
+        let mut run = measured?;
+        run.set_stop_note(stop_note);
+        Ok(run)
     }
 
     /// What went wrong, with the evidence: database state and the relay's log.

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use uuid::Uuid;
 
 use super::{pg_connect, Bench};
@@ -144,18 +144,7 @@ impl Bench {
             })
         }
         .await;
-        let measured = match measured {
-            Ok(m) => Ok(m),
-            Err(e) => Err(anyhow!(
-                "{e:#}\n{}",
-                self.evidence(schema, &mut relay, Some(&consumer)).await
-            )),
-        };
-        let stop_note = relay.stop().await;
-        consumer.close().await;
-        let mut run = measured?;
-        run.stop_note = stop_note;
-        Ok(run)
+        self.conclude(schema, relay, Some(consumer), measured).await
     }
 
     /// The application: one row per transaction from several connections, paced

@@ -69,6 +69,12 @@ struct NodeLabel {
     node: String,
 }
 
+/// A hot-path statement: a closed set (`StoreError::statement`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StatementLabel {
+    statement: &'static str,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
@@ -95,6 +101,7 @@ pub struct Metrics {
     broker_node_connected: Family<NodeLabel, Gauge>,
     broker_connections: Family<NodeLabel, Counter>,
     current_node: Mutex<Option<String>>,
+    database_errors: Family<StatementLabel, Counter>,
     /// Unix milliseconds of the relay loop's last turn, for /healthz.
     loop_beat: AtomicI64,
     /// Set once shutdown starts: /readyz answers 503 from then on.
@@ -215,6 +222,15 @@ impl Metrics {
             "RabbitMQ connections opened, by node (a rise on another node is a fail-over)",
             broker_connections.clone(),
         );
+        let database_errors = Family::<StatementLabel, Counter>::default();
+        for statement in ["claim", "mark", "fail"] {
+            let _ = database_errors.get_or_create(&StatementLabel { statement });
+        }
+        registry.register(
+            "database_errors",
+            "Failed statements of the relay loop, by statement (the loop backs off after each)",
+            database_errors.clone(),
+        );
         let build_info = Family::<VersionLabel, Gauge>::default();
         build_info
             .get_or_create(&VersionLabel {
@@ -243,6 +259,7 @@ impl Metrics {
             broker_node_connected,
             broker_connections,
             current_node: Mutex::new(None),
+            database_errors,
             loop_beat: AtomicI64::new(now_millis()),
             stopping: AtomicBool::new(false),
         }
@@ -253,6 +270,12 @@ impl Metrics {
             .get_or_create(&ReasonLabel {
                 reason: reason.as_str(),
             })
+            .inc();
+    }
+
+    pub fn database_error(&self, statement: &'static str) {
+        self.database_errors
+            .get_or_create(&StatementLabel { statement })
             .inc();
     }
 

@@ -14,7 +14,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
-    backoff::next_delay,
+    backoff::{next_delay, next_statement_delay},
     config::RelayConfig,
     leases::LeaseState,
     metrics::{FailureReason, Metrics},
@@ -24,6 +24,7 @@ use crate::{
 };
 
 mod ledger;
+mod log_limit;
 mod send;
 
 use ledger::{Ledger, Trouble};
@@ -57,6 +58,12 @@ pub struct Relay {
     rescan_at: Instant,
     db_backoff: Option<backon::ExponentialBackoff>,
     amqp_backoff: Option<backon::ExponentialBackoff>,
+    /// Grows while statements of the loop keep failing; reset by a claim.
+    statement_backoff: Option<backon::ExponentialBackoff>,
+    /// Set by a failed statement: the loop waits this long before its next turn.
+    statement_pause: Option<Duration>,
+    /// Keeps a repeating database error to a few log lines a minute.
+    log_limit: log_limit::LogLimit,
     /// The configured node to try next (an index into `cfg.conn.amqp_urls`).
     next_node: usize,
     /// The broker node last written to the relay's row, for `status`
@@ -86,6 +93,9 @@ impl Relay {
             rescan_at: Instant::now(),
             db_backoff: None,
             amqp_backoff: None,
+            statement_backoff: None,
+            statement_pause: None,
+            log_limit: log_limit::LogLimit::default(),
             next_node: 0,
             noted_node: None,
         }
@@ -99,6 +109,10 @@ impl Relay {
     pub async fn run(mut self) {
         loop {
             self.metrics.beat();
+            // A failed statement: never retried in a tight loop.
+            if let Some(delay) = self.statement_pause.take() {
+                self.pause(delay).await;
+            }
             if self.stopping() && self.ledger.in_flight() == 0 {
                 if self.flush().await {
                     break;
@@ -440,8 +454,30 @@ impl Relay {
         }
     }
 
+    /// Counts and logs (a few lines a minute per kind) a failed statement, and
+    /// makes the loop back off before its next turn.
     fn database_error(&mut self, e: StoreError) {
-        tracing::warn!(error = %e, "database statement failed; confirmed rows stay pending until marked");
+        let statement = e.statement();
+        self.metrics.database_error(statement);
+        let kind = format!("{statement}:{}", e.sqlstate().unwrap_or("-"));
+        let delay = next_statement_delay(&mut self.statement_backoff);
+        match self.log_limit.allow(&kind) {
+            Some(0) => tracing::warn!(
+                error = %e,
+                statement,
+                retry_in = ?delay,
+                "database statement failed; confirmed rows stay pending until marked"
+            ),
+            Some(suppressed) => tracing::warn!(
+                error = %e,
+                statement,
+                retry_in = ?delay,
+                suppressed,
+                "database statement failed again ({suppressed} failures like it not logged since the last line); confirmed rows stay pending until marked"
+            ),
+            None => {}
+        }
+        self.statement_pause = Some(delay);
         if e.is_connection_lost() {
             self.store = None;
             self.metrics.database_connected.set(0);

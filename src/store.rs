@@ -678,6 +678,7 @@ fn decode_row(r: &Row, limits: ClaimLimits) -> Result<OutboxRow, StoreError> {
         message_type,
         correlation_id,
         headers,
+        header_bytes: usize::try_from(header_size).unwrap_or(0),
         created_at,
         attempts,
         defect: None,

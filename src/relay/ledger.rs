@@ -160,7 +160,7 @@ impl<C> Ledger<C> {
         self.in_flight.len() + self.order.waiting_rows()
     }
 
-    /// Payload bytes held in rows waiting for their key.
+    /// Payload and header bytes held in rows waiting for their key.
     pub fn queued_bytes(&self) -> usize {
         self.order.queued_bytes()
     }

@@ -310,6 +310,8 @@ async fn durations_beyond_their_bounds_stop_run() {
         ("shutdown-timeout", "584942417356y"),
         ("poll-interval", "1ms"),
         ("max-payload-bytes", "0"),
+        ("max-header-bytes", "1"),
+        ("max-header-bytes", "16777217"),
     ] {
         let flag = format!("--{setting}={value}");
         let out = run_cli(

@@ -91,8 +91,10 @@ pub enum Command {
     },
     /// Connect to both sides and verify schema and permissions.
     Check,
-    /// Pending, oldest pending age, dead letters, lease owners.
+    /// Pending, oldest pending age, dead letters, lease owners; exits 1 when
+    /// something needs a person (and says what).
     Status {
+        /// One JSON document on stdout instead of the table.
         #[arg(long)]
         json: bool,
     },
@@ -110,14 +112,18 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum DeadLetterAction {
+    /// Show parked rows, oldest first, with why each failed.
     List {
+        /// One JSON document on stdout instead of the table.
         #[arg(long)]
         json: bool,
         /// Show at most this many rows.
         #[arg(long, default_value_t = 100)]
         limit: i64,
     },
+    /// Make rows pending again (attempts reset), once the cause is fixed.
     Retry(Selection),
+    /// Delete rows for good.
     Discard(Selection),
 }
 

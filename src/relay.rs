@@ -17,7 +17,7 @@ use crate::{
     backoff::{next_delay, next_statement_delay},
     config::RelayConfig,
     leases::LeaseState,
-    metrics::{FailureReason, Metrics},
+    metrics::{FailureReason, Metrics, Peer},
     publisher::{Confirm, Publisher},
     store::{Store, StoreError},
     wakeup::{IdlePolicy, Next, Wakeup},
@@ -251,7 +251,10 @@ impl Relay {
             tracing::warn!("lost the database connection; reconnecting");
         }
         self.metrics.database_connected.set(0);
-        match Store::connect(&self.cfg.conn).await {
+        let connected = Store::connect(&self.cfg.conn).await;
+        self.metrics
+            .connection_attempt(Peer::Database, connected.is_ok());
+        match connected {
             Ok(store) => {
                 tracing::info!("connected to PostgreSQL");
                 self.store = Some(store);
@@ -320,8 +323,11 @@ impl Relay {
         for _ in 0..urls.len() {
             let url = &urls[self.next_node % urls.len()];
             self.next_node = (self.next_node + 1) % urls.len();
-            match Publisher::connect(url, &self.cfg.conn.amqp_tls, self.cfg.allow_unroutable).await
-            {
+            let connected =
+                Publisher::connect(url, &self.cfg.conn.amqp_tls, self.cfg.allow_unroutable).await;
+            self.metrics
+                .connection_attempt(Peer::Broker, connected.is_ok());
+            match connected {
                 Ok(p) => {
                     tracing::info!(node = p.node(), "connected to RabbitMQ");
                     self.metrics.broker_node(Some(p.node()), true);

@@ -429,12 +429,21 @@ async fn operator_role_runs_status_dead_letters_and_replay() {
             == 1
     };
 
-    let out = cli_as_succeeds(&env, &operator, &["status", "--json"]).await;
+    // Parked rows (and no relay running) need a person: exit 1, the rest as usual.
+    let out = cli_as(&env, &operator, &["status", "--json"]).await;
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stderr
+            .contains("problem: 4 rows parked as dead letters"),
+        "{}",
+        out.describe()
+    );
     let status: Value = serde_json::from_str(&out.stdout).expect("status --json");
     assert_eq!(status["dead_lettered"], 4, "{status:#}");
     assert_eq!(status["published_kept"], 2, "{status:#}");
     assert_eq!(status["partitions_total"], 32, "{status:#}");
-    cli_as_succeeds(&env, &operator, &["status"]).await;
+    let out = cli_as(&env, &operator, &["status"]).await;
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
 
     let out = cli_as_succeeds(&env, &operator, &["dead-letters", "list", "--json"]).await;
     let list: Value = serde_json::from_str(&out.stdout).expect("dead-letters list --json");

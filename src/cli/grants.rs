@@ -91,6 +91,8 @@ const OPERATOR_READS: &[&str] = &[
     "last_error",
     "published_at",
     "dead_lettered_at",
+    // `status` counts due rows in partitions no live relay owns.
+    "partition",
 ];
 
 /// Columns `dead-letters retry` and `replay` set.

@@ -416,7 +416,7 @@ impl<C> Ledger<C> {
     /// The marks were written (or the rows deleted, with retention 0).
     pub fn marks_written(&mut self, deleted: bool) {
         let n = self.acked.len() as u64;
-        self.metrics.published.inc_by(n);
+        self.metrics.rows_published(n);
         if deleted {
             self.metrics.deleted.inc_by(n);
         }

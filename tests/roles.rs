@@ -583,6 +583,11 @@ async fn application_inserts_wake_a_waiting_relay() {
         .await
         .expect("LISTEN");
     let mut app = connect_db(&roles.url(&roles.app)).await;
+    // The trigger's WHEN names the sequence by its oid (bound when the
+    // trigger was made): a temporary one of the same name changes nothing.
+    app.batch_execute("CREATE TEMPORARY SEQUENCE relays_waiting")
+        .await
+        .expect("the application's own temporary sequence");
     write_as_application(&mut app, s, "nowhere").await;
     let channel = tokio::time::timeout(SETUP_TIMEOUT, notifications.recv())
         .await

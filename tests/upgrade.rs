@@ -116,6 +116,19 @@ async fn upgrading_from_every_earlier_version_loses_no_pending_row() {
             .expect("published and parked rows");
             rows.iter().map(|r| r.get(0)).collect()
         };
+        if from >= 3 {
+            // A relay killed while idle at that version: counted as waiting.
+            env.pg
+                .lock()
+                .await
+                .batch_execute(&format!(
+                    "INSERT INTO \"{schema}\".relays (instance, heartbeat_at, idle)
+                     VALUES ('killed', now() - interval '1 minute', true);
+                     SELECT setval('\"{schema}\".relays_waiting', 1, true);"
+                ))
+                .await
+                .expect("an idle relay of the old version");
+        }
         let before = row_digest(&env, &schema).await;
 
         let out = env
@@ -137,6 +150,18 @@ async fn upgrading_from_every_earlier_version_loses_no_pending_row() {
             row_digest(&env, &schema).await,
             before,
             "migrating from version {from} changed rows"
+        );
+
+        // Nobody alive waits: inserts do not notify (the trigger's WHEN is false).
+        let notifies = env
+            .scalar_i64(&format!(
+                "SELECT (pg_sequence_last_value('\"{schema}\".relays_waiting')
+                         > date_part('epoch', now()) * 1000)::int::bigint"
+            ))
+            .await;
+        assert_eq!(
+            notifies, 0,
+            "from version {from}: inserts still notify for a dead relay"
         );
 
         // The relay of this version publishes every pending row.

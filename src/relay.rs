@@ -38,6 +38,9 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 /// Longest idle wait without a wakeup (the loop's liveness beat for /healthz).
 const IDLE_BEAT: Duration = Duration::from_secs(10);
+/// After a failed update of the idle flag, the relay waits this long before
+/// the next attempt (the heartbeat's poll period: no row waits longer).
+const FLAG_RETRY: Duration = Duration::from_secs(1);
 /// Payload bytes the relay holds at most in claimed and queued rows (one
 /// larger row still goes, alone): memory follows bytes, not row counts.
 const PAYLOAD_BUDGET: usize = 8 * 1024 * 1024;
@@ -218,20 +221,28 @@ impl Relay {
             // Only feeds /healthz: the heartbeat is the poll, so no claim here.
             _ = tokio::time::sleep(IDLE_BEAT) => return,
             _ = self.stop.changed() => {}
-            _ = self.leases.changed() => {}
+            // Leases moved: this relay may have been away past its ttl (frozen,
+            // cut off) and its row removed and made anew, not waiting. Say
+            // again whether it waits.
+            _ = self.leases.changed() => self.idle.forget(),
         }
         self.more = true;
     }
 
-    /// Tells the database whether this relay waits for notifications.
+    /// Tells the database whether this relay waits for notifications. Only
+    /// what the database took is recorded: after a failure the flag is
+    /// unknown and said again on a later turn, after a pause (the heartbeat
+    /// still polls meanwhile, so no row waits for it; the loop never spins).
     async fn flag_idle(&mut self, idle: bool) {
         let Some(store) = &self.store else { return };
-        if let Err(e) = store.set_idle(&self.cfg.instance_id, idle).await {
-            self.database_error(e);
+        match store.set_idle(&self.cfg.instance_id, idle).await {
+            Ok(()) => self.idle.set_flagged(idle),
+            Err(e) => {
+                self.idle.forget();
+                self.database_error(e);
+                self.pause(FLAG_RETRY).await;
+            }
         }
-        // Even when it failed: the flag only decides who notifies (a poll
-        // still finds every row), so a failure must not make the loop spin.
-        self.idle.set_flagged(idle);
     }
 
     async fn pause(&mut self, d: Duration) {

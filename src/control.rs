@@ -224,7 +224,8 @@ impl ControlTask {
                     tracing::info!("partition leases released");
                 }
             }
-            let until_fenced = fenced.map_or(LEASE_TTL, |t| t.saturating_duration_since(Instant::now()));
+            let until_fenced =
+                fenced.map_or(LEASE_TTL, |t| t.saturating_duration_since(Instant::now()));
             tokio::select! {
                 _ = tokio::time::sleep(until_fenced), if !released => {}
                 _ = publishing_changed(&mut self.can_publish) => {}

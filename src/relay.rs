@@ -308,7 +308,8 @@ impl Relay {
         self.ledger.reset(FailureReason::ConnectionLost);
         self.more = true;
         self.metrics.broker_node(None, false);
-        self.can_publish.send_if_modified(|up| std::mem::replace(up, false));
+        self.can_publish
+            .send_if_modified(|up| std::mem::replace(up, false));
         // Nodes in the order given, starting after the one just lost; a pause
         // (backoff) only once every node has refused.
         let urls = &self.cfg.conn.amqp_urls;
@@ -322,7 +323,8 @@ impl Relay {
                     tracing::info!(node = p.node(), "connected to RabbitMQ");
                     self.metrics.broker_node(Some(p.node()), true);
                     self.publisher = Some(p);
-                    self.can_publish.send_if_modified(|up| !std::mem::replace(up, true));
+                    self.can_publish
+                        .send_if_modified(|up| !std::mem::replace(up, true));
                     // A hand-off while disconnected removed the relay's row
                     // (idle flag included): say it again when next idle.
                     self.idle.forget();

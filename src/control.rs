@@ -234,7 +234,7 @@ impl ControlTask {
             }
         };
         if result.is_ok() && !*self.stop.borrow() {
-            tracing::info!("can publish again: taking partitions");
+            tracing::info!("connected to RabbitMQ: taking partitions");
         }
         result
     }

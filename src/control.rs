@@ -11,7 +11,7 @@ use tokio_postgres::{AsyncMessage, Client};
 use crate::{
     backoff,
     config::RelayConfig,
-    leases::{LeaseState, LEASE_TTL, RENEW_EVERY},
+    leases::{LeaseState, HANDOFF_AFTER, LEASE_TTL, RENEW_EVERY},
     metrics::{Metrics, Peer},
     migrations,
     store::{self, Control},
@@ -37,6 +37,18 @@ pub struct ControlTask {
     pub stop: watch::Receiver<bool>,
     /// Where /metrics is served (as bound), recorded with each heartbeat.
     pub metrics_addr: std::net::SocketAddr,
+    /// Whether the relay has a RabbitMQ connection it can publish on.
+    pub can_publish: watch::Receiver<bool>,
+}
+
+/// Whether this relay takes and renews partition leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stance {
+    /// It can publish (or lost the broker less than HANDOFF_AFTER ago).
+    Taking,
+    /// It cannot publish: it holds no lease and sends no heartbeat (which
+    /// would take partitions) until it can again.
+    HandedOff,
 }
 
 impl ControlTask {
@@ -47,6 +59,9 @@ impl ControlTask {
             match self.session().await {
                 Ok(()) => return,
                 Err(e) => {
+                    // Unrenewed, the leases lapse: from now on the relay holds none.
+                    self.leases.send_replace(LeaseState::default());
+                    self.metrics.partitions_owned.set(0);
                     // A session that lasted a while earned a fresh, short backoff.
                     if started.elapsed() > LEASE_TTL {
                         delays = None;
@@ -106,7 +121,19 @@ impl ControlTask {
         self.wakeup.wake();
         let tick = self.cfg.poll_interval.min(RENEW_EVERY);
         let metrics_addr = self.metrics_addr.to_string();
+        let mut broker_lost_at = None;
         loop {
+            let stance = self.stance(&mut broker_lost_at);
+            self.metrics
+                .partitions_handed_off
+                .set(i64::from(stance == Stance::HandedOff));
+            if stance == Stance::HandedOff {
+                self.hand_off(client, &statements, closed).await?;
+                if *self.stop.borrow() {
+                    return Ok(());
+                }
+                continue;
+            }
             let started = Instant::now();
             let beat = statements
                 .heartbeat(client, &self.cfg.instance_id, LEASE_TTL, &metrics_addr)
@@ -141,12 +168,86 @@ impl ControlTask {
                 _ = tokio::time::sleep(sleep_for) => {}
                 _ = self.stop.changed() => return Ok(()),
                 _ = closed.changed() => return Err(ControlError::Closed),
+                _ = publishing_changed(&mut self.can_publish) => continue,
             }
             // A timer for a due row fired: wake the relay for it.
             if due_in.is_some_and(|d| !d.is_zero() && d <= sleep_for) {
                 self.wakeup.wake();
             }
         }
+    }
+}
+
+impl ControlTask {
+    /// Takes partitions while the relay can publish; after HANDOFF_AFTER
+    /// without a broker connection (at once if it holds nothing, as at start)
+    /// it hands them off.
+    fn stance(&mut self, broker_lost_at: &mut Option<Instant>) -> Stance {
+        if *self.can_publish.borrow_and_update() {
+            *broker_lost_at = None;
+            return Stance::Taking;
+        }
+        let lost_at = *broker_lost_at.get_or_insert_with(Instant::now);
+        if self.leases.borrow().partitions.is_empty() || lost_at.elapsed() >= HANDOFF_AFTER {
+            Stance::HandedOff
+        } else {
+            Stance::Taking
+        }
+    }
+
+    /// Gives every partition up and waits, sending no heartbeat, until the
+    /// relay can publish again (or stop, or the connection closes).
+    async fn hand_off(
+        &mut self,
+        client: &Client,
+        statements: &Control,
+        closed: &mut watch::Receiver<bool>,
+    ) -> Result<(), ControlError> {
+        let held = self.leases.send_replace(LeaseState::default());
+        self.metrics.partitions_owned.set(0);
+        if !held.partitions.is_empty() {
+            tracing::warn!(partitions = ?held.partitions, after = ?HANDOFF_AFTER,
+                "cannot publish (no RabbitMQ connection): handing partitions to relays that can");
+            self.wakeup.wake();
+        }
+        // The relay may still publish on the old lease until its fencing
+        // deadline (a connection that just came back): the leases are freed
+        // only after it, so a successor never overlaps with us.
+        let fenced = held.valid_until.filter(|t| *t > Instant::now());
+        let mut released = false;
+        let result = loop {
+            if *self.can_publish.borrow_and_update() {
+                break Ok(());
+            }
+            if !released && fenced.is_none_or(|t| Instant::now() >= t) {
+                // Also takes this relay out of the live count, so the others'
+                // fair share is every partition.
+                statements.release(client, &self.cfg.instance_id).await?;
+                released = true;
+                if !held.partitions.is_empty() {
+                    tracing::info!("partition leases released");
+                }
+            }
+            let until_fenced =
+                fenced.map_or(LEASE_TTL, |t| t.saturating_duration_since(Instant::now()));
+            tokio::select! {
+                _ = tokio::time::sleep(until_fenced), if !released => {}
+                _ = publishing_changed(&mut self.can_publish) => {}
+                _ = self.stop.changed() => break Ok(()),
+                _ = closed.changed() => break Err(ControlError::Closed),
+            }
+        };
+        if result.is_ok() && !*self.stop.borrow() {
+            tracing::info!("connected to RabbitMQ: taking partitions");
+        }
+        result
+    }
+}
+
+/// Resolves when the relay's ability to publish changes (never once the relay is gone).
+async fn publishing_changed(can_publish: &mut watch::Receiver<bool>) {
+    if can_publish.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

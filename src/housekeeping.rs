@@ -17,6 +17,10 @@ use crate::{
 /// idle relay costs the database next to nothing).
 const STATS_EVERY: Duration = Duration::from_secs(5);
 const STATS_IDLE_EVERY: Duration = Duration::from_secs(60);
+/// A reading is exported until its next refresh is this late, then it is
+/// dropped: a silent database (no reset, no answer) must not leave a stale
+/// backlog, or an age growing from a stale `created_at`, on /metrics.
+const STATS_SLACK: Duration = Duration::from_secs(15);
 /// Retention deletes at most this many rows per statement.
 const RETENTION_BATCH: i64 = 1000;
 /// Time one retention pass may take before statistics get their turn.
@@ -38,6 +42,8 @@ impl HousekeepingTask {
         while !*self.stop.borrow() {
             let started = Instant::now();
             if let Err(e) = self.session().await {
+                // What this relay cannot read it does not export.
+                self.metrics.clear_backlog();
                 if started.elapsed() > STATS_EVERY {
                     delays = None;
                 }
@@ -70,17 +76,26 @@ impl HousekeepingTask {
         let mut last_stats: Option<(Instant, u64, i64)> = None;
         loop {
             let published = self.metrics.published.get();
-            let stale = last_stats.is_none_or(|(at, seen, pending)| {
-                let since = at.elapsed();
-                since >= STATS_IDLE_EVERY
-                    || (since >= STATS_EVERY && (pending > 0 || seen != published))
-            });
+            // A closed connection is found by the next statement, at once.
+            let stale = client.is_closed()
+                || last_stats.is_none_or(|(at, seen, pending)| {
+                    let since = at.elapsed();
+                    since >= STATS_IDLE_EVERY
+                        || (since >= STATS_EVERY && (pending > 0 || seen != published))
+                });
             if stale {
                 let stats = statements.backlog(client).await?;
+                // Refreshed within STATS_EVERY while rows are pending or flowing.
+                let next = if stats.pending > 0 {
+                    STATS_EVERY
+                } else {
+                    STATS_IDLE_EVERY
+                };
                 self.metrics.set_backlog(
                     stats.pending,
                     stats.oldest_pending_created_at,
                     stats.dead_lettered,
+                    next + STATS_SLACK,
                 );
                 last_stats = Some((Instant::now(), published, stats.pending));
             }

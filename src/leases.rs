@@ -11,6 +11,11 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(1);
 /// Stop publishing this long before the lease could lapse on the server, so a
 /// successor never overlaps with us even with a slow clock or a late renewal.
 pub const FENCING_MARGIN: Duration = Duration::from_millis(1500);
+/// A relay without a RabbitMQ connection this long hands its partitions to
+/// relays that can publish (a relay that holds none takes none meanwhile).
+/// Long enough to ride out a reconnect or a move to the next node, which take
+/// well under a second, without moving partitions.
+pub const HANDOFF_AFTER: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LeaseState {

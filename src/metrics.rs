@@ -3,21 +3,23 @@
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
-        Mutex,
+        Arc, Mutex,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use prometheus_client::{
-    encoding::{text, EncodeLabelSet},
+    collector::Collector,
+    encoding::{text, DescriptorEncoder, EncodeLabelSet, EncodeMetric},
     metrics::{
         counter::Counter,
         family::Family,
-        gauge::Gauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{exponential_buckets, Histogram},
     },
     registry::Registry,
 };
+use tokio::time::Instant;
 
 mod process;
 
@@ -105,15 +107,15 @@ pub struct Metrics {
     failures: Family<ReasonLabel, Counter>,
     pub dead_lettered: Counter,
     pub deleted: Counter,
-    pub pending: Gauge,
-    oldest_pending_age: Gauge<f64, AtomicU64>,
-    oldest_pending_created_at: Mutex<Option<SystemTime>>,
-    pub dead_lettered_now: Gauge,
+    /// pending_messages, oldest_pending_age_seconds, dead_lettered_messages.
+    backlog: Arc<Backlog>,
     pub delivery_lag: Histogram,
     pub batch_size: Histogram,
     pub confirm_duration: Histogram,
     pub claim_duration: Histogram,
     pub partitions_owned: Gauge,
+    /// 1 while the relay cannot publish and leaves every partition to others.
+    pub partitions_handed_off: Gauge,
     pub broker_connected: Gauge,
     pub database_connected: Gauge,
     pub broker_blocked: Gauge,
@@ -173,24 +175,9 @@ impl Metrics {
             "Published rows removed by retention",
             deleted.clone(),
         );
-        let pending = Gauge::default();
-        registry.register(
-            "pending_messages",
-            "Rows waiting to be published",
-            pending.clone(),
-        );
-        let oldest_pending_age = Gauge::<f64, AtomicU64>::default();
-        registry.register(
-            "oldest_pending_age_seconds",
-            "Age of the oldest pending row (0 when none): the lag to alert on",
-            oldest_pending_age.clone(),
-        );
-        let dead_lettered_now = Gauge::default();
-        registry.register(
-            "dead_lettered_messages",
-            "Rows currently parked as dead letters",
-            dead_lettered_now.clone(),
-        );
+        // Absent while the relay cannot read them (see `Backlog`).
+        let backlog = Arc::new(Backlog::default());
+        registry.register_collector(Box::new(backlog.clone()));
         // 1 ms .. 4194 s (2^22 ms): past the 900 s alert and over an hour.
         let delivery_lag = Histogram::new(exponential_buckets(0.001, 2.0, 23));
         registry.register(
@@ -217,6 +204,12 @@ impl Metrics {
             "partitions_owned",
             "Partitions this relay holds a lease on",
             partitions_owned.clone(),
+        );
+        let partitions_handed_off = Gauge::default();
+        registry.register(
+            "partitions_handed_off",
+            "1 while this relay cannot publish (no RabbitMQ connection for 5 s, or none yet) and so takes no partition: relays that can publish take them",
+            partitions_handed_off.clone(),
         );
         let broker_connected = Gauge::default();
         registry.register(
@@ -302,15 +295,13 @@ impl Metrics {
             failures,
             dead_lettered,
             deleted,
-            pending,
-            oldest_pending_age,
-            oldest_pending_created_at: Mutex::new(None),
-            dead_lettered_now,
+            backlog,
             delivery_lag,
             batch_size,
             confirm_duration,
             claim_duration,
             partitions_owned,
+            partitions_handed_off,
             broker_connected,
             database_connected,
             broker_blocked,
@@ -402,12 +393,26 @@ impl Metrics {
         }
     }
 
-    pub fn set_backlog(&self, pending: i64, oldest_created_at: Option<SystemTime>, dead: i64) {
-        self.pending.set(pending);
-        self.dead_lettered_now.set(dead);
-        if let Ok(mut oldest) = self.oldest_pending_created_at.lock() {
-            *oldest = oldest_created_at;
-        }
+    /// A fresh backlog reading, exported until `fresh_for` has passed without
+    /// another (the reader's next refresh plus slack) or until cleared.
+    pub fn set_backlog(
+        &self,
+        pending: i64,
+        oldest_created_at: Option<SystemTime>,
+        dead: i64,
+        fresh_for: Duration,
+    ) {
+        self.backlog.set(Some(BacklogReading {
+            pending,
+            oldest_created_at,
+            dead_lettered: dead,
+            fresh_until: Instant::now() + fresh_for,
+        }));
+    }
+
+    /// The database cannot be read: the backlog gauges disappear.
+    pub fn clear_backlog(&self) {
+        self.backlog.set(None);
     }
 
     pub fn beat(&self) {
@@ -429,7 +434,7 @@ impl Metrics {
         } else if self.database_connected.get() != 1 {
             Some("not connected to PostgreSQL")
         } else if self.broker_connected.get() != 1 {
-            Some("not connected to RabbitMQ")
+            Some("not connected to RabbitMQ; its partitions are left to relays that can publish")
         } else {
             None
         }
@@ -442,12 +447,6 @@ impl Metrics {
 
     /// OpenMetrics 1.0 text (ends with `# EOF`), for scrapers that ask for it.
     pub fn encode_openmetrics(&self) -> String {
-        let oldest = self.oldest_pending_created_at.lock().ok().and_then(|o| *o);
-        self.oldest_pending_age.set(oldest.map_or(0.0, |t| {
-            SystemTime::now()
-                .duration_since(t)
-                .map_or(0.0, |d| d.as_secs_f64())
-        }));
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = text::encode_registry(&mut out, &self.registry);
@@ -464,6 +463,73 @@ impl Metrics {
         } else {
             (self.encode(), CONTENT_TYPE)
         }
+    }
+}
+
+/// The backlog gauges. Every replica would export the same figures, so a
+/// relay that cannot read them exports none rather than its last ones (which
+/// would keep `max` over replicas, and the age, alive from a stale reading):
+/// absent before the first reading, after housekeeping lost the database, and
+/// once a reading outlived its refresh. A collector, because a registered
+/// gauge cannot be taken out of the exposition again.
+#[derive(Debug, Default)]
+struct Backlog(Mutex<Option<BacklogReading>>);
+
+#[derive(Debug, Clone, Copy)]
+struct BacklogReading {
+    pending: i64,
+    oldest_created_at: Option<SystemTime>,
+    dead_lettered: i64,
+    /// Not exported after this: the refresh that should have come did not.
+    fresh_until: Instant,
+}
+
+impl Backlog {
+    fn set(&self, reading: Option<BacklogReading>) {
+        if let Ok(mut last) = self.0.lock() {
+            *last = reading;
+        }
+    }
+
+    fn current(&self) -> Option<BacklogReading> {
+        let last = *self.0.lock().ok()?;
+        last.filter(|r| Instant::now() < r.fresh_until)
+    }
+}
+
+impl Collector for Backlog {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(r) = self.current() else {
+            return Ok(());
+        };
+        // The age grows between readings as it does in the database: computed now.
+        let age = r.oldest_created_at.map_or(0.0, |t| {
+            SystemTime::now()
+                .duration_since(t)
+                .map_or(0.0, |d| d.as_secs_f64())
+        });
+        let pending = ConstGauge::new(r.pending);
+        pending.encode(encoder.encode_descriptor(
+            "pending_messages",
+            "Rows waiting to be published (absent while this relay cannot read the database)",
+            None,
+            pending.metric_type(),
+        )?)?;
+        let age = ConstGauge::new(age);
+        age.encode(encoder.encode_descriptor(
+            "oldest_pending_age_seconds",
+            "Age of the oldest pending row (0 when none): the lag to alert on (absent while this relay cannot read the database)",
+            None,
+            age.metric_type(),
+        )?)?;
+        let dead = ConstGauge::new(r.dead_lettered);
+        dead.encode(encoder.encode_descriptor(
+            "dead_lettered_messages",
+            "Rows currently parked as dead letters (absent while this relay cannot read the database)",
+            None,
+            dead.metric_type(),
+        )?)?;
+        Ok(())
     }
 }
 
@@ -543,7 +609,12 @@ mod tests {
         let m = Metrics::new();
         m.published.inc();
         m.failure(FailureReason::Unroutable);
-        m.set_backlog(3, Some(SystemTime::now() - Duration::from_secs(5)), 1);
+        m.set_backlog(
+            3,
+            Some(SystemTime::now() - Duration::from_secs(5)),
+            1,
+            Duration::from_secs(60),
+        );
         let text = m.encode();
         for name in [
             "outbox_relay_messages_published_total 1",
@@ -584,7 +655,7 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("# EOF"));
-        assert!(text.contains("# TYPE outbox_relay_pending_messages gauge"));
+        assert!(text.contains("# TYPE outbox_relay_partitions_owned gauge"));
     }
 
     #[test]
@@ -729,7 +800,9 @@ mod tests {
         let m = Metrics::new();
         assert_eq!(m.not_ready_reason(), Some("not connected to PostgreSQL"));
         m.database_connected.set(1);
-        assert_eq!(m.not_ready_reason(), Some("not connected to RabbitMQ"));
+        assert!(m
+            .not_ready_reason()
+            .is_some_and(|r| r.starts_with("not connected to RabbitMQ")));
         m.broker_connected.set(1);
         assert_eq!(m.not_ready_reason(), None);
         m.set_stopping();
@@ -753,5 +826,27 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backlog_gauges_are_absent_unless_fresh() {
+        let backlog = [
+            "outbox_relay_pending_messages",
+            "outbox_relay_oldest_pending_age_seconds",
+            "outbox_relay_dead_lettered_messages",
+        ];
+        let exported = |m: &Metrics| {
+            let text = m.encode();
+            backlog.map(|name| text.lines().any(|l| l.starts_with(name)))
+        };
+        let m = Metrics::new();
+        assert_eq!(exported(&m), [false; 3], "nothing read yet");
+        m.set_backlog(2, Some(SystemTime::now()), 0, Duration::from_secs(20));
+        assert_eq!(exported(&m), [true; 3]);
+        m.clear_backlog();
+        assert_eq!(exported(&m), [false; 3], "the database was lost");
+        m.set_backlog(2, Some(SystemTime::now()), 0, Duration::from_secs(20));
+        tokio::time::advance(Duration::from_secs(21)).await;
+        assert_eq!(exported(&m), [false; 3], "the refresh did not come");
     }
 }

@@ -72,6 +72,9 @@ pub struct Relay {
     /// The broker node last written to the relay's row, for `status`
     /// (outer None: nothing written yet).
     noted_node: Option<Option<String>>,
+    /// Tells the control task whether a RabbitMQ connection is up: without
+    /// one the relay hands its partitions to relays that can publish.
+    can_publish: watch::Sender<bool>,
 }
 
 impl Relay {
@@ -81,8 +84,10 @@ impl Relay {
         leases: watch::Receiver<LeaseState>,
         wakeup: Arc<Wakeup>,
         stop: watch::Receiver<bool>,
+        can_publish: watch::Sender<bool>,
     ) -> Self {
         Self {
+            can_publish,
             ledger: Ledger::new(metrics.clone()),
             cfg,
             metrics,
@@ -126,7 +131,11 @@ impl Relay {
                 }
                 continue;
             }
-            if !self.ensure_store().await || !self.ensure_publisher().await {
+            // Both sides every turn: a relay without its database still says
+            // truly whether it reaches the broker (and may hand off or take
+            // partitions again once the database is back).
+            let store_ready = self.ensure_store().await;
+            if !self.ensure_publisher().await || !store_ready {
                 continue;
             }
             self.collect_ready();
@@ -327,6 +336,8 @@ impl Relay {
         self.ledger.reset(FailureReason::ConnectionLost);
         self.more = true;
         self.metrics.broker_node(None, false);
+        self.can_publish
+            .send_if_modified(|up| std::mem::replace(up, false));
         // Nodes in the order given, starting after the one just lost; a pause
         // (backoff) only once every node has refused.
         let urls = &self.cfg.conn.amqp_urls;
@@ -343,6 +354,11 @@ impl Relay {
                     tracing::info!(node = p.node(), "connected to RabbitMQ");
                     self.metrics.broker_node(Some(p.node()), true);
                     self.publisher = Some(p);
+                    self.can_publish
+                        .send_if_modified(|up| !std::mem::replace(up, true));
+                    // A hand-off while disconnected removed the relay's row
+                    // (idle flag included): say it again when next idle.
+                    self.idle.forget();
                     self.amqp_backoff = None;
                     self.note_broker_node().await;
                     return true;
@@ -354,6 +370,8 @@ impl Relay {
                     last_error = Some(e);
                 }
             }
+            // Each node may take its whole connect timeout: the loop still turns.
+            self.metrics.beat();
             if self.stopping() {
                 break;
             }

@@ -48,6 +48,7 @@ pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
         .map_err(RunError::Signals)?;
 
     let (lease_tx, lease_rx) = watch::channel(LeaseState::default());
+    let (can_publish_tx, can_publish_rx) = watch::channel(false);
     let wakeup = Arc::new(Wakeup::default());
     let control = tokio::spawn(
         ControlTask {
@@ -57,6 +58,7 @@ pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
             wakeup: wakeup.clone(),
             stop: stop_rx.clone(),
             metrics_addr,
+            can_publish: can_publish_rx,
         }
         .run(),
     );
@@ -68,8 +70,17 @@ pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
         }
         .run(),
     );
-    let mut relay =
-        tokio::spawn(Relay::new(cfg.clone(), metrics.clone(), lease_rx, wakeup, stop_rx).run());
+    let mut relay = tokio::spawn(
+        Relay::new(
+            cfg.clone(),
+            metrics.clone(),
+            lease_rx,
+            wakeup,
+            stop_rx,
+            can_publish_tx,
+        )
+        .run(),
+    );
     tracing::info!(
         instance = %cfg.instance_id,
         schema = %cfg.conn.schema,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_postgres::{Client, Statement};
 
-use super::{prepare_in, StoreError};
+use super::{bounded, prepare_in, StoreError};
 
 /// What the relay's heartbeat learns: its leases, the next due row, the backlog.
 #[derive(Debug, Clone, Default)]
@@ -71,10 +71,13 @@ impl Control {
     }
 
     pub async fn release(&self, client: &Client, instance: &str) -> Result<(), StoreError> {
-        client
-            .execute(&self.release, &[&instance])
-            .await
-            .map(|_| ())
-            .map_err(StoreError::query("releasing leases"))
+        // Bounded: a relay handing off waits on it, and a silent database
+        // must end in a reconnect, not a wait forever.
+        bounded(
+            "releasing leases",
+            client.execute(&self.release, &[&instance]),
+        )
+        .await
+        .map(|_| ())
     }
 }

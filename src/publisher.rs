@@ -42,6 +42,11 @@ const EXCHANGE_CHECK_TTL: Duration = Duration::from_secs(30);
 /// Bound on any single broker operation: a stalled network must end in a
 /// reconnect, not a wait forever.
 pub const AMQP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for one connection attempt as a whole: TCP connect, TLS and the
+/// AMQP handshake (up to the open connection). An abandoned attempt ends its
+/// socket and lapin's I/O thread (see `fence`): a silent peer costs one
+/// bounded attempt and nothing more.
+pub const AMQP_HANDSHAKE_TIMEOUT: Duration = AMQP_TIMEOUT;
 /// Publishes handed to lapin together (one wake-up of its I/O thread each).
 const PUBLISH_CHUNK: usize = 100;
 
@@ -69,12 +74,34 @@ pub enum PublishError {
     ConnectionLost(#[source] lapin::Error),
     #[error("RabbitMQ did not answer {what} within {}s; reconnecting", AMQP_TIMEOUT.as_secs())]
     Timeout { what: &'static str },
+    #[error("RabbitMQ at {url} accepted the connection but did not complete the handshake (TLS, AMQP) within {}s; check that the address is RabbitMQ's AMQP port and not a proxy or firewall that holds connections", AMQP_HANDSHAKE_TIMEOUT.as_secs())]
+    HandshakeTimeout { url: String },
     #[error(transparent)]
     TlsFiles(#[from] TlsFileError),
     /// A TLS handshake that failed for a reason the user can fix (CA, host
     /// name, plain-text port, client certificate), in words that say how.
     #[error("cannot connect to RabbitMQ at {url}: {why}")]
     TlsHandshake { url: String, why: String },
+}
+
+/// Abandons the connection attempt whose fence it holds, unless told that
+/// the attempt was established.
+struct AbandonOnDrop(Option<Arc<WriteFence>>);
+
+impl AbandonOnDrop {
+    fn established(mut self) {
+        if let Some(fence) = self.0.take() {
+            fence.established();
+        }
+    }
+}
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        if let Some(fence) = self.0.take() {
+            fence.abandon();
+        }
+    }
 }
 
 /// One AMQP connection with a confirm-mode publishing channel, and a second
@@ -127,7 +154,10 @@ impl Publisher {
             },
             props,
         );
-        let connection = match tokio::time::timeout(AMQP_TIMEOUT, connect).await {
+        // Until the handshake completes, dropping this (deadline, error or the
+        // caller giving up) ends the attempt's socket and I/O thread.
+        let attempt = AbandonOnDrop(Some(fence.clone()));
+        let connection = match tokio::time::timeout(AMQP_HANDSHAKE_TIMEOUT, connect).await {
             Ok(Ok(c)) => c,
             Ok(Err(source)) => {
                 let why = url
@@ -146,11 +176,12 @@ impl Publisher {
                 });
             }
             Err(_) => {
-                return Err(PublishError::Timeout {
-                    what: "the connection handshake",
+                return Err(PublishError::HandshakeTimeout {
+                    url: redact_url(url),
                 })
             }
         };
+        attempt.established();
         let channel = confirm_channel(&connection).await?;
         let vhost = connection.status().vhost().to_string();
         Ok(Self {

@@ -12,7 +12,8 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{wait_until, Relay, TestEnv, SETUP_TIMEOUT};
+use common::proxy::FaultProxy;
+use common::{run_cli, wait_until, ClosedPort, Relay, TestEnv, SETUP_TIMEOUT};
 
 /// Open descriptors of process `pid`.
 fn open_fds(pid: u32) -> usize {
@@ -96,5 +97,141 @@ async fn slow_http_clients_neither_pile_up_nor_delay_shutdown() {
     assert!(
         took < Duration::from_secs(8),
         "SIGTERM took {took:?} with slow clients connected"
+    );
+}
+
+/// A TCP listener that accepts every connection and never says a word (a
+/// half-open load balancer, a firewall that holds connections).
+async fn silent_peer() -> FaultProxy {
+    let proxy = FaultProxy::start(ClosedPort::new().addr()).await;
+    proxy.stall(true);
+    proxy
+}
+
+/// `url` with its host and port replaced by 127.0.0.1:`port`.
+fn at_port(url: &str, port: u16) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let (user, host_and_tail) = match rest.rsplit_once('@') {
+        Some((user, tail)) => (format!("{user}@"), tail),
+        None => (String::new(), rest),
+    };
+    let end = host_and_tail.find(['/', '?']).unwrap_or(host_and_tail.len());
+    format!("{scheme}://{user}127.0.0.1:{port}{}", &host_and_tail[end..])
+}
+
+/// Waits until `peer` accepted `n` connections; then the relay's threads and
+/// descriptors, with the attempt just begun among them.
+async fn usage_at_attempt(relay: &mut Relay, peer: &FaultProxy, n: u64) -> (usize, usize) {
+    let reached = wait_until(Duration::from_secs(120), async || {
+        relay.has_exited() || peer.accepted() >= n
+    })
+    .await;
+    relay.assert_running();
+    assert!(
+        reached,
+        "the relay made {} connection attempts to the silent peer in 120 s, not {n}: an attempt never ended\n{}",
+        peer.accepted(),
+        relay.log_tail(50)
+    );
+    (threads(relay.pid), open_fds(relay.pid))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_broker_costs_one_bounded_attempt_and_no_thread_or_descriptor() {
+    let env = TestEnv::new("silent_broker").await;
+    let peer = silent_peer().await;
+    let silent = at_port(&env.amqp_url, peer.port());
+
+    // `check` gives up on the node within the handshake deadline (10 s).
+    let start = Instant::now();
+    let out = run_cli(
+        &[
+            "check",
+            "--database-url",
+            &env.db_url,
+            "--schema",
+            &env.schema,
+            "--amqp-url",
+            &silent,
+        ],
+        &[],
+        Duration::from_secs(60),
+    )
+    .await;
+    let took = start.elapsed();
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stdout.contains("did not complete the handshake"),
+        "check does not say the broker never completed its handshake\n{}",
+        out.describe()
+    );
+    assert!(took < Duration::from_secs(25), "check took {took:?}");
+
+    // `run` keeps trying; every attempt ends, with its thread and socket.
+    let mut relay = Relay::spawn_on_urls(&env, &env.db_url, &silent, &[]);
+    relay.wait_started(SETUP_TIMEOUT).await;
+    // From the second abandoned attempt on: the first one starts a helper
+    // thread of lapin's runtime glue (with its epoll and event descriptors)
+    // that stays for good.
+    let (threads_early, fds_early) = usage_at_attempt(&mut relay, &peer, 3).await;
+    let (threads_late, fds_late) = usage_at_attempt(&mut relay, &peer, 7).await;
+    assert!(
+        threads_late <= threads_early + 2 && fds_late <= fds_early + 2,
+        "4 abandoned broker handshakes took the relay from {threads_early} to {threads_late} threads \
+         and from {fds_early} to {fds_late} descriptors\n{}",
+        relay.log_tail(50)
+    );
+    assert!(
+        relay.logs().contains("did not complete the handshake"),
+        "the relay's log does not say why the broker is unavailable\n{}",
+        relay.log_tail(50)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_database_costs_one_bounded_attempt_and_no_descriptor() {
+    let env = TestEnv::new("silent_database").await;
+    let peer = silent_peer().await;
+    let silent = at_port(&env.db_url, peer.port());
+
+    let start = Instant::now();
+    let out = run_cli(
+        &[
+            "check",
+            "--database-url",
+            &silent,
+            "--schema",
+            &env.schema,
+            "--amqp-url",
+            &env.amqp_url,
+        ],
+        &[],
+        Duration::from_secs(60),
+    )
+    .await;
+    let took = start.elapsed();
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stdout.contains("did not complete the handshake"),
+        "check does not say the database never completed its handshake\n{}",
+        out.describe()
+    );
+    assert!(took < Duration::from_secs(25), "check took {took:?}");
+
+    // Three tasks connect to the database (hot path, control, housekeeping):
+    // at most three attempts are in flight at any time.
+    let mut relay = Relay::spawn_on_urls(&env, &silent, &env.amqp_url, &[]);
+    relay.wait_started(SETUP_TIMEOUT).await;
+    let (_, fds_early) = usage_at_attempt(&mut relay, &peer, 4).await;
+    let (_, fds_late) = usage_at_attempt(&mut relay, &peer, 13).await;
+    assert!(
+        fds_late <= fds_early + 3,
+        "9 abandoned database handshakes took the relay from {fds_early} to {fds_late} descriptors\n{}",
+        relay.log_tail(50)
+    );
+    assert!(
+        relay.logs().contains("did not complete the handshake"),
+        "the relay's log does not say why the database is unavailable\n{}",
+        relay.log_tail(50)
     );
 }

@@ -158,6 +158,11 @@ pub struct ClosedPort {
 }
 
 impl ClosedPort {
+    /// 127.0.0.1 and the port.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
     pub fn new() -> ClosedPort {
         let socket = tokio::net::TcpSocket::new_v4().expect("create a TCP socket");
         socket
@@ -944,6 +949,12 @@ impl Relay {
     ) -> Relay {
         let urls = (env.db_url.as_str(), env.amqp_url.as_str());
         Relay::spawn_on(env, urls, extra_args, envs, settings)
+    }
+
+    /// Starts the relay on other database and broker URLs than `env`'s
+    /// (a proxy, a silent peer), without waiting for anything.
+    pub fn spawn_on_urls(env: &TestEnv, db_url: &str, amqp_url: &str, extra_args: &[&str]) -> Relay {
+        Relay::spawn_on(env, (db_url, amqp_url), extra_args, &[], Settings::Flags)
     }
 
     /// `spawn_configured` with the database and broker URLs given.

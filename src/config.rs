@@ -9,7 +9,7 @@ use crate::schema_name;
 
 mod urls;
 
-use urls::{check_amqp_url, check_database_url};
+use urls::{check_amqp_nodes_agree, check_amqp_url, check_database_url};
 pub use urls::{percent_decode, redact_url, scrub, url_secrets};
 
 /// A setting that cannot work. The binary prints it on one line and exits 2.
@@ -337,6 +337,7 @@ fn split_amqp_urls(list: &str) -> Result<Vec<String>, ConfigError> {
             format!("node {} is listed twice: list each node once", twice[0]),
         ));
     }
+    check_amqp_nodes_agree(&urls)?;
     Ok(urls)
 }
 

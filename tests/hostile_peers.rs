@@ -12,6 +12,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use common::broker_user::BrokerUser;
 use common::proxy::FaultProxy;
 use common::{run_cli, wait_until, ClosedPort, Relay, TestEnv, SETUP_TIMEOUT};
 
@@ -168,7 +169,7 @@ async fn a_silent_broker_costs_one_bounded_attempt_and_no_thread_or_descriptor()
     assert!(took < Duration::from_secs(25), "check took {took:?}");
 
     // `run` keeps trying; every attempt ends, with its thread and socket.
-    let mut relay = Relay::spawn_on_urls(&env, &env.db_url, &silent, &[]);
+    let mut relay = Relay::spawn_on_urls(&env, (&env.db_url, &silent), &[], &[]);
     relay.wait_started(SETUP_TIMEOUT).await;
     // From the second abandoned attempt on: the first one starts a helper
     // thread of lapin's runtime glue (with its epoll and event descriptors)
@@ -220,7 +221,7 @@ async fn a_silent_database_costs_one_bounded_attempt_and_no_descriptor() {
 
     // Three tasks connect to the database (hot path, control, housekeeping):
     // at most three attempts are in flight at any time.
-    let mut relay = Relay::spawn_on_urls(&env, &silent, &env.amqp_url, &[]);
+    let mut relay = Relay::spawn_on_urls(&env, (&silent, &env.amqp_url), &[], &[]);
     relay.wait_started(SETUP_TIMEOUT).await;
     let (_, fds_early) = usage_at_attempt(&mut relay, &peer, 4).await;
     let (_, fds_late) = usage_at_attempt(&mut relay, &peer, 13).await;
@@ -233,5 +234,109 @@ async fn a_silent_database_costs_one_bounded_attempt_and_no_descriptor() {
         relay.logs().contains("did not complete the handshake"),
         "the relay's log does not say why the database is unavailable\n{}",
         relay.log_tail(50)
+    );
+}
+
+/// Standard base64 with padding (how a SASL response is usually shown).
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ABC[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Every form in which `password` of `user` could show up in a log: as
+/// written, percent-encoded as in the URL, its random tail alone, and the
+/// SASL PLAIN response as decimal bytes and base64.
+fn secret_forms(user: &BrokerUser) -> Vec<String> {
+    let sasl: Vec<u8> = [b"\0", user.name.as_bytes(), b"\0", user.password.as_bytes()].concat();
+    let decimal = |bytes: &[u8]| {
+        bytes
+            .iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let url = user.url();
+    let encoded = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.rsplit_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, password)| password.to_string())
+        .expect("the user's URL holds a password");
+    let tail = user.password.rsplit('?').next().unwrap_or_default().to_string();
+    vec![
+        user.password.clone(),
+        encoded,
+        tail,
+        decimal(user.password.as_bytes()),
+        base64(&sasl),
+        base64(user.password.as_bytes()),
+    ]
+}
+
+fn assert_no_secret_form(text: &str, forms: &[String], what: &str) {
+    for form in forms {
+        assert!(
+            !text.contains(form.as_str()),
+            "{what} printed the broker password as {form:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_log_level_prints_the_broker_password() {
+    let test = "no_log_level_prints_the_broker_password";
+    let env = TestEnv::new("trace_secrets").await;
+    let Some(user) = BrokerUser::publish_only(&env, test, &["amq.default"]) else {
+        return;
+    };
+    let forms = secret_forms(&user);
+    let url = user.url();
+    assert_eq!(base64(b"\0guest\0guest"), "AGd1ZXN0AGd1ZXN0");
+
+    let mut relay = Relay::spawn_on_urls(&env, (&env.db_url, &url), &[], &[("OUTBOX_LOG", "trace")]);
+    relay.wait_started(SETUP_TIMEOUT).await;
+    let connected = wait_until(SETUP_TIMEOUT, async || {
+        relay.has_exited() || relay.logs().contains("connected to RabbitMQ")
+    })
+    .await;
+    relay.assert_running();
+    assert!(connected, "the relay did not connect as {}", user.name);
+    relay.terminate(Duration::from_secs(60)).await;
+    let logs = relay.logs();
+    assert!(
+        logs.contains("TRACE"),
+        "OUTBOX_LOG=trace printed no trace line: the test would prove nothing"
+    );
+    assert_no_secret_form(&logs, &forms, "run with OUTBOX_LOG=trace");
+
+    let out = run_cli(
+        &[
+            "check",
+            "--database-url",
+            &env.db_url,
+            "--schema",
+            &env.schema,
+            "--amqp-url",
+            &url,
+        ],
+        &[("OUTBOX_LOG", "trace,lapin::io_loop=trace")],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_no_secret_form(
+        &format!("{}{}", out.stdout, out.stderr),
+        &forms,
+        "check with OUTBOX_LOG=trace",
     );
 }

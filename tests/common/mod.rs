@@ -953,8 +953,13 @@ impl Relay {
 
     /// Starts the relay on other database and broker URLs than `env`'s
     /// (a proxy, a silent peer), without waiting for anything.
-    pub fn spawn_on_urls(env: &TestEnv, db_url: &str, amqp_url: &str, extra_args: &[&str]) -> Relay {
-        Relay::spawn_on(env, (db_url, amqp_url), extra_args, &[], Settings::Flags)
+    pub fn spawn_on_urls(
+        env: &TestEnv,
+        (db_url, amqp_url): (&str, &str),
+        extra_args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Relay {
+        Relay::spawn_on(env, (db_url, amqp_url), extra_args, envs, Settings::Flags)
     }
 
     /// `spawn_configured` with the database and broker URLs given.
@@ -1621,6 +1626,7 @@ pub fn save(path: &Path, text: &str) {
 // proxy) and the AMQP frame tap of the scale-out tests (frame_tap)
 // ---------------------------------------------------------------------------
 
+pub mod broker_user;
 pub mod cluster;
 pub mod faults;
 pub mod frame_tap;

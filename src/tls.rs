@@ -17,8 +17,10 @@ use rustls::{
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 mod explain;
+mod exposure;
 
 pub use explain::explain_amqp_tls_error;
+pub use exposure::{broker_tls_warning, database_tls_warning};
 use explain::{describe_certificate_error, refusal};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

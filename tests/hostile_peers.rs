@@ -340,3 +340,27 @@ async fn no_log_level_prints_the_broker_password() {
         "check with OUTBOX_LOG=trace",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_warns_about_unverified_connections_off_this_machine() {
+    let env = TestEnv::new("insecure_warnings").await;
+    // TEST-NET-1: off this machine, never answers. Only the start matters.
+    let db = "postgres://postgres:pgSecret9@192.0.2.1:5432/test";
+    let amqp = "amqp://guest:mqSecret9@192.0.2.1:5672/%2f";
+    let mut relay = Relay::spawn_on_urls(&env, (db, amqp), &["--shutdown-timeout", "1s"], &[]);
+    relay.wait_started(SETUP_TIMEOUT).await;
+    let expected = [
+        "insecure connection setting: sslmode=prefer (the default): the connection to 192.0.2.1 is encrypted only if the server offers TLS, and the server is never verified",
+        "insecure connection setting: amqp://guest:***@192.0.2.1:5672/%2f is plain amqp:// to 192.0.2.1: neither encrypted nor verified",
+    ];
+    let logs = relay.logs();
+    for line in expected {
+        assert!(
+            logs.lines().any(|l| l.contains("WARN") && l.contains(line)),
+            "run did not warn: {line}\n{}",
+            relay.log_tail(30)
+        );
+    }
+    assert!(!logs.contains("pgSecret9") && !logs.contains("mqSecret9"));
+    relay.terminate(Duration::from_secs(60)).await;
+}

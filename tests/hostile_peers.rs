@@ -364,3 +364,33 @@ async fn run_warns_about_unverified_connections_off_this_machine() {
     assert!(!logs.contains("pgSecret9") && !logs.contains("mqSecret9"));
     relay.terminate(Duration::from_secs(60)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_list_survives_any_bytes_a_row_holds() {
+    let env = TestEnv::new("hostile_dead_letters").await;
+    let table = env.table();
+    env.exec(
+        &format!(
+            "INSERT INTO {table} (exchange, routing_key, partition_key, payload, headers,
+                                  attempts, last_error, dead_lettered_at)
+             VALUES (E'evil\\x1b[2J', E'rk\\x07', E'key\\x1b]0;owned\\x07',
+                     '\\xfffe00c328'::bytea, '{{\"h\": \"\\\\u0000\"}}', 3,
+                     E'refused: \\x1b[31mred', now())"
+        ),
+        &[],
+    )
+    .await;
+    for args in [
+        &["dead-letters", "list"][..],
+        &["dead-letters", "list", "--json"][..],
+    ] {
+        let out = env.cli(args, Duration::from_secs(60)).await;
+        assert_eq!(out.code(), Some(0), "{args:?}\n{}", out.describe());
+        assert!(
+            !out.stdout.contains('\u{1b}') && !out.stdout.contains('\u{7}'),
+            "{args:?} passed a row's terminal escapes through\n{}",
+            out.describe()
+        );
+        assert!(!out.stderr.contains("panicked"), "{}", out.describe());
+    }
+}

@@ -297,4 +297,30 @@ mod tests {
             .expect_err("a write past the lease deadline must fail");
         assert!(err.to_string().contains("lease"), "{err}");
     }
+
+    #[tokio::test]
+    async fn an_abandoned_attempt_fails_and_an_established_one_cannot_be_abandoned() {
+        let fence = Arc::new(WriteFence::default());
+        let waiting = tokio::spawn({
+            let fence = fence.clone();
+            async move { fence.wait_abandoned().await }
+        });
+        fence.abandon();
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("a connect in progress hears of the abandon")
+            .unwrap();
+        let err = fence
+            .check()
+            .expect_err("an abandoned socket refuses writes");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+
+        let fence = WriteFence::default();
+        fence.established();
+        fence.abandon();
+        assert!(
+            fence.check().is_ok(),
+            "an established connection is not cut"
+        );
+    }
 }

@@ -12,7 +12,6 @@ pub use message::{prepare, Prepared};
 pub use tls::{node_name, tls_config, TlsFileError};
 
 use std::{
-    collections::HashMap,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -32,6 +31,7 @@ use async_rs::{util::RuntimeParts, Runtime, Tokio};
 use lapin::{tcp::AMQPUriTcpExt, uri::AMQPUri};
 
 use crate::{
+    bounded::ExpiringMap,
     config::{redact_url, AmqpTlsFiles},
     fence::{FencedReactor, WriteFence},
     rows::OutboxRow,
@@ -39,6 +39,8 @@ use crate::{
 
 /// How long a positive exchange check is trusted before asking the broker again.
 const EXCHANGE_CHECK_TTL: Duration = Duration::from_secs(30);
+/// Checked exchanges remembered at most (rows name any exchange they like).
+const MAX_CHECKED_EXCHANGES: usize = 10_000;
 /// Bound on any single broker operation: a stalled network must end in a
 /// reconnect, not a wait forever.
 pub const AMQP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -114,7 +116,7 @@ pub struct Publisher {
     /// The channel answered in a way it should not: replace it.
     channel_suspect: Arc<AtomicBool>,
     probe: Option<Channel>,
-    exchanges: HashMap<String, Instant>,
+    exchanges: ExpiringMap<String>,
     allow_unroutable: bool,
     vhost: String,
     node: String,
@@ -190,7 +192,7 @@ impl Publisher {
             channel,
             channel_suspect: Arc::default(),
             probe: None,
-            exchanges: HashMap::new(),
+            exchanges: ExpiringMap::new(MAX_CHECKED_EXCHANGES),
             allow_unroutable,
             vhost,
             node,
@@ -245,10 +247,8 @@ impl Publisher {
         if row.exchange.is_empty() {
             return Ok(Ok(()));
         }
-        if let Some(checked) = self.exchanges.get(&row.exchange) {
-            if checked.elapsed() < EXCHANGE_CHECK_TTL {
-                return Ok(Ok(()));
-            }
+        if self.exchanges.is_live(&row.exchange) {
+            return Ok(Ok(()));
         }
         let probe = match &self.probe {
             Some(p) if p.status().connected() => p.clone(),
@@ -281,7 +281,8 @@ impl Publisher {
             // does not): the check only exists to catch 404 off the publishing
             // channel, so let the publish itself speak.
             Ok(_) => {
-                self.exchanges.insert(row.exchange.clone(), Instant::now());
+                self.exchanges
+                    .insert(row.exchange.clone(), Instant::now() + EXCHANGE_CHECK_TTL);
                 Ok(Ok(()))
             }
         }

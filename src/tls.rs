@@ -20,8 +20,8 @@ mod explain;
 mod exposure;
 
 pub use explain::explain_amqp_tls_error;
-pub use exposure::{broker_tls_warning, database_tls_warning};
 use explain::{describe_certificate_error, refusal};
+pub use exposure::{broker_tls_warning, database_tls_warning};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {

@@ -57,7 +57,11 @@ async fn slow_http_clients_neither_pile_up_nor_delay_shutdown() {
     let slow = tokio::task::spawn_blocking(move || slow_clients(addr, 400))
         .await
         .unwrap();
-    assert!(slow.len() >= 300, "only {} slow clients connected", slow.len());
+    assert!(
+        slow.len() >= 300,
+        "only {} slow clients connected",
+        slow.len()
+    );
     let during = open_fds(relay.pid);
     assert!(
         during <= baseline + FD_BOUND_ABOVE_BASELINE,
@@ -116,7 +120,9 @@ fn at_port(url: &str, port: u16) -> String {
         Some((user, tail)) => (format!("{user}@"), tail),
         None => (String::new(), rest),
     };
-    let end = host_and_tail.find(['/', '?']).unwrap_or(host_and_tail.len());
+    let end = host_and_tail
+        .find(['/', '?'])
+        .unwrap_or(host_and_tail.len());
     format!("{scheme}://{user}127.0.0.1:{port}{}", &host_and_tail[end..])
 }
 
@@ -273,7 +279,12 @@ fn secret_forms(user: &BrokerUser) -> Vec<String> {
         .and_then(|(userinfo, _)| userinfo.split_once(':'))
         .map(|(_, password)| password.to_string())
         .expect("the user's URL holds a password");
-    let tail = user.password.rsplit('?').next().unwrap_or_default().to_string();
+    let tail = user
+        .password
+        .rsplit('?')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     vec![
         user.password.clone(),
         encoded,
@@ -304,7 +315,8 @@ async fn no_log_level_prints_the_broker_password() {
     let url = user.url();
     assert_eq!(base64(b"\0guest\0guest"), "AGd1ZXN0AGd1ZXN0");
 
-    let mut relay = Relay::spawn_on_urls(&env, (&env.db_url, &url), &[], &[("OUTBOX_LOG", "trace")]);
+    let mut relay =
+        Relay::spawn_on_urls(&env, (&env.db_url, &url), &[], &[("OUTBOX_LOG", "trace")]);
     relay.wait_started(SETUP_TIMEOUT).await;
     let connected = wait_until(SETUP_TIMEOUT, async || {
         relay.has_exited() || relay.logs().contains("connected to RabbitMQ")

@@ -136,12 +136,20 @@ mod tests {
 
     #[test]
     fn the_amqp_clients_wire_log_is_never_printed() {
-        for target in ["lapin", "lapin::io_loop", "lapin::frames", "amq_protocol_tcp"] {
+        for target in [
+            "lapin",
+            "lapin::io_loop",
+            "lapin::frames",
+            "amq_protocol_tcp",
+        ] {
             assert!(
                 prints_amqp_frames(target, Level::TRACE),
                 "{target} at trace must be dropped"
             );
-            assert!(!prints_amqp_frames(target, Level::DEBUG), "{target} at debug");
+            assert!(
+                !prints_amqp_frames(target, Level::DEBUG),
+                "{target} at debug"
+            );
         }
         assert!(!prints_amqp_frames("outbox_relay::relay", Level::TRACE));
         assert!(!prints_amqp_frames("lapinous", Level::TRACE));

@@ -522,7 +522,10 @@ mod tests {
         assert!(!mixed.problem.contains("secret"), "{mixed}");
         let vhosts = agree(&["amqp://u:p@a/one", "amqp://u:p@b/two"])
             .expect_err("two vhosts must be refused");
-        assert!(vhosts.problem.contains("'one'") && vhosts.problem.contains("'two'"), "{vhosts}");
+        assert!(
+            vhosts.problem.contains("'one'") && vhosts.problem.contains("'two'"),
+            "{vhosts}"
+        );
     }
 
     #[test]

@@ -581,15 +581,15 @@ mod tests {
     #[test]
     fn several_amqp_urls_are_the_nodes_of_one_cluster() {
         let urls = split_amqp_urls(
-            "amqp://u:p,w@10.0.0.1:5672/%2f, amqps://u:pw@rabbit-2/%2f,amqp://rabbit-3:5673",
+            "amqps://u:p,w@10.0.0.1:5671/%2f, amqps://u:pw@rabbit-2/%2f,amqps://rabbit-3:5673",
         )
         .expect("three nodes");
         assert_eq!(
             urls,
             [
-                "amqp://u:p,w@10.0.0.1:5672/%2f",
+                "amqps://u:p,w@10.0.0.1:5671/%2f",
                 "amqps://u:pw@rabbit-2/%2f",
-                "amqp://rabbit-3:5673"
+                "amqps://rabbit-3:5673"
             ]
         );
         let e = split_amqp_urls("amqp://a:5672/%2f,amqp://u@a:5672/other").unwrap_err();

@@ -9,7 +9,7 @@ use crate::schema_name;
 
 mod urls;
 
-use urls::{check_amqp_url, check_database_url};
+use urls::{check_amqp_nodes_agree, check_amqp_url, check_database_url};
 pub use urls::{percent_decode, redact_url, scrub, url_secrets};
 
 /// A setting that cannot work. The binary prints it on one line and exits 2.
@@ -355,6 +355,7 @@ fn split_amqp_urls(list: &str) -> Result<Vec<String>, ConfigError> {
             format!("node {} is listed twice: list each node once", twice[0]),
         ));
     }
+    check_amqp_nodes_agree(&urls)?;
     Ok(urls)
 }
 
@@ -605,15 +606,15 @@ mod tests {
     #[test]
     fn several_amqp_urls_are_the_nodes_of_one_cluster() {
         let urls = split_amqp_urls(
-            "amqp://u:p,w@10.0.0.1:5672/%2f, amqps://u:pw@rabbit-2/%2f,amqp://rabbit-3:5673",
+            "amqps://u:p,w@10.0.0.1:5671/%2f, amqps://u:pw@rabbit-2/%2f,amqps://rabbit-3:5673",
         )
         .expect("three nodes");
         assert_eq!(
             urls,
             [
-                "amqp://u:p,w@10.0.0.1:5672/%2f",
+                "amqps://u:p,w@10.0.0.1:5671/%2f",
                 "amqps://u:pw@rabbit-2/%2f",
-                "amqp://rabbit-3:5673"
+                "amqps://rabbit-3:5673"
             ]
         );
         let e = split_amqp_urls("amqp://a:5672/%2f,amqp://u@a:5672/other").unwrap_err();

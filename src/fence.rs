@@ -10,6 +10,12 @@
 //! their lease deadline fails. The connection then breaks, every unconfirmed
 //! row stays pending, and the new lease holder publishes it.
 //!
+//! The same socket wrapper ends an abandoned connection attempt: lapin runs
+//! each connection on its own I/O thread, which would wait for a silent peer
+//! forever after the relay gave up on the handshake. [`WriteFence::abandon`]
+//! makes the socket fail (waking a read that waits), so that thread ends and
+//! the descriptor is closed.
+//!
 //! The fence reads the real clock (std's `Instant`): the socket is written on
 //! lapin's I/O thread, outside tokio's (pausable) clock, and a paused process
 //! must see the time that passed while it was stopped.
@@ -21,17 +27,17 @@ use std::{
     os::fd::{AsFd, AsRawFd},
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
+        atomic::{AtomicU64, AtomicU8, Ordering},
+        Arc, Mutex,
     },
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::{Duration, Instant},
 };
 
 use async_rs::{traits::Reactor, Tokio};
 use futures_util::{
     io::{AsyncRead, AsyncWrite},
-    FutureExt, Stream,
+    Stream,
 };
 
 /// Shared between the relay (which arms it) and the socket (which obeys it).
@@ -39,7 +45,17 @@ pub struct WriteFence {
     base: Instant,
     /// Nanoseconds after `base` from which writes fail, plus one; 0 = open.
     deadline: AtomicU64,
+    /// HANDSHAKING, ESTABLISHED or ABANDONED.
+    attempt: AtomicU8,
+    /// While handshaking: the waker of a read that waits for the peer.
+    reader: Mutex<Option<Waker>>,
+    /// Tells a TCP connect or TLS handshake in progress to give up.
+    abandoned: tokio::sync::watch::Sender<bool>,
 }
+
+const HANDSHAKING: u8 = 0;
+const ESTABLISHED: u8 = 1;
+const ABANDONED: u8 = 2;
 
 impl fmt::Debug for WriteFence {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -54,6 +70,9 @@ impl Default for WriteFence {
         Self {
             base: Instant::now(),
             deadline: AtomicU64::new(0),
+            attempt: AtomicU8::new(HANDSHAKING),
+            reader: Mutex::new(None),
+            abandoned: tokio::sync::watch::Sender::new(false),
         }
     }
 }
@@ -71,7 +90,55 @@ impl WriteFence {
         self.deadline.store(0, Ordering::SeqCst);
     }
 
+    /// The handshake completed: the socket is the connection's from now on.
+    pub fn established(&self) {
+        let _ = self.attempt.compare_exchange(
+            HANDSHAKING,
+            ESTABLISHED,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        self.take_reader();
+    }
+
+    /// The connection attempt was given up before it completed: the socket
+    /// fails from now on, a read waiting for the peer is woken to see it, and
+    /// a TCP connect or TLS handshake in progress ends.
+    pub fn abandon(&self) {
+        if self
+            .attempt
+            .compare_exchange(HANDSHAKING, ABANDONED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            self.abandoned.send_replace(true);
+            if let Some(waker) = self.take_reader() {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Resolves once the attempt is abandoned (never after it was established).
+    pub async fn wait_abandoned(&self) {
+        let mut abandoned = self.abandoned.subscribe();
+        let _ = abandoned.wait_for(|a| *a).await;
+    }
+
+    fn take_reader(&self) -> Option<Waker> {
+        self.reader.lock().map(|mut w| w.take()).unwrap_or(None)
+    }
+
+    fn check_abandoned(&self) -> io::Result<()> {
+        if self.attempt.load(Ordering::SeqCst) == ABANDONED {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the connection attempt was abandoned at its handshake deadline",
+            ));
+        }
+        Ok(())
+    }
+
     fn check(&self) -> io::Result<()> {
+        self.check_abandoned()?;
         let deadline = self.deadline.load(Ordering::SeqCst);
         if deadline == 0 {
             return Ok(());
@@ -102,7 +169,19 @@ impl<S: AsyncRead + Unpin> AsyncRead for FencedStream<S> {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        if self.fence.attempt.load(Ordering::SeqCst) == ESTABLISHED {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        self.fence.check_abandoned()?;
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if read.is_pending() {
+            if let Ok(mut reader) = self.fence.reader.lock() {
+                *reader = Some(cx.waker().clone());
+            }
+            // abandon() may have run between the check and storing the waker.
+            self.fence.check_abandoned()?;
+        }
+        read
     }
 }
 
@@ -175,9 +254,22 @@ impl Reactor for FencedReactor {
         addr: SocketAddr,
     ) -> impl std::future::Future<Output = io::Result<Self::TcpStream>> + Send + 'static {
         let fence = self.fence.clone();
-        self.inner
-            .tcp_connect_addr(addr)
-            .map(move |stream| stream.map(|inner| FencedStream { inner, fence }))
+        let connect = self.inner.tcp_connect_addr(addr);
+        async move {
+            let stream = tokio::select! {
+                stream = connect => stream?,
+                _ = fence.wait_abandoned() => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "the connection attempt was abandoned at its handshake deadline",
+                    ))
+                }
+            };
+            Ok(FencedStream {
+                inner: stream,
+                fence,
+            })
+        }
     }
 }
 
@@ -204,5 +296,31 @@ mod tests {
             .check()
             .expect_err("a write past the lease deadline must fail");
         assert!(err.to_string().contains("lease"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_attempt_fails_and_an_established_one_cannot_be_abandoned() {
+        let fence = Arc::new(WriteFence::default());
+        let waiting = tokio::spawn({
+            let fence = fence.clone();
+            async move { fence.wait_abandoned().await }
+        });
+        fence.abandon();
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("a connect in progress hears of the abandon")
+            .unwrap();
+        let err = fence
+            .check()
+            .expect_err("an abandoned socket refuses writes");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+
+        let fence = WriteFence::default();
+        fence.established();
+        fence.abandon();
+        assert!(
+            fence.check().is_ok(),
+            "an established connection is not cut"
+        );
     }
 }

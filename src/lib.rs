@@ -6,6 +6,7 @@
 //! relay itself; the `outbox-relay` binary is [`main`].
 
 mod backoff;
+mod bounded;
 mod cli;
 mod config;
 mod control;

@@ -12,7 +12,6 @@ pub use message::{header_frame_bytes, prepare, Prepared};
 pub use tls::{node_name, tls_config, TlsFileError};
 
 use std::{
-    collections::HashMap,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -32,6 +31,7 @@ use async_rs::{util::RuntimeParts, Runtime, Tokio};
 use lapin::{tcp::AMQPUriTcpExt, uri::AMQPUri};
 
 use crate::{
+    bounded::ExpiringMap,
     config::{redact_url, AmqpTlsFiles},
     fence::{FencedReactor, WriteFence},
     rows::OutboxRow,
@@ -39,9 +39,16 @@ use crate::{
 
 /// How long a positive exchange check is trusted before asking the broker again.
 const EXCHANGE_CHECK_TTL: Duration = Duration::from_secs(30);
+/// Checked exchanges remembered at most (rows name any exchange they like).
+const MAX_CHECKED_EXCHANGES: usize = 10_000;
 /// Bound on any single broker operation: a stalled network must end in a
 /// reconnect, not a wait forever.
 pub const AMQP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for one connection attempt as a whole: TCP connect, TLS and the
+/// AMQP handshake (up to the open connection). An abandoned attempt ends its
+/// socket and lapin's I/O thread (see `fence`): a silent peer costs one
+/// bounded attempt and nothing more.
+pub const AMQP_HANDSHAKE_TIMEOUT: Duration = AMQP_TIMEOUT;
 /// Publishes handed to lapin together (one wake-up of its I/O thread each).
 const PUBLISH_CHUNK: usize = 100;
 
@@ -69,12 +76,34 @@ pub enum PublishError {
     ConnectionLost(#[source] lapin::Error),
     #[error("RabbitMQ did not answer {what} within {}s; reconnecting", AMQP_TIMEOUT.as_secs())]
     Timeout { what: &'static str },
+    #[error("RabbitMQ at {url} accepted the connection but did not complete the handshake (TLS, AMQP) within {}s; check that the address is RabbitMQ's AMQP port and not a proxy or firewall that holds connections", AMQP_HANDSHAKE_TIMEOUT.as_secs())]
+    HandshakeTimeout { url: String },
     #[error(transparent)]
     TlsFiles(#[from] TlsFileError),
     /// A TLS handshake that failed for a reason the user can fix (CA, host
     /// name, plain-text port, client certificate), in words that say how.
     #[error("cannot connect to RabbitMQ at {url}: {why}")]
     TlsHandshake { url: String, why: String },
+}
+
+/// Abandons the connection attempt whose fence it holds, unless told that
+/// the attempt was established.
+struct AbandonOnDrop(Option<Arc<WriteFence>>);
+
+impl AbandonOnDrop {
+    fn established(mut self) {
+        if let Some(fence) = self.0.take() {
+            fence.established();
+        }
+    }
+}
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        if let Some(fence) = self.0.take() {
+            fence.abandon();
+        }
+    }
 }
 
 /// One AMQP connection with a confirm-mode publishing channel, and a second
@@ -87,7 +116,7 @@ pub struct Publisher {
     /// The channel answered in a way it should not: replace it.
     channel_suspect: Arc<AtomicBool>,
     probe: Option<Channel>,
-    exchanges: HashMap<String, Instant>,
+    exchanges: ExpiringMap<String>,
     allow_unroutable: bool,
     vhost: String,
     node: String,
@@ -127,7 +156,10 @@ impl Publisher {
             },
             props,
         );
-        let connection = match tokio::time::timeout(AMQP_TIMEOUT, connect).await {
+        // Until the handshake completes, dropping this (deadline, error or the
+        // caller giving up) ends the attempt's socket and I/O thread.
+        let attempt = AbandonOnDrop(Some(fence.clone()));
+        let connection = match tokio::time::timeout(AMQP_HANDSHAKE_TIMEOUT, connect).await {
             Ok(Ok(c)) => c,
             Ok(Err(source)) => {
                 let why = url
@@ -146,11 +178,12 @@ impl Publisher {
                 });
             }
             Err(_) => {
-                return Err(PublishError::Timeout {
-                    what: "the connection handshake",
+                return Err(PublishError::HandshakeTimeout {
+                    url: redact_url(url),
                 })
             }
         };
+        attempt.established();
         let channel = confirm_channel(&connection).await?;
         let vhost = connection.status().vhost().to_string();
         Ok(Self {
@@ -159,7 +192,7 @@ impl Publisher {
             channel,
             channel_suspect: Arc::default(),
             probe: None,
-            exchanges: HashMap::new(),
+            exchanges: ExpiringMap::new(MAX_CHECKED_EXCHANGES),
             allow_unroutable,
             vhost,
             node,
@@ -237,10 +270,8 @@ impl Publisher {
         if row.exchange.is_empty() {
             return Ok(Ok(()));
         }
-        if let Some(checked) = self.exchanges.get(&row.exchange) {
-            if checked.elapsed() < EXCHANGE_CHECK_TTL {
-                return Ok(Ok(()));
-            }
+        if self.exchanges.is_live(&row.exchange) {
+            return Ok(Ok(()));
         }
         let probe = match &self.probe {
             Some(p) if p.status().connected() => p.clone(),
@@ -273,7 +304,8 @@ impl Publisher {
             // does not): the check only exists to catch 404 off the publishing
             // channel, so let the publish itself speak.
             Ok(_) => {
-                self.exchanges.insert(row.exchange.clone(), Instant::now());
+                self.exchanges
+                    .insert(row.exchange.clone(), Instant::now() + EXCHANGE_CHECK_TTL);
                 Ok(Ok(()))
             }
         }

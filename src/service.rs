@@ -36,6 +36,7 @@ pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
         .map(|u| crate::publisher::node_name(u))
         .collect();
     metrics.broker_nodes(&nodes);
+    warn_about_exposure(&cfg);
     check_schema_if_reachable(&cfg).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -122,6 +123,20 @@ pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
     }
     let _ = http.await;
     Ok(())
+}
+
+/// Settings that work but leave a connection unverified off this machine:
+/// said at every start, in `check`'s words.
+fn warn_about_exposure(cfg: &RelayConfig) {
+    let database = crate::tls::database_tls_warning(&cfg.conn.database_url);
+    let brokers = cfg
+        .conn
+        .amqp_urls
+        .iter()
+        .filter_map(|url| crate::tls::broker_tls_warning(url, &cfg.conn.amqp_tls));
+    for warning in database.into_iter().chain(brokers) {
+        tracing::warn!("insecure connection setting: {warning}");
+    }
 }
 
 /// A missing or outdated schema is a setup error worth stopping for; an

@@ -73,6 +73,8 @@ pub enum StoreError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error("PostgreSQL at {url} accepted the connection but did not complete the handshake (TLS, startup, authentication) within {}s; check that the address is PostgreSQL and not a proxy or firewall that holds connections", DB_HANDSHAKE_TIMEOUT.as_secs())]
+    HandshakeTimeout { url: String },
     #[error("database URL: {0}")]
     Tls(#[from] tls::TlsError),
     #[error(
@@ -134,7 +136,10 @@ impl StoreError {
             StoreError::Query { source, .. }
             | StoreError::Prepare { source, .. }
             | StoreError::Connect { source, .. } => source.code().map(|c| c.code()),
-            StoreError::Decode { .. } | StoreError::Tls(_) | StoreError::Timeout { .. } => None,
+            StoreError::Decode { .. }
+            | StoreError::HandshakeTimeout { .. }
+            | StoreError::Tls(_)
+            | StoreError::Timeout { .. } => None,
         }
     }
 
@@ -144,7 +149,9 @@ impl StoreError {
             StoreError::Query { what, .. }
             | StoreError::Decode { what, .. }
             | StoreError::Timeout { what } => *what,
-            StoreError::Connect { .. } | StoreError::Tls(_) => return "connect",
+            StoreError::Connect { .. }
+            | StoreError::HandshakeTimeout { .. }
+            | StoreError::Tls(_) => return "connect",
             StoreError::Prepare { .. } => return "prepare",
         };
         match what {
@@ -166,10 +173,19 @@ impl StoreError {
                 source.is_closed() || source.as_db_error().is_none()
             }
             StoreError::Decode { .. } => false,
-            StoreError::Connect { .. } | StoreError::Tls(_) | StoreError::Timeout { .. } => true,
+            StoreError::Connect { .. }
+            | StoreError::HandshakeTimeout { .. }
+            | StoreError::Tls(_)
+            | StoreError::Timeout { .. } => true,
         }
     }
 }
+
+/// Deadline for one connection attempt as a whole: TCP connect, TLS,
+/// startup and authentication. tokio-postgres's `connect_timeout` bounds only
+/// the TCP connect, so a peer that accepts and then says nothing (a half-open
+/// load balancer, a firewall) would otherwise hold the attempt forever.
+pub const DB_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens one connection; the returned task drives it and ends when it breaks.
 pub async fn connect(
@@ -212,13 +228,16 @@ pub async fn connect_raw(
     config.connect_timeout(Duration::from_secs(10));
     config.keepalives_idle(Duration::from_secs(10));
     let connector = tls::connector(mode, files.as_deref())?;
-    config
-        .connect(connector)
-        .await
-        .map_err(|source| StoreError::Connect {
+    // Dropping the attempt at the deadline closes its socket: nothing leaks.
+    match tokio::time::timeout(DB_HANDSHAKE_TIMEOUT, config.connect(connector)).await {
+        Ok(connected) => connected.map_err(|source| StoreError::Connect {
             url: redact_url(database_url),
             source,
-        })
+        }),
+        Err(_) => Err(StoreError::HandshakeTimeout {
+            url: redact_url(database_url),
+        }),
+    }
 }
 
 // What each hot-path statement is, in its errors (and, via

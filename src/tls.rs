@@ -17,9 +17,11 @@ use rustls::{
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 mod explain;
+mod exposure;
 
 pub use explain::explain_amqp_tls_error;
 use explain::{describe_certificate_error, refusal};
+pub use exposure::{broker_tls_warning, database_tls_warning};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {

@@ -269,6 +269,19 @@ fn bad_settings() -> Vec<BadSetting> {
             "amqp://guest:mqKj5/mqHv8@127.0.0.1:5672/%2f",
             &[],
         ),
+        // Fail-over must not downgrade to plain text, nor change vhost.
+        case(
+            "amqp-url",
+            &db,
+            "amqps://guest:mqKj5@127.0.0.1:5671/%2f,amqp://guest:mqKj5@127.0.0.1:5672/%2f",
+            &[],
+        ),
+        case(
+            "amqp-url",
+            &db,
+            "amqp://guest:mqLp3@127.0.0.1:5672/%2f,amqp://guest:mqLp3@localhost:5672/other",
+            &[],
+        ),
         case("schema", &db, &amqp, &["--schema", "Outbox"]),
         case("schema", &db, &amqp, &["--schema", "select"]),
     ]

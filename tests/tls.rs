@@ -656,7 +656,7 @@ async fn check_warns_about_connections_that_are_not_verified() {
     let out = check(
         &env,
         "postgres://relay@db.invalid:5432/app?sslmode=require",
-        "amqp://relay:s3cret@rabbit.invalid:5672/%2f,amqps://relay:s3cret@rabbit2.invalid/%2f",
+        "amqp://relay:s3cret@rabbit.invalid:5672/%2f",
         &[],
     )
     .await;
@@ -677,13 +677,22 @@ async fn check_warns_about_connections_that_are_not_verified() {
         .lines()
         .filter(|l| l.starts_with("warn") && l.contains("plain amqp://"))
         .count();
-    assert_eq!(
-        warned_brokers,
-        1,
+    assert_eq!(warned_brokers, 1, "{}", out.describe());
+    assert!(!out.stdout.contains("s3cret"), "{}", out.describe());
+    // One amqp-url may not mix amqp:// and amqps:// (refused at start), so
+    // amqps:// is checked on its own.
+    let out = check(
+        &env,
+        &env.db_url,
+        "amqps://relay:s3cret@rabbit2.invalid/%2f",
+        &[],
+    )
+    .await;
+    assert!(
+        !out.stdout.contains("plain amqp://"),
         "amqps:// needs no warning\n{}",
         out.describe()
     );
-    assert!(!out.stdout.contains("s3cret"), "{}", out.describe());
 
     for (url, says) in [
         (

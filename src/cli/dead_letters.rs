@@ -194,9 +194,24 @@ fn dead_letters_text(schema: &str, total: i64, rows: &[admin::DeadLetter]) -> St
 }
 
 /// Text on one line (runs of whitespace, newlines included, become one space),
-/// cut to `max` characters with `...` at the end when longer.
+/// cut to `max` characters with `...` at the end when longer. Other control
+/// characters are shown escaped (`\u{1b}`): a row's text must not drive the
+/// operator's terminal.
 fn one_line(text: &str, max: usize) -> String {
-    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let flat: String = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .flat_map(|c| {
+            let shown: Vec<char> = if c.is_control() {
+                c.escape_unicode().collect()
+            } else {
+                vec![c]
+            };
+            shown
+        })
+        .collect();
     if flat.chars().count() <= max {
         return flat;
     }
@@ -220,5 +235,7 @@ mod tests {
         // Multi-byte characters are never split.
         let cut = one_line(&"é".repeat(30), 10);
         assert_eq!(cut, format!("{}...", "é".repeat(7)));
+        // Terminal escapes from a row are shown, not obeyed.
+        assert_eq!(one_line("a\u{1b}[2Jb", 40), "a\\u{1b}[2Jb");
     }
 }

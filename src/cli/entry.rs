@@ -3,7 +3,12 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{
+    filter::{filter_fn, FilterExt},
+    layer::SubscriberExt,
+    util::SubscriberInitExt,
+    EnvFilter, Layer,
+};
 
 use super::usage;
 use crate::{
@@ -109,13 +114,61 @@ fn init_logging(format: LogFormat, relay: bool) {
         "warn,lapin=off,tokio_postgres=off"
     };
     let filter = EnvFilter::try_from_env("OUTBOX_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // Whatever OUTBOX_LOG says: never the wire log of the AMQP client.
+    let filter = filter.and(filter_fn(|meta| {
+        !prints_amqp_frames(meta.target(), *meta.level())
+    }));
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let registry = tracing_subscriber::registry();
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(layer.json().with_filter(filter)).init(),
+        LogFormat::Text => registry.with(layer.with_filter(filter)).init(),
+    }
+}
+
+/// lapin's `trace` level prints AMQP frames whole, the handshake's SASL
+/// PLAIN response (user and password, as decimal bytes) among them, and its
+/// internal state (which holds the connection's credentials). No
+/// `OUTBOX_LOG` may turn that on: those targets stop at `debug`.
+fn prints_amqp_frames(target: &str, level: tracing::Level) -> bool {
+    const AMQP_CLIENT: &[&str] = &[
+        "lapin",
+        "amq_protocol",
+        "amq_protocol_tcp",
+        "amq_protocol_types",
+        "amq_protocol_uri",
+        "tcp_stream",
+    ];
+    let crate_name = target.split("::").next().unwrap_or(target);
+    level == tracing::Level::TRACE && AMQP_CLIENT.contains(&crate_name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prints_amqp_frames;
+    use tracing::Level;
+
+    #[test]
+    fn the_amqp_clients_wire_log_is_never_printed() {
+        for target in [
+            "lapin",
+            "lapin::io_loop",
+            "lapin::frames",
+            "amq_protocol_tcp",
+        ] {
+            assert!(
+                prints_amqp_frames(target, Level::TRACE),
+                "{target} at trace must be dropped"
+            );
+            assert!(
+                !prints_amqp_frames(target, Level::DEBUG),
+                "{target} at debug"
+            );
+        }
+        assert!(!prints_amqp_frames("outbox_relay::relay", Level::TRACE));
+        assert!(!prints_amqp_frames("lapinous", Level::TRACE));
     }
 }
 

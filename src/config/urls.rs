@@ -97,6 +97,52 @@ pub(super) fn check_amqp_url(url: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The nodes of one `amqp-url` list are one cluster reached one way: a node
+/// on plain `amqp://` beside `amqps://` ones would let fail-over downgrade
+/// to plain text, and another vhost would publish to other exchanges.
+pub(super) fn check_amqp_nodes_agree(urls: &[String]) -> Result<(), ConfigError> {
+    const SETTING: &str = "amqp-url";
+    let Some((first, rest)) = urls.split_first() else {
+        return Ok(());
+    };
+    let tls = |url: &str| url.starts_with("amqps://");
+    let vhost = |url: &str| {
+        url.parse::<lapin::uri::AMQPUri>()
+            .map(|u| u.vhost)
+            .unwrap_or_default()
+    };
+    for other in rest {
+        if tls(other) != tls(first) {
+            let (secure, plain) = if tls(first) {
+                (first, other)
+            } else {
+                (other, first)
+            };
+            return Err(ConfigError::new(
+                SETTING,
+                format!(
+                    "'{}' is plain amqp:// but '{}' is amqps://: fail-over would downgrade to plain text; use amqps:// for every node",
+                    redact_url(plain),
+                    redact_url(secure)
+                ),
+            ));
+        }
+        if vhost(other) != vhost(first) {
+            return Err(ConfigError::new(
+                SETTING,
+                format!(
+                    "'{}' names vhost '{}' but '{}' names vhost '{}': the nodes of one amqp-url must share one vhost",
+                    redact_url(first),
+                    vhost(first),
+                    redact_url(other),
+                    vhost(other)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A URL cut where redaction needs it. The user info ends at the LAST '@':
 /// passwords may hold raw '/', '?', '#' (tokio-postgres accepts them) or '@'
 /// (the url crate does), so this span holds the password however a driver
@@ -461,6 +507,25 @@ mod tests {
                 assert!(!line.contains(secret), "{line}");
             }
         }
+    }
+
+    #[test]
+    fn nodes_of_one_amqp_url_share_scheme_and_vhost() {
+        let agree = |urls: &[&str]| {
+            check_amqp_nodes_agree(&urls.iter().map(|u| u.to_string()).collect::<Vec<_>>())
+        };
+        assert!(agree(&["amqps://u:p@a/v", "amqps://u:p@b:5671/v"]).is_ok());
+        assert!(agree(&["amqp://u:p@a", "amqp://u:p@b/%2f"]).is_ok());
+        let mixed = agree(&["amqps://u:secret@a/v", "amqp://u:secret@b/v"])
+            .expect_err("amqp:// beside amqps:// must be refused");
+        assert!(mixed.problem.contains("downgrade"), "{mixed}");
+        assert!(!mixed.problem.contains("secret"), "{mixed}");
+        let vhosts = agree(&["amqp://u:p@a/one", "amqp://u:p@b/two"])
+            .expect_err("two vhosts must be refused");
+        assert!(
+            vhosts.problem.contains("'one'") && vhosts.problem.contains("'two'"),
+            "{vhosts}"
+        );
     }
 
     #[test]

@@ -3,16 +3,13 @@
 //! still to record, rows suspected of closing the channel, per-key order, the
 //! claim cursor, and what the broker side needs after a fault.
 
-use std::{
-    collections::{HashMap, HashSet, VecDeque},
-    sync::Arc,
-    time::SystemTime,
-};
+use std::{collections::VecDeque, sync::Arc, time::SystemTime};
 
 use tokio::time::Instant;
 
 use crate::{
     backoff::retry_delay,
+    bounded::{BoundedSet, ExpiringMap},
     metrics::{FailureReason, Metrics},
     ordering::{Admit, KeyOrder},
     publisher::{since, BrokerFault, Verdict},
@@ -22,6 +19,11 @@ use crate::{
 
 /// Culprits remembered at most (each is parked after max-attempts anyway).
 const MAX_CULPRITS: usize = 10_000;
+/// Suspects remembered at most: a suspect that another relay published, or
+/// that was parked, is never settled here; the oldest are forgotten.
+const MAX_SUSPECTS: usize = 10_000;
+/// Refused exchanges remembered at most (rows name any exchange they like).
+const MAX_REFUSED_EXCHANGES: usize = 1_000;
 /// AMQP reply code: the user may not do this (here: write to the exchange).
 const ACCESS_REFUSED: u16 = 403;
 /// How long rows to an exchange the broker refused go out alone.
@@ -86,12 +88,12 @@ pub struct Ledger<C> {
     failures: Vec<Failure>,
     /// Rows that were in flight when the broker closed the channel: one of
     /// them may be the cause, so each goes out alone once.
-    suspects: HashSet<i64>,
+    suspects: BoundedSet<i64>,
     /// Rows that closed the channel when sent alone: they always go alone.
-    culprits: HashSet<i64>,
+    culprits: BoundedSet<i64>,
     /// Exchanges the broker refused the relay's user (403), until when their
     /// rows go alone.
-    refused_exchanges: HashMap<String, Instant>,
+    refused_exchanges: ExpiringMap<String>,
     order: KeyOrder,
     /// Highest id claimed while anything is held.
     cursor: i64,
@@ -105,9 +107,9 @@ impl<C> Ledger<C> {
             in_flight: VecDeque::new(),
             acked: Vec::new(),
             failures: Vec::new(),
-            suspects: HashSet::new(),
-            culprits: HashSet::new(),
-            refused_exchanges: HashMap::new(),
+            suspects: BoundedSet::new(MAX_SUSPECTS),
+            culprits: BoundedSet::new(MAX_CULPRITS),
+            refused_exchanges: ExpiringMap::new(MAX_REFUSED_EXCHANGES),
             order: KeyOrder::default(),
             cursor: 0,
             trouble: None,
@@ -188,11 +190,7 @@ impl<C> Ledger<C> {
     pub fn goes_alone(&self, row: &OutboxRow) -> bool {
         self.suspects.contains(&row.id)
             || self.culprits.contains(&row.id)
-            || (!self.refused_exchanges.is_empty()
-                && self
-                    .refused_exchanges
-                    .get(&row.exchange)
-                    .is_some_and(|until| Instant::now() < *until))
+            || (!self.refused_exchanges.is_empty() && self.refused_exchanges.is_live(&row.exchange))
     }
 
     // -- sending ----------------------------------------------------------
@@ -273,9 +271,6 @@ impl<C> Ledger<C> {
                 // Alone on a channel of a connection that stands: this row
                 // closed it. Charged, and from now on always sent alone.
                 self.suspects.remove(&row.id);
-                if self.culprits.len() >= MAX_CULPRITS {
-                    self.culprits.clear();
-                }
                 self.culprits.insert(row.id);
                 let (error, reason) = if code == Some(ACCESS_REFUSED) {
                     // Other rows to this exchange would close the channel

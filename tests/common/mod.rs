@@ -158,6 +158,11 @@ pub struct ClosedPort {
 }
 
 impl ClosedPort {
+    /// 127.0.0.1 and the port.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
     pub fn new() -> ClosedPort {
         let socket = tokio::net::TcpSocket::new_v4().expect("create a TCP socket");
         socket
@@ -946,6 +951,17 @@ impl Relay {
         Relay::spawn_on(env, urls, extra_args, envs, settings)
     }
 
+    /// Starts the relay on other database and broker URLs than `env`'s
+    /// (a proxy, a silent peer), without waiting for anything.
+    pub fn spawn_on_urls(
+        env: &TestEnv,
+        (db_url, amqp_url): (&str, &str),
+        extra_args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Relay {
+        Relay::spawn_on(env, (db_url, amqp_url), extra_args, envs, Settings::Flags)
+    }
+
     /// `spawn_configured` with the database and broker URLs given.
     fn spawn_on(
         env: &TestEnv,
@@ -1610,6 +1626,7 @@ pub fn save(path: &Path, text: &str) {
 // proxy) and the AMQP frame tap of the scale-out tests (frame_tap)
 // ---------------------------------------------------------------------------
 
+pub mod broker_user;
 pub mod cluster;
 pub mod faults;
 pub mod frame_tap;

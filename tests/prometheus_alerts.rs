@@ -801,10 +801,6 @@ async fn each_alert_fires_in_its_situation_only_and_resolves_after_it() {
     );
 }
 
-// ---------------------------------------------------------------------------
-// After the handoff work (issue 19): a relay that cannot publish hands its
-// partitions over. Enable once that is merged.
-// ---------------------------------------------------------------------------
 
 /// RabbitMQ cut for one of two relays: it releases its partitions (its
 /// `partitions_owned` reads 0, the healthy one owns all 32), every row
@@ -812,7 +808,6 @@ async fn each_alert_fires_in_its_situation_only_and_resolves_after_it() {
 /// fires. RabbitMQ cut for the only relay: a due row has no live owner and
 /// OutboxRelayNoPartitionsOwned fires; it resolves when the broker is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the handoff of issue 19 (a relay cut from RabbitMQ releases its partitions); enable after merging it"]
 async fn a_relay_cut_from_rabbitmq_hands_its_partitions_over_and_no_lag_alert_fires() {
     let Some(prom) = Prometheus::start().await else {
         cannot_run(

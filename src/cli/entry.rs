@@ -147,7 +147,7 @@ fn prints_amqp_frames(target: &str, level: tracing::Level) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::prints_amqp_frames;
+    use super::*;
     use tracing::Level;
 
     #[test]
@@ -170,11 +170,6 @@ mod tests {
         assert!(!prints_amqp_frames("outbox_relay::relay", Level::TRACE));
         assert!(!prints_amqp_frames("lapinous", Level::TRACE));
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[test]
     fn a_usage_error_names_what_is_missing_in_one_line() {

@@ -35,7 +35,7 @@ pub const BATCH: i64 = 10_000;
 /// Where the bulk loops of dead letters and replay stop (see above).
 async fn max_id(client: &Client, schema: &str) -> Result<i64, StoreError> {
     Ok(client
-        .query_one(
+        .query_typed_one(
             &format!("SELECT coalesce(max(id), 0) FROM {schema}.messages"),
             &[],
         )

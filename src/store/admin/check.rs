@@ -1,6 +1,6 @@
 //! What `check` asks the database: the server, the role and its privileges.
 
-use tokio_postgres::Client;
+use tokio_postgres::{types::Type, Client};
 
 use crate::store::StoreError;
 
@@ -13,7 +13,7 @@ pub struct Server {
 
 pub async fn server(client: &Client) -> Result<Server, StoreError> {
     let row = client
-        .query_one(
+        .query_typed_one(
             "SELECT current_setting('server_version'), current_user::text",
             &[],
         )
@@ -153,7 +153,7 @@ pub async fn privileges(client: &Client, schema: &str) -> Result<Vec<Granted>, S
         }
     }
     let rows = client
-        .query(
+        .query_typed(
             "SELECT CASE v.kind
                  WHEN 'schema' THEN
                    (SELECT has_schema_privilege(n.oid, v.privilege)
@@ -171,7 +171,13 @@ pub async fn privileges(client: &Client, schema: &str) -> Result<Vec<Granted>, S
                FROM unnest($2::text[], $3::text[], $4::text[], $5::text[])
                     WITH ORDINALITY AS v(kind, name, args, privilege, ord)
               ORDER BY v.ord",
-            &[&schema, &kinds, &names, &args, &privs],
+            &[
+                (&schema, Type::TEXT),
+                (&kinds, Type::TEXT_ARRAY),
+                (&names, Type::TEXT_ARRAY),
+                (&args, Type::TEXT_ARRAY),
+                (&privs, Type::TEXT_ARRAY),
+            ],
         )
         .await
         .map_err(StoreError::query("reading the role's privileges"))?;

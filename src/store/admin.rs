@@ -20,7 +20,7 @@ mod dead_letters;
 mod replay;
 mod status;
 
-pub use check::{privileges, server, Granted, ObjectKind};
+pub use check::{pooling, privileges, server, Granted, ObjectKind, Pooling};
 pub use dead_letters::{
     discard_dead_letters, list_dead_letters, retry_dead_letters, Changed, Chosen, DeadLetter,
 };

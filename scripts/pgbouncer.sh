@@ -23,6 +23,7 @@
 set -euo pipefail
 
 BASE=${OUTBOX_PGBOUNCER_DIR:-/tmp/outbox-relay-pgbouncer}
+PATH=$PATH:/usr/sbin
 WAIT_SECS=${OUTBOX_PGBOUNCER_WAIT_SECS:-30}
 CMD=${1:-}
 MODE=${2:-transaction}
@@ -63,6 +64,7 @@ admin_users = postgres
 pool_mode = $MODE
 default_pool_size = $POOL
 max_client_conn = 1000
+stats_period = 5
 logfile = $DIR/pgbouncer.log
 pidfile = $DIR/pgbouncer.pid
 EOF

@@ -105,12 +105,17 @@ impl Sql {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<(Vec<Row>, u64), tokio_postgres::Error> {
         let begin = settings.begin();
-        // try_join polls in order: BEGIN, statement, COMMIT go out in that order.
-        let (_, result, _) = tokio::try_join!(
+        // join (not try_join) polls all three even when one fails at once, so
+        // BEGIN, statement and COMMIT go out together, in that order, and no
+        // transaction is ever left open on the session.
+        let (begun, result, committed) = tokio::join!(
             client.batch_execute(&begin),
             self.run(client, params),
             client.batch_execute("COMMIT"),
-        )?;
+        );
+        begun?;
+        let result = result?;
+        committed?;
         Ok(result)
     }
 }

@@ -6,6 +6,9 @@
 //! statement of these tests' relays and commands goes through the pooler; the
 //! tests' own reads go direct.
 
+// Tests time real processes and services: the real clock is what they need.
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::collections::HashMap;
@@ -325,4 +328,84 @@ async fn session_pooled_relay_with_listen_publishes_every_row() {
         "{}",
         out.describe()
     );
+}
+
+/// Figures for the README and the issue, not a guarantee: the time to drain
+/// 20,000 waiting rows directly and through the transaction pooler (one run,
+/// same machine), and the statements per second an idle relay sends through
+/// the pooler (PgBouncer's SHOW STATS; nothing else may use the pooler then).
+/// `POOLER_FIGURES_BASELINE_BIN=<older outbox-relay>` adds its direct drain.
+/// Run: cargo nextest run --all-features --test pooler --run-ignored only figures
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn figures_drain_direct_vs_pooled_and_idle_statements() {
+    const ROWS: i64 = 20_000;
+    let test = "figures_drain_direct_vs_pooled_and_idle_statements";
+    let Some(pooled) = pooler_url(test, "transaction") else {
+        return;
+    };
+    let mut runs: Vec<(&str, String, String, Vec<&str>)> = Vec::new();
+    if let Ok(bin) = std::env::var("POOLER_FIGURES_BASELINE_BIN") {
+        runs.push(("direct, baseline binary", database_url(), bin, vec![]));
+    }
+    runs.push(("direct", database_url(), BIN.to_string(), vec![]));
+    runs.push((
+        "pooled (transaction mode)",
+        pooled.clone(),
+        BIN.to_string(),
+        POOLED.to_vec(),
+    ));
+    for (label, url, bin, extra) in runs {
+        let mut env = TestEnv::new(&format!("figures {label}")).await;
+        env.db_url = url;
+        let queue = env.declare_queue("events").await;
+        env.insert_bulk(&queue, ROWS, 100).await;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run")
+            .args(["--database-url", &env.db_url])
+            .args(["--amqp-url", &env.amqp_url])
+            .args(["--schema", &env.schema])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(extra);
+        let log = env.dir.join("relay-figures.log");
+        let mut relay = Relay::spawn_command(cmd, log, "figures");
+        relay.wait_healthy().await;
+        let started = std::time::Instant::now();
+        let drained = wait_until(Duration::from_secs(600), async || {
+            env.published_count().await == ROWS
+        })
+        .await;
+        let secs = started.elapsed().as_secs_f64();
+        assert!(drained, "{label}: not drained\n{}", relay.log_tail(50));
+        println!(
+            "FIGURE drain {label}: {ROWS} rows in {secs:.1} s = {:.0} rows/s",
+            ROWS as f64 / secs
+        );
+        if label.starts_with("pooled") {
+            let stats = async || -> (i64, i64) {
+                let admin = pooled.rsplit_once('/').map(|(b, _)| b).unwrap_or_default();
+                let client = connect_db(&format!("{admin}/pgbouncer")).await;
+                let mut out = (0, 0);
+                for m in client.simple_query("SHOW STATS").await.expect("SHOW STATS") {
+                    if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                        if r.get("database") == Some("test") {
+                            let n = |c| r.get(c).and_then(|v: &str| v.parse().ok()).unwrap_or(0);
+                            out = (n("total_xact_count"), n("total_query_count"));
+                        }
+                    }
+                }
+                out
+            };
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let (x0, q0) = stats().await;
+            tokio::time::sleep(Duration::from_secs(40)).await;
+            let (x1, q1) = stats().await;
+            println!(
+                "FIGURE idle relay through the pooler: {:.1} transactions/s, {:.1} statements/s",
+                (x1 - x0) as f64 / 40.0,
+                (q1 - q0) as f64 / 40.0
+            );
+        }
+        relay.terminate(Duration::from_secs(30)).await;
+    }
 }

@@ -190,8 +190,9 @@ for path in dashboards:
                 continue
             if (t.get("datasource") or {}).get("uid", "${datasource}") != "${datasource}":
                 fail(f"{where}: query {t.get('refId')} does not use ${{datasource}}")
-            if not NAME.search(expr) and "up{" not in expr:
-                fail(f"{where}: query {t.get('refId')} uses no outbox_relay_ metric: {expr}")
+            # process_*: the standard process metrics the relay exports beside its own.
+            if not NAME.search(expr) and not re.search(r"\bprocess_[a-z_]+\{", expr) and "up{" not in expr:
+                fail(f"{where}: query {t.get('refId')} uses no outbox_relay_ or process_ metric: {expr}")
             check_names(expr, where)
             slug = re.sub(r"[^a-z0-9]+", "_", str(p.get("title", "")).lower()).strip("_")
             rules.append({"record": f"dashboard:{slug}:{t.get('refId')}", "expr": promql(expr)})

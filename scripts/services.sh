@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make sure the local PostgreSQL and RabbitMQ that tests and the demo use are
-# installed, running and answering on 127.0.0.1, and that promtool is there.
+# installed, running and answering on 127.0.0.1, and that Prometheus and promtool
+# are there.
 # Idempotent: on a machine where all is well it only checks. Safe with no stdin.
 #
 #   PostgreSQL  127.0.0.1:5432, user postgres without password, database `test`
@@ -104,19 +105,21 @@ ensure_rabbitmq() {
     echo "rabbitmq: ready on 127.0.0.1:5672 (guest/guest)"
 }
 
-# promtool validates deploy/prometheus and the relay's /metrics in tests. It is
-# a nice-to-have for this script: a failed install only warns.
-ensure_promtool() {
-    if ! command -v promtool >/dev/null; then
-        # Services never start from a package install here (policy-rc.d), so this
-        # brings the promtool binary without a running Prometheus.
+# Debian's prometheus package brings promtool (make deploy-check validates
+# deploy/prometheus with it) and the server that tests/prometheus_alerts.rs runs
+# privately against live relays. Services never start from a package install
+# here (policy-rc.d), so no Prometheus runs afterwards. A failed install only
+# warns: those tests then print SKIPPED (a failure under OUTBOX_TEST_REQUIRE_ALL=1).
+ensure_prometheus() {
+    if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+        echo "prometheus: not installed, installing with apt-get" >&2
         # Subshell: apt_install dies on failure, which must not end this script.
         (apt_install prometheus) 2>/dev/null || true
     fi
-    if command -v promtool >/dev/null; then
-        echo "promtool: $(command -v promtool)"
+    if command -v promtool >/dev/null && command -v prometheus >/dev/null; then
+        echo "prometheus: $(command -v prometheus), promtool: $(command -v promtool)"
     else
-        warn "promtool is missing and 'apt-get install prometheus' failed; make deploy-check and metric tests need it"
+        warn "prometheus or promtool is missing and 'apt-get install prometheus' failed; make deploy-check and tests/prometheus_alerts.rs need them"
     fi
 }
 
@@ -146,5 +149,5 @@ ensure_pgbouncer() {
 ensure_postgres
 ensure_rabbitmq
 ensure_pgbouncer
-ensure_promtool
+ensure_prometheus
 ensure_openssl

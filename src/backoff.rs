@@ -21,6 +21,23 @@ pub fn next_delay(state: &mut Option<backon::ExponentialBackoff>) -> Duration {
         .unwrap_or(Duration::from_secs(3))
 }
 
+/// After a statement of the relay loop failed (a revoked privilege, a value
+/// the server refuses): 200ms doubling to 10s, with jitter, so a statement
+/// that keeps failing runs a few times a minute instead of in a tight loop.
+pub fn next_statement_delay(state: &mut Option<backon::ExponentialBackoff>) -> Duration {
+    state
+        .get_or_insert_with(|| {
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(10))
+                .with_jitter()
+                .without_max_times()
+                .build()
+        })
+        .next()
+        .unwrap_or(Duration::from_secs(10))
+}
+
 /// Delay before a failed row's next attempt: exponential from 1s, capped at
 /// 5 minutes, with jitter so a burst of failures does not retry in lockstep.
 pub fn retry_delay(attempts_before: i32) -> Duration {

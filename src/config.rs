@@ -95,8 +95,10 @@ pub enum Command {
         #[arg(long, env = "OUTBOX_LISTEN", default_value = "true", action = clap::ArgAction::Set)]
         listen: String,
     },
-    /// Pending, oldest pending age, dead letters, lease owners.
+    /// Pending, oldest pending age, dead letters, lease owners; exits 1 when
+    /// something needs a person (and says what).
     Status {
+        /// One JSON document on stdout instead of the table.
         #[arg(long)]
         json: bool,
     },
@@ -114,14 +116,18 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum DeadLetterAction {
+    /// Show parked rows, oldest first, with why each failed.
     List {
+        /// One JSON document on stdout instead of the table.
         #[arg(long)]
         json: bool,
         /// Show at most this many rows.
         #[arg(long, default_value_t = 100)]
         limit: i64,
     },
+    /// Make rows pending again (attempts reset), once the cause is fixed.
     Retry(Selection),
+    /// Delete rows for good.
     Discard(Selection),
 }
 
@@ -189,6 +195,11 @@ pub struct RunArgs {
     /// defaults to 128 MiB); larger rows are parked with their size.
     #[arg(long, env = "OUTBOX_MAX_PAYLOAD_BYTES", default_value_t = DEFAULT_MAX_PAYLOAD_BYTES)]
     pub max_payload_bytes: i64,
+    /// Largest headers published, in bytes of their JSON text; larger rows are
+    /// parked with their size (headers travel in one AMQP frame, 128 KiB by
+    /// default, whatever this says).
+    #[arg(long, env = "OUTBOX_MAX_HEADER_BYTES", default_value_t = DEFAULT_MAX_HEADER_BYTES)]
+    pub max_header_bytes: i64,
     /// Name of this relay in leases and status (default: hostname-pid).
     #[arg(long, env = "OUTBOX_INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -246,6 +257,7 @@ pub struct RelayConfig {
     pub allow_unroutable: bool,
     pub shutdown_timeout: Duration,
     pub max_payload_bytes: usize,
+    pub max_header_bytes: usize,
     pub instance_id: String,
 }
 
@@ -254,6 +266,12 @@ pub struct RelayConfig {
 pub const DEFAULT_MAX_PAYLOAD_BYTES: i64 = 8 * 1024 * 1024;
 /// RabbitMQ refuses anything larger than 512 MiB whatever its configuration.
 const MAX_PAYLOAD_BYTES_LIMIT: i64 = 512 * 1024 * 1024;
+/// 64 KiB: half of RabbitMQ's default `frame_max` (131,072 bytes), which
+/// also carries the other properties; far above what tracing headers need.
+pub const DEFAULT_MAX_HEADER_BYTES: i64 = 64 * 1024;
+/// Headers travel in one frame, and no broker is run with frames that large:
+/// more than 16 MiB can only be a typo.
+const MAX_HEADER_BYTES_LIMIT: i64 = 16 * 1024 * 1024;
 /// Ten years: beyond that "keep" means "never delete", which is not retention.
 const MAX_RETENTION: Duration = Duration::from_secs(3650 * 24 * 3600);
 
@@ -387,6 +405,12 @@ impl RunArgs {
             1,
             MAX_PAYLOAD_BYTES_LIMIT,
         )?;
+        let max_header_bytes = in_range(
+            "max-header-bytes",
+            self.max_header_bytes,
+            2,
+            MAX_HEADER_BYTES_LIMIT,
+        )?;
         let instance_id = match &self.instance_id {
             Some(id) if id.trim().is_empty() || id.len() > 200 => {
                 return Err(ConfigError::new(
@@ -409,6 +433,7 @@ impl RunArgs {
             allow_unroutable: boolean("allow-unroutable", &self.allow_unroutable)?,
             shutdown_timeout,
             max_payload_bytes: max_payload_bytes as usize,
+            max_header_bytes: max_header_bytes as usize,
             instance_id,
         })
     }

@@ -12,7 +12,7 @@ use crate::{
     backoff,
     config::RelayConfig,
     leases::{LeaseState, LEASE_TTL, RENEW_EVERY},
-    metrics::Metrics,
+    metrics::{Metrics, Peer},
     migrations,
     store::{self, Control},
     wakeup::Wakeup,
@@ -64,8 +64,11 @@ impl ControlTask {
 
     /// One connection's life. Ok(()) when asked to stop.
     async fn session(&mut self) -> Result<(), ControlError> {
-        let (client, mut connection) =
-            store::connect_raw(&self.cfg.conn.database_url, "outbox-relay control").await?;
+        let connected =
+            store::connect_raw(&self.cfg.conn.database_url, "outbox-relay control").await;
+        self.metrics
+            .connection_attempt(Peer::Database, connected.is_ok());
+        let (client, mut connection) = connected?;
         let (closed_tx, mut closed_rx) = watch::channel(false);
         let wakeup = self.wakeup.clone();
         let driver = tokio::spawn(async move {
@@ -107,6 +110,7 @@ impl ControlTask {
             let beat = statements
                 .heartbeat(client, &self.cfg.instance_id, LEASE_TTL, &metrics_addr)
                 .await?;
+            self.metrics.heartbeat_answered();
             self.metrics
                 .partitions_owned
                 .set(beat.partitions.len() as i64);

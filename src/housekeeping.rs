@@ -8,7 +8,7 @@ use tokio::{sync::watch, time::Instant};
 use crate::{
     backoff,
     config::RelayConfig,
-    metrics::Metrics,
+    metrics::{Metrics, Peer},
     store::{self, Housekeeping},
 };
 
@@ -53,8 +53,11 @@ impl HousekeepingTask {
 
     /// One connection's life. Ok(()) when asked to stop.
     async fn session(&mut self) -> Result<(), store::StoreError> {
-        let (client, task) =
-            store::connect(&self.cfg.conn.database_url, "outbox-relay housekeeping").await?;
+        let connected =
+            store::connect(&self.cfg.conn.database_url, "outbox-relay housekeeping").await;
+        self.metrics
+            .connection_attempt(Peer::Database, connected.is_ok());
+        let (client, task) = connected?;
         let result = self.converse(&client).await;
         task.abort();
         result

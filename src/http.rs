@@ -47,14 +47,16 @@ pub async fn serve(
     Ok((task, bound))
 }
 
-async fn metrics_text(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            crate::metrics::CONTENT_TYPE,
-        )],
-        m.encode(),
-    )
+/// OpenMetrics when the scraper's `Accept` lists it, else text 0.0.4.
+async fn metrics_text(
+    State(m): State<Arc<Metrics>>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let accept = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let (body, content_type) = m.encode_for(accept);
+    ([(axum::http::header::CONTENT_TYPE, content_type)], body)
 }
 
 async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {

@@ -9,7 +9,7 @@ use std::{
 };
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
+    encoding::{text, EncodeLabelSet},
     metrics::{
         counter::Counter,
         family::Family,
@@ -18,6 +18,8 @@ use prometheus_client::{
     },
     registry::Registry,
 };
+
+mod process;
 
 /// Why a publish attempt failed. A closed set: labels never take row data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -69,6 +71,29 @@ struct NodeLabel {
     node: String,
 }
 
+/// A hot-path statement: a closed set (`StoreError::statement`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StatementLabel {
+    statement: &'static str,
+}
+
+/// The two sides the relay connects to, for connection attempts by outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Broker,
+    Database,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+impl OutcomeLabel {
+    const OK: OutcomeLabel = OutcomeLabel { outcome: "ok" };
+    const FAILED: OutcomeLabel = OutcomeLabel { outcome: "failed" };
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
@@ -95,6 +120,13 @@ pub struct Metrics {
     broker_node_connected: Family<NodeLabel, Gauge>,
     broker_connections: Family<NodeLabel, Counter>,
     current_node: Mutex<Option<String>>,
+    database_errors: Family<StatementLabel, Counter>,
+    broker_connection_attempts: Family<OutcomeLabel, Counter>,
+    database_connection_attempts: Family<OutcomeLabel, Counter>,
+    last_publish: Gauge<f64, AtomicU64>,
+    last_heartbeat: Gauge<f64, AtomicU64>,
+    /// `process_*`: not under the relay's prefix, as every exporter names them.
+    process_registry: Registry,
     /// Unix milliseconds of the relay loop's last turn, for /healthz.
     loop_beat: AtomicI64,
     /// Set once shutdown starts: /readyz answers 503 from then on.
@@ -159,13 +191,14 @@ impl Metrics {
             "Rows currently parked as dead letters",
             dead_lettered_now.clone(),
         );
-        let delivery_lag = Histogram::new(exponential_buckets(0.001, 2.0, 18));
+        // 1 ms .. 4194 s (2^22 ms): past the 900 s alert and over an hour.
+        let delivery_lag = Histogram::new(exponential_buckets(0.001, 2.0, 23));
         registry.register(
             "delivery_lag_seconds",
             "From a row's created_at to the broker's confirm",
             delivery_lag.clone(),
         );
-        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 15));
+        let batch_size = Histogram::new(BATCH_SIZE_BUCKETS);
         registry.register("batch_size", "Rows per claimed batch", batch_size.clone());
         let confirm_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         registry.register(
@@ -215,6 +248,47 @@ impl Metrics {
             "RabbitMQ connections opened, by node (a rise on another node is a fail-over)",
             broker_connections.clone(),
         );
+        let database_errors = Family::<StatementLabel, Counter>::default();
+        for statement in ["claim", "mark", "fail"] {
+            let _ = database_errors.get_or_create(&StatementLabel { statement });
+        }
+        registry.register(
+            "database_errors",
+            "Failed statements of the relay loop, by statement (the loop backs off after each)",
+            database_errors.clone(),
+        );
+        let broker_connection_attempts = Family::<OutcomeLabel, Counter>::default();
+        let database_connection_attempts = Family::<OutcomeLabel, Counter>::default();
+        // Both outcomes from the start at 0, so a relay that never connects shows
+        // its failures rising from 0 rather than no series.
+        for family in [&broker_connection_attempts, &database_connection_attempts] {
+            let _ = family.get_or_create(&OutcomeLabel::OK);
+            let _ = family.get_or_create(&OutcomeLabel::FAILED);
+        }
+        registry.register(
+            "broker_connection_attempts",
+            "RabbitMQ connection attempts by outcome (ok, failed), every configured node",
+            broker_connection_attempts.clone(),
+        );
+        registry.register(
+            "database_connection_attempts",
+            "PostgreSQL connection attempts by outcome (ok, failed), every connection the relay opens",
+            database_connection_attempts.clone(),
+        );
+        let last_publish = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "last_publish_timestamp_seconds",
+            "Unix time of the last rows the broker confirmed and the relay marked published (0: none since start)",
+            last_publish.clone(),
+        );
+        let last_heartbeat = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "last_heartbeat_timestamp_seconds",
+            "Unix time of the last heartbeat (lease renewal) the database answered (0: none since start)",
+            last_heartbeat.clone(),
+        );
+        let mut process_registry = Registry::default();
+        process_registry.register_collector(Box::new(process::ProcessCollector::new()));
         let build_info = Family::<VersionLabel, Gauge>::default();
         build_info
             .get_or_create(&VersionLabel {
@@ -243,6 +317,12 @@ impl Metrics {
             broker_node_connected,
             broker_connections,
             current_node: Mutex::new(None),
+            database_errors,
+            broker_connection_attempts,
+            database_connection_attempts,
+            last_publish,
+            last_heartbeat,
+            process_registry,
             loop_beat: AtomicI64::new(now_millis()),
             stopping: AtomicBool::new(false),
         }
@@ -254,6 +334,39 @@ impl Metrics {
                 reason: reason.as_str(),
             })
             .inc();
+    }
+
+    pub fn database_error(&self, statement: &'static str) {
+        self.database_errors
+            .get_or_create(&StatementLabel { statement })
+            .inc();
+    }
+
+    /// One connection attempt to `peer` ended, connected (`ok`) or not.
+    pub fn connection_attempt(&self, peer: Peer, ok: bool) {
+        let family = match peer {
+            Peer::Broker => &self.broker_connection_attempts,
+            Peer::Database => &self.database_connection_attempts,
+        };
+        let label = if ok {
+            OutcomeLabel::OK
+        } else {
+            OutcomeLabel::FAILED
+        };
+        family.get_or_create(&label).inc();
+    }
+
+    /// `n` rows were confirmed and marked published just now.
+    pub fn rows_published(&self, n: u64) {
+        self.published.inc_by(n);
+        if n > 0 {
+            self.last_publish.set(now_secs());
+        }
+    }
+
+    /// The database answered a heartbeat just now.
+    pub fn heartbeat_answered(&self) {
+        self.last_heartbeat.set(now_secs());
     }
 
     /// Shows every configured node, connected to or not.
@@ -322,8 +435,13 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text; the oldest pending age is computed at scrape time.
+    /// Prometheus text 0.0.4; the oldest pending age is computed at scrape time.
     pub fn encode(&self) -> String {
+        to_prometheus_text(&self.encode_openmetrics())
+    }
+
+    /// OpenMetrics 1.0 text (ends with `# EOF`), for scrapers that ask for it.
+    pub fn encode_openmetrics(&self) -> String {
         let oldest = self.oldest_pending_created_at.lock().ok().and_then(|o| *o);
         self.oldest_pending_age.set(oldest.map_or(0.0, |t| {
             SystemTime::now()
@@ -332,13 +450,50 @@ impl Metrics {
         }));
         let mut out = String::new();
         // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        to_prometheus_text(&out)
+        let _ = text::encode_registry(&mut out, &self.registry);
+        let _ = text::encode_registry(&mut out, &self.process_registry);
+        let _ = text::encode_eof(&mut out);
+        out
+    }
+
+    /// The body and content type for a scrape whose `Accept` header is `accept`:
+    /// OpenMetrics when the scraper lists it (Prometheus does), else text 0.0.4.
+    pub fn encode_for(&self, accept: Option<&str>) -> (String, &'static str) {
+        if accept.is_some_and(accepts_openmetrics) {
+            (self.encode_openmetrics(), OPENMETRICS_CONTENT_TYPE)
+        } else {
+            (self.encode(), CONTENT_TYPE)
+        }
     }
 }
 
 /// The content type of [`Metrics::encode`].
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The content type of [`Metrics::encode_openmetrics`].
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Batch sizes are whole numbers: bounds at 2^k + 0.5 make each bucket hold
+/// exactly the sizes up to 2^k, and histogram_quantile's interpolation inside
+/// (0.5, 1.5] reads a run of 1-row batches as 1 (bounds at 1, 2, 4.. read 0.5).
+const BATCH_SIZE_BUCKETS: [f64; 16] = [
+    0.5, 1.5, 2.5, 4.5, 8.5, 16.5, 32.5, 64.5, 128.5, 256.5, 512.5, 1024.5, 2048.5, 4096.5, 8192.5,
+    16384.5,
+];
+
+/// Whether an `Accept` header lists OpenMetrics text with a q above 0.
+fn accepts_openmetrics(accept: &str) -> bool {
+    accept.split(',').any(|item| {
+        let mut parts = item.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("");
+        let refused = parts.any(|p| {
+            p.strip_prefix("q=")
+                .and_then(|q| q.parse::<f64>().ok())
+                .is_some_and(|q| q <= 0.0)
+        });
+        media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+    })
+}
 
 /// OpenMetrics -> Prometheus text 0.0.4, which every scraper and `promtool check
 /// metrics` read: counters are described under their `_total` sample name, and
@@ -365,6 +520,12 @@ fn to_prometheus_text(openmetrics: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn now_millis() -> i64 {
@@ -424,6 +585,143 @@ mod tests {
         );
         assert!(!text.contains("# EOF"));
         assert!(text.contains("# TYPE outbox_relay_pending_messages gauge"));
+    }
+
+    #[test]
+    fn openmetrics_is_served_to_scrapers_that_ask_for_it() {
+        let m = Metrics::new();
+        m.published.inc();
+        // What Prometheus 2.42 sends.
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let (body, content_type) = m.encode_for(Some(prometheus));
+        assert_eq!(content_type, OPENMETRICS_CONTENT_TYPE);
+        assert!(body.ends_with("# EOF\n"), "{body}");
+        assert!(
+            body.contains("# TYPE outbox_relay_messages_published counter"),
+            "{body}"
+        );
+        assert!(body.contains("outbox_relay_messages_published_total 1"));
+        for accept in [
+            None,
+            Some("text/plain"),
+            Some("*/*"),
+            Some("application/openmetrics-text;q=0"),
+        ] {
+            let (body, content_type) = m.encode_for(accept);
+            assert_eq!(content_type, CONTENT_TYPE, "{accept:?}");
+            assert!(!body.contains("# EOF"), "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn histograms_reach_the_ranges_alerts_and_panels_read() {
+        let m = Metrics::new();
+        m.delivery_lag.observe(480.0);
+        for _ in 0..10 {
+            m.batch_size.observe(1.0);
+        }
+        let text = m.encode();
+        let bounds = |family: &str| -> Vec<f64> {
+            text.lines()
+                .filter_map(|l| l.strip_prefix(&format!("{family}_bucket{{le=\"")))
+                .filter_map(|l| l.split('"').next()?.parse().ok())
+                .collect()
+        };
+        let lag = bounds("outbox_relay_delivery_lag_seconds");
+        assert!(
+            lag.iter().any(|b| (3600.0..f64::INFINITY).contains(b)),
+            "no finite delivery-lag bound at or past an hour: {lag:?}"
+        );
+        // A run of 1-row batches sits alone in (0.5, 1.5]: histogram_quantile
+        // interpolates it to 1, not 0.5.
+        let batch = bounds("outbox_relay_batch_size");
+        assert_eq!(&batch[..3], &[0.5, 1.5, 2.5], "{batch:?}");
+        assert!(text.contains("outbox_relay_batch_size_bucket{le=\"0.5\"} 0"));
+        assert!(text.contains("outbox_relay_batch_size_bucket{le=\"1.5\"} 10"));
+    }
+
+    #[test]
+    fn connection_attempts_count_both_outcomes_from_zero() {
+        let m = Metrics::new();
+        let text = m.encode();
+        for peer in ["broker", "database"] {
+            for outcome in ["ok", "failed"] {
+                let line = format!(
+                    "outbox_relay_{peer}_connection_attempts_total{{outcome=\"{outcome}\"}} 0"
+                );
+                assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+            }
+        }
+        m.connection_attempt(Peer::Broker, false);
+        m.connection_attempt(Peer::Broker, false);
+        m.connection_attempt(Peer::Database, true);
+        let text = m.encode();
+        for line in [
+            "outbox_relay_broker_connection_attempts_total{outcome=\"failed\"} 2",
+            "outbox_relay_database_connection_attempts_total{outcome=\"ok\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+    }
+
+    #[test]
+    fn last_publish_and_heartbeat_are_unix_times() {
+        let m = Metrics::new();
+        let read = |text: &str, name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(-1.0)
+        };
+        let text = m.encode();
+        assert_eq!(
+            read(&text, "outbox_relay_last_publish_timestamp_seconds"),
+            0.0
+        );
+        assert_eq!(
+            read(&text, "outbox_relay_last_heartbeat_timestamp_seconds"),
+            0.0
+        );
+        m.rows_published(0);
+        assert_eq!(
+            read(&m.encode(), "outbox_relay_last_publish_timestamp_seconds"),
+            0.0
+        );
+        m.rows_published(3);
+        m.heartbeat_answered();
+        let text = m.encode();
+        let now = now_secs();
+        for name in [
+            "outbox_relay_last_publish_timestamp_seconds",
+            "outbox_relay_last_heartbeat_timestamp_seconds",
+        ] {
+            let at = read(&text, name);
+            assert!((now - 60.0..=now).contains(&at), "{name} {at} vs now {now}");
+        }
+        assert!(text.contains("outbox_relay_messages_published_total 3"));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_metrics_are_exported_without_the_prefix() {
+        let text = Metrics::new().encode();
+        for name in [
+            "process_resident_memory_bytes ",
+            "process_virtual_memory_bytes ",
+            "process_cpu_seconds_total ",
+            "process_open_fds ",
+            "process_max_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(name)),
+                "{name} not in\n{text}"
+            );
+        }
+        assert!(
+            text.contains("# TYPE process_cpu_seconds_total counter"),
+            "{text}"
+        );
     }
 
     #[test]

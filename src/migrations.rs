@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_backlog_definer.sql",
         sql: include_str!("../sql/0005_backlog_definer.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_pinned_paths_live_waiters.sql",
+        sql: include_str!("../sql/0006_pinned_paths_live_waiters.sql"),
+    },
 ];
 
 pub fn latest_version() -> i32 {

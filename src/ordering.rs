@@ -46,7 +46,7 @@ fn route(row: &OutboxRow) -> (&str, &str) {
 pub struct KeyOrder {
     keys: HashMap<String, KeyState>,
     queued_rows: usize,
-    /// Payload bytes of queued and ready rows.
+    /// Payload and header bytes of queued and ready rows.
     queued_bytes: usize,
     /// Keys with a failed row since the last claim.
     held: HashSet<String>,
@@ -73,7 +73,7 @@ impl KeyOrder {
             state.unconfirmed += 1;
             Admit::Publish(row)
         } else {
-            self.queued_bytes += row.payload.len();
+            self.queued_bytes += row.held_bytes();
             state.queued.push_back(row);
             self.queued_rows += 1;
             Admit::Queued
@@ -99,7 +99,11 @@ impl KeyOrder {
         if let Some(state) = self.keys.get_mut(key) {
             state.unconfirmed = state.unconfirmed.saturating_sub(1);
             self.queued_rows -= state.queued.len();
-            self.queued_bytes -= state.queued.iter().map(|r| r.payload.len()).sum::<usize>();
+            self.queued_bytes -= state
+                .queued
+                .iter()
+                .map(OutboxRow::held_bytes)
+                .sum::<usize>();
             state.queued.clear();
             if state.unconfirmed == 0 {
                 self.keys.remove(key);
@@ -140,7 +144,7 @@ impl KeyOrder {
     /// reports `acked`, `failed` or `parked` for it.
     pub fn pop_ready(&mut self) -> Option<OutboxRow> {
         let row = self.ready.pop_front()?;
-        self.queued_bytes -= row.payload.len();
+        self.queued_bytes -= row.held_bytes();
         Some(row)
     }
 
@@ -153,7 +157,7 @@ impl KeyOrder {
             .map(|r| r.id)
     }
 
-    /// Payload bytes held in rows waiting for confirms or ready to go.
+    /// Payload and header bytes held in rows waiting for confirms or ready to go.
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes
     }
@@ -232,6 +236,7 @@ mod tests {
             message_type: None,
             correlation_id: None,
             headers: serde_json::json!({}),
+            header_bytes: 2,
             created_at: std::time::SystemTime::now(),
             attempts: 0,
             defect: None,

@@ -8,7 +8,7 @@ mod tls;
 
 use confirm::fault;
 pub use confirm::{since, BrokerFault, Confirm, Verdict};
-pub use message::{prepare, Prepared};
+pub use message::{header_frame_bytes, prepare, Prepared};
 pub use tls::{node_name, tls_config, TlsFileError};
 
 use std::{
@@ -203,6 +203,29 @@ impl Publisher {
 
     pub fn channel_usable(&self) -> bool {
         self.channel.status().connected() && !self.channel_suspect.load(Ordering::Acquire)
+    }
+
+    /// Whether the message's properties fit the one content-header frame the
+    /// broker negotiated (`frame_max`): a larger frame makes RabbitMQ close
+    /// the whole connection without naming the message, so it never goes out.
+    /// `Err(reason)` names the size, the limit and what to do.
+    pub fn check_header_frame(&self, row: &OutboxRow, prepared: &Prepared) -> Result<(), String> {
+        let frame_max = match self.connection.configuration().frame_max() {
+            // 0: no limit was negotiated.
+            0 => return Ok(()),
+            n => n as usize,
+        };
+        let bytes = header_frame_bytes(prepared);
+        if bytes <= frame_max {
+            return Ok(());
+        }
+        Err(format!(
+            "outbox row {}'s properties (headers included) encode to a {bytes}-byte AMQP \
+             header frame, over the broker's frame_max ({frame_max} bytes): move large \
+             header values into the payload (or raise RabbitMQ's frame_max), then \
+             `outbox-relay dead-letters retry --id {}`",
+            row.id, row.id
+        ))
     }
 
     /// Asks the broker (passively, cached) whether the row's exchange exists.

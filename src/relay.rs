@@ -14,16 +14,17 @@ use std::{sync::Arc, time::Duration};
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
-    backoff::next_delay,
+    backoff::{next_delay, next_statement_delay},
     config::RelayConfig,
     leases::LeaseState,
-    metrics::{FailureReason, Metrics},
+    metrics::{FailureReason, Metrics, Peer},
     publisher::{Confirm, Publisher},
     store::{Store, StoreError},
     wakeup::{IdlePolicy, Next, Wakeup},
 };
 
 mod ledger;
+mod log_limit;
 mod send;
 
 use ledger::{Ledger, Trouble};
@@ -37,6 +38,9 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 /// Longest idle wait without a wakeup (the loop's liveness beat for /healthz).
 const IDLE_BEAT: Duration = Duration::from_secs(10);
+/// After a failed update of the idle flag, the relay waits this long before
+/// the next attempt (the heartbeat's poll period: no row waits longer).
+const FLAG_RETRY: Duration = Duration::from_secs(1);
 /// Payload bytes the relay holds at most in claimed and queued rows (one
 /// larger row still goes, alone): memory follows bytes, not row counts.
 const PAYLOAD_BUDGET: usize = 8 * 1024 * 1024;
@@ -57,6 +61,12 @@ pub struct Relay {
     rescan_at: Instant,
     db_backoff: Option<backon::ExponentialBackoff>,
     amqp_backoff: Option<backon::ExponentialBackoff>,
+    /// Grows while statements of the loop keep failing; reset by a claim.
+    statement_backoff: Option<backon::ExponentialBackoff>,
+    /// Set by a failed statement: the loop waits this long before its next turn.
+    statement_pause: Option<Duration>,
+    /// Keeps a repeating database error to a few log lines a minute.
+    log_limit: log_limit::LogLimit,
     /// The configured node to try next (an index into `cfg.conn.amqp_urls`).
     next_node: usize,
     /// The broker node last written to the relay's row, for `status`
@@ -86,6 +96,9 @@ impl Relay {
             rescan_at: Instant::now(),
             db_backoff: None,
             amqp_backoff: None,
+            statement_backoff: None,
+            statement_pause: None,
+            log_limit: log_limit::LogLimit::default(),
             next_node: 0,
             noted_node: None,
         }
@@ -99,6 +112,10 @@ impl Relay {
     pub async fn run(mut self) {
         loop {
             self.metrics.beat();
+            // A failed statement: never retried in a tight loop.
+            if let Some(delay) = self.statement_pause.take() {
+                self.pause(delay).await;
+            }
             if self.stopping() && self.ledger.in_flight() == 0 {
                 if self.flush().await {
                     break;
@@ -204,20 +221,28 @@ impl Relay {
             // Only feeds /healthz: the heartbeat is the poll, so no claim here.
             _ = tokio::time::sleep(IDLE_BEAT) => return,
             _ = self.stop.changed() => {}
-            _ = self.leases.changed() => {}
+            // Leases moved: this relay may have been away past its ttl (frozen,
+            // cut off) and its row removed and made anew, not waiting. Say
+            // again whether it waits.
+            _ = self.leases.changed() => self.idle.forget(),
         }
         self.more = true;
     }
 
-    /// Tells the database whether this relay waits for notifications.
+    /// Tells the database whether this relay waits for notifications. Only
+    /// what the database took is recorded: after a failure the flag is
+    /// unknown and said again on a later turn, after a pause (the heartbeat
+    /// still polls meanwhile, so no row waits for it; the loop never spins).
     async fn flag_idle(&mut self, idle: bool) {
         let Some(store) = &self.store else { return };
-        if let Err(e) = store.set_idle(&self.cfg.instance_id, idle).await {
-            self.database_error(e);
+        match store.set_idle(&self.cfg.instance_id, idle).await {
+            Ok(()) => self.idle.set_flagged(idle),
+            Err(e) => {
+                self.idle.forget();
+                self.database_error(e);
+                self.pause(FLAG_RETRY).await;
+            }
         }
-        // Even when it failed: the flag only decides who notifies (a poll
-        // still finds every row), so a failure must not make the loop spin.
-        self.idle.set_flagged(idle);
     }
 
     async fn pause(&mut self, d: Duration) {
@@ -237,7 +262,10 @@ impl Relay {
             tracing::warn!("lost the database connection; reconnecting");
         }
         self.metrics.database_connected.set(0);
-        match Store::connect(&self.cfg.conn).await {
+        let connected = Store::connect(&self.cfg.conn).await;
+        self.metrics
+            .connection_attempt(Peer::Database, connected.is_ok());
+        match connected {
             Ok(store) => {
                 tracing::info!("connected to PostgreSQL");
                 self.store = Some(store);
@@ -306,8 +334,11 @@ impl Relay {
         for _ in 0..urls.len() {
             let url = &urls[self.next_node % urls.len()];
             self.next_node = (self.next_node + 1) % urls.len();
-            match Publisher::connect(url, &self.cfg.conn.amqp_tls, self.cfg.allow_unroutable).await
-            {
+            let connected =
+                Publisher::connect(url, &self.cfg.conn.amqp_tls, self.cfg.allow_unroutable).await;
+            self.metrics
+                .connection_attempt(Peer::Broker, connected.is_ok());
+            match connected {
                 Ok(p) => {
                     tracing::info!(node = p.node(), "connected to RabbitMQ");
                     self.metrics.broker_node(Some(p.node()), true);
@@ -440,8 +471,30 @@ impl Relay {
         }
     }
 
+    /// Counts and logs (a few lines a minute per kind) a failed statement, and
+    /// makes the loop back off before its next turn.
     fn database_error(&mut self, e: StoreError) {
-        tracing::warn!(error = %e, "database statement failed; confirmed rows stay pending until marked");
+        let statement = e.statement();
+        self.metrics.database_error(statement);
+        let kind = format!("{statement}:{}", e.sqlstate().unwrap_or("-"));
+        let delay = next_statement_delay(&mut self.statement_backoff);
+        match self.log_limit.allow(&kind) {
+            Some(0) => tracing::warn!(
+                error = %e,
+                statement,
+                retry_in = ?delay,
+                "database statement failed; confirmed rows stay pending until marked"
+            ),
+            Some(suppressed) => tracing::warn!(
+                error = %e,
+                statement,
+                retry_in = ?delay,
+                suppressed,
+                "database statement failed again ({suppressed} failures like it not logged since the last line); confirmed rows stay pending until marked"
+            ),
+            None => {}
+        }
+        self.statement_pause = Some(delay);
         if e.is_connection_lost() {
             self.store = None;
             self.metrics.database_connected.set(0);

@@ -18,6 +18,9 @@ pub struct OutboxRow {
     pub message_type: Option<String>,
     pub correlation_id: Option<String>,
     pub headers: serde_json::Value,
+    /// Size of the headers as stored JSON text: with the payload, what the
+    /// row costs in memory budgets.
+    pub header_bytes: usize,
     pub created_at: SystemTime,
     pub attempts: i32,
     /// Why the row can never be published as it is (a column that cannot be
@@ -42,10 +45,18 @@ impl OutboxRow {
             message_type: None,
             correlation_id: None,
             headers: serde_json::Value::Object(serde_json::Map::new()),
+            header_bytes: 0,
             created_at: SystemTime::now(),
             attempts: 0,
             defect: Some(why),
         }
+    }
+}
+
+impl OutboxRow {
+    /// Bytes the row holds in memory, as the budgets count them.
+    pub fn held_bytes(&self) -> usize {
+        self.payload.len() + self.header_bytes
     }
 }
 

@@ -197,6 +197,47 @@ impl StoreError {
         move |source| StoreError::Decode { what, source }
     }
 
+    /// The server refused a value (SQLSTATE class 22, data exception, or 23,
+    /// integrity constraint violation): one row's value, not the connection
+    /// or the statement, is at fault, so its neighbours must not share the blame.
+    pub fn is_data_error(&self) -> bool {
+        self.sqlstate()
+            .is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
+    }
+
+    /// The server's SQLSTATE, when the server answered with an error.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            StoreError::Query { source, .. }
+            | StoreError::Prepare { source, .. }
+            | StoreError::Connect { source, .. } => source.code().map(|c| c.code()),
+            StoreError::Decode { .. }
+            | StoreError::NoRow { .. }
+            | StoreError::Tls(_)
+            | StoreError::Timeout { .. } => None,
+        }
+    }
+
+    /// Which hot-path statement failed, as a metric label (a closed set).
+    pub fn statement(&self) -> &'static str {
+        let what = match self {
+            StoreError::Query { what, .. }
+            | StoreError::Decode { what, .. }
+            | StoreError::NoRow { what }
+            | StoreError::Timeout { what } => *what,
+            StoreError::Connect { .. } | StoreError::Tls(_) => return "connect",
+            StoreError::Prepare { .. } => return "prepare",
+        };
+        match what {
+            CLAIM => "claim",
+            MARK => "mark",
+            FAIL | PARK => "fail",
+            IDLE => "idle",
+            NODE => "broker_node",
+            _ => "other",
+        }
+    }
+
     /// The connection is gone: reconnect rather than retry on this one. A
     /// statement's error without a server error is the transport's (values
     /// are decoded apart, as `Decode`, which never means a lost connection).
@@ -261,6 +302,15 @@ pub async fn connect_raw(
         })
 }
 
+// What each hot-path statement is, in its errors (and, via
+// `StoreError::statement`, in the database-errors metric).
+const CLAIM: &str = "claiming pending outbox rows";
+const MARK: &str = "marking confirmed rows published";
+const FAIL: &str = "recording failed publish attempts";
+const PARK: &str = "parking a row whose failure could not be recorded";
+const IDLE: &str = "saying whether the relay waits for notifications";
+const NODE: &str = "recording the RabbitMQ node";
+
 /// The relay's hot path: claim, mark, record failures. One connection.
 pub struct Store {
     client: Client,
@@ -271,6 +321,7 @@ pub struct Store {
     mark: Sql,
     delete: Sql,
     fail: Sql,
+    park: Sql,
     idle: Sql,
     node: Sql,
 }
@@ -289,7 +340,8 @@ impl Store {
         check_schema(&client, s).await?;
         let columns = "id, message_id, exchange, routing_key, partition, partition_key, \
                        payload, octet_length(payload) AS size, content_type, message_type, \
-                       correlation_id, headers, created_at, attempts";
+                       correlation_id, headers, octet_length(headers::text) AS header_size, \
+                       created_at, attempts";
         let pending = "published_at IS NULL AND dead_lettered_at IS NULL \
                        AND available_at <= now() AND partition = ANY($1::smallint[])";
         // A row waits behind an earlier row of its key that is not due
@@ -314,7 +366,7 @@ impl Store {
         );
         let claim = Sql::new(
             format!(
-            "WITH waiting AS MATERIALIZED (
+                "WITH waiting AS MATERIALIZED (
                 SELECT coalesce(jsonb_object_agg(partition_key, first_id), '{{}}') AS first_ids
                   FROM (SELECT partition_key, min(id) AS first_id FROM {s}.messages
                          WHERE published_at IS NULL AND dead_lettered_at IS NULL
@@ -337,23 +389,36 @@ impl Store {
                       ORDER BY id LIMIT $3)) both_sides
                  ORDER BY id
                  LIMIT $3),
-             -- Payload bytes loaded by this claim stay within $6 (the first row
-             -- always goes); a payload over $5 is never loaded (octet_length
-             -- reads the stored size, not the value), its row is parked.
+             -- Payload and header bytes loaded by this claim stay within $6
+             -- (the first row always goes); a payload over $5 is never loaded
+             -- (octet_length reads the stored size, not the value), nor are
+             -- headers over $8 (as JSON text): such a row is parked.
              sized AS (
-                SELECT c.*, (size <= $5::int) AS fits,
-                       sum(CASE WHEN size <= $5::int THEN size ELSE 0 END) OVER (ORDER BY id) AS upto,
+                SELECT c.*, (size <= $5::int) AS fits, (header_size <= $8::int) AS headers_fit,
+                       sum(CASE WHEN size <= $5::int THEN size ELSE 0 END
+                           + CASE WHEN header_size <= $8::int THEN header_size ELSE 0 END)
+                           OVER (ORDER BY id) AS upto,
                        count(*) OVER () AS claimed,
                        row_number() OVER (ORDER BY id) AS nth
                   FROM claimed c)
              SELECT id, message_id, exchange, routing_key, partition, partition_key,
                     CASE WHEN fits THEN payload END, size, content_type, message_type,
-                    correlation_id, headers::text, created_at, attempts, claimed
+                    correlation_id, CASE WHEN headers_fit THEN headers::text END, created_at,
+                    attempts, claimed, header_size
                FROM sized
               WHERE upto <= $6::bigint OR nth = 1
               ORDER BY id"
-        ),
-            &[Type::INT2_ARRAY, Type::INT8, Type::INT8, Type::JSONB, Type::INT4, Type::INT8, Type::INT8],
+            ),
+            &[
+                Type::INT2_ARRAY,
+                Type::INT8,
+                Type::INT8,
+                Type::JSONB,
+                Type::INT4,
+                Type::INT8,
+                Type::INT8,
+                Type::INT4,
+            ],
         );
         let mark = Sql::new(
             format!(
@@ -369,10 +434,11 @@ impl Store {
         let fail = Sql::new(
             format!(
                 "UPDATE {s}.messages m
-                SET attempts = m.attempts + 1,
+                SET attempts = least(m.attempts, 2147483646) + 1,
                     last_error = f.error,
                     available_at = now() + f.delay_ms * interval '1 millisecond',
-                    dead_lettered_at = CASE WHEN f.park OR m.attempts + 1 >= $5 THEN now() END
+                    dead_lettered_at = CASE WHEN f.park OR least(m.attempts, 2147483646) + 1 >= $5
+                                            THEN now() END
                FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[])
                     AS f(id, error, delay_ms, park)
               WHERE m.id = f.id AND m.published_at IS NULL AND m.dead_lettered_at IS NULL
@@ -385,6 +451,17 @@ impl Store {
                 Type::BOOL_ARRAY,
                 Type::INT4,
             ],
+        );
+        // For a row whose failure the statement above cannot record: it sets
+        // nothing but the park and the reason, so the row's own values cannot
+        // make it fail too.
+        let park = Sql::new(
+            format!(
+                "UPDATE {s}.messages SET dead_lettered_at = now(), last_error = $2
+              WHERE id = $1 AND published_at IS NULL AND dead_lettered_at IS NULL
+          RETURNING id, attempts"
+            ),
+            &[Type::INT8, Type::TEXT],
         );
         // Whether this relay waits for a NOTIFY (see migration 3): the
         // applications' insert trigger notifies only while a relay does.
@@ -404,6 +481,7 @@ impl Store {
             mark,
             delete,
             fail,
+            park,
             idle,
             node,
         })
@@ -433,9 +511,10 @@ impl Store {
     ) -> Result<Claim, StoreError> {
         let limit = limits.rows as i64;
         let max_payload = i32::try_from(limits.max_payload_bytes).unwrap_or(i32::MAX);
+        let max_headers = i32::try_from(limits.max_header_bytes).unwrap_or(i32::MAX);
         let budget = i64::try_from(limits.payload_budget).unwrap_or(i64::MAX);
         let rows = bounded(
-            "claiming pending outbox rows",
+            CLAIM,
             self.claim.run_with(
                 &self.client,
                 Settings::Bounded,
@@ -447,6 +526,7 @@ impl Store {
                     &max_payload,
                     &budget,
                     &window.lowest,
+                    &max_headers,
                 ],
             ),
         )
@@ -458,7 +538,7 @@ impl Store {
         };
         let rows = rows
             .iter()
-            .map(|r| decode_row(r, limits.max_payload_bytes))
+            .map(|r| decode_row(r, limits))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Claim {
             more: claimed >= limit || (rows.len() as i64) < claimed,
@@ -474,7 +554,7 @@ impl Store {
         fail::fail_point!("before_mark_published");
         let statement = if keep { &self.mark } else { &self.delete };
         bounded(
-            "marking confirmed rows published",
+            MARK,
             statement.run_with(&self.client, Settings::HotPath, &[&ids]),
         )
         .await
@@ -482,7 +562,58 @@ impl Store {
     }
 
     /// Records failed attempts; returns the ids that were dead-lettered now.
+    /// When the server refuses a value of one row (a data error), each row is
+    /// recorded on its own and the row that cannot be is parked with the
+    /// server's reason: one row's value never holds back its neighbours.
     pub async fn record_failures(
+        &self,
+        failures: &[Failure],
+        max_attempts: i32,
+    ) -> Result<Vec<(i64, i32)>, StoreError> {
+        match self.record_failures_together(failures, max_attempts).await {
+            Err(e) if e.is_data_error() => {}
+            recorded => return recorded,
+        }
+        let mut parked = Vec::new();
+        for failure in failures {
+            let one = std::slice::from_ref(failure);
+            match self.record_failures_together(one, max_attempts).await {
+                Ok(now) => parked.extend(now),
+                Err(e) if e.is_data_error() => {
+                    parked.extend(self.park_unrecordable(failure, &e).await?)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(parked)
+    }
+
+    /// Parks a row whose failed attempt the server would not record.
+    async fn park_unrecordable(
+        &self,
+        failure: &Failure,
+        refused: &StoreError,
+    ) -> Result<Option<(i64, i32)>, StoreError> {
+        let id = failure.id;
+        let reason = format!(
+            "outbox row {id} was parked because recording its failed attempt failed ({refused}): \
+             fix the value the database refused, then `outbox-relay dead-letters retry --id {id}`; \
+             the attempt had failed with: {}",
+            failure.error
+        );
+        let (rows, _) = bounded(
+            PARK,
+            self.park
+                .run_with(&self.client, Settings::HotPath, &[&id, &reason]),
+        )
+        .await?;
+        rows.first()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .transpose()
+            .map_err(StoreError::decode("the parked row"))
+    }
+
+    async fn record_failures_together(
         &self,
         failures: &[Failure],
         max_attempts: i32,
@@ -498,7 +629,7 @@ impl Store {
             .collect();
         let park: Vec<bool> = failures.iter().map(|f| f.park_now).collect();
         let rows = bounded(
-            "recording failed publish attempts",
+            FAIL,
             self.fail.run_with(
                 &self.client,
                 Settings::HotPath,
@@ -524,7 +655,7 @@ impl Store {
     /// Says whether this relay waits for a notification to find new rows.
     pub async fn set_idle(&self, instance: &str, idle: bool) -> Result<(), StoreError> {
         bounded(
-            "saying whether the relay waits for notifications",
+            IDLE,
             self.idle
                 .run_with(&self.client, Settings::HotPath, &[&instance, &idle]),
         )
@@ -539,7 +670,7 @@ impl Store {
         node: Option<&str>,
     ) -> Result<(), StoreError> {
         bounded(
-            "recording the RabbitMQ node",
+            NODE,
             self.node
                 .run_with(&self.client, Settings::HotPath, &[&instance, &node]),
         )
@@ -578,7 +709,10 @@ pub struct ClaimLimits {
     pub rows: usize,
     /// Rows with a larger payload are returned without it, as defective.
     pub max_payload_bytes: usize,
-    /// Payload bytes one claim loads at most (the first row always comes).
+    /// Rows whose headers, as JSON text, are larger are returned without
+    /// them, as defective.
+    pub max_header_bytes: usize,
+    /// Payload and header bytes one claim loads at most (the first row always comes).
     pub payload_budget: usize,
 }
 
@@ -593,7 +727,12 @@ pub struct Claim {
 /// One claimed row, column by column: a column that cannot be decoded makes
 /// the row defective (it is parked with the reason), never the claim failed.
 /// Only the id and partition must decode; they are integers PostgreSQL wrote.
-fn decode_row(r: &Row, max_payload_bytes: usize) -> Result<OutboxRow, StoreError> {
+fn decode_row(r: &Row, limits: ClaimLimits) -> Result<OutboxRow, StoreError> {
+    let ClaimLimits {
+        max_payload_bytes,
+        max_header_bytes,
+        ..
+    } = limits;
     let id: i64 = r.try_get(0).map_err(StoreError::decode("row id"))?;
     let partition: i16 = r.try_get(4).map_err(StoreError::decode("row partition"))?;
     let mut problems = Vec::new();
@@ -617,7 +756,8 @@ fn decode_row(r: &Row, max_payload_bytes: usize) -> Result<OutboxRow, StoreError
     let content_type = column!(8, "content_type", Option<String>).flatten();
     let message_type = column!(9, "message_type", Option<String>).flatten();
     let correlation_id = column!(10, "correlation_id", Option<String>).flatten();
-    let headers = column!(11, "headers", String).and_then(|text| {
+    let header_size = column!(15, "headers size", i32).unwrap_or(0);
+    let headers = column!(11, "headers", Option<String>).flatten().and_then(|text| {
         serde_json::from_str::<serde_json::Value>(&text)
             .map_err(|e| {
                 problems.push(format!(
@@ -628,6 +768,11 @@ fn decode_row(r: &Row, max_payload_bytes: usize) -> Result<OutboxRow, StoreError
     });
     let created_at = column!(12, "created_at", SystemTime);
     let attempts = column!(13, "attempts", i32).unwrap_or(0);
+    if usize::try_from(header_size).is_ok_and(|size| size > max_header_bytes) {
+        problems.push(format!(
+            "headers are {header_size} bytes as JSON text, over max-header-bytes ({max_header_bytes}): move large values into the payload (or a reference to them) or raise max-header-bytes"
+        ));
+    }
     if usize::try_from(size).is_ok_and(|size| size > max_payload_bytes) {
         problems.push(format!(
             "payload is {size} bytes, over max-payload-bytes ({max_payload_bytes}): send a smaller message (e.g. a reference to the data) or raise max-payload-bytes"
@@ -667,6 +812,7 @@ fn decode_row(r: &Row, max_payload_bytes: usize) -> Result<OutboxRow, StoreError
         message_type,
         correlation_id,
         headers,
+        header_bytes: usize::try_from(header_size).unwrap_or(0),
         created_at,
         attempts,
         defect: None,

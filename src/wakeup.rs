@@ -93,7 +93,8 @@ impl IdlePolicy {
         }
     }
 
-    /// A new database session: what the row says is unknown.
+    /// What the row says is unknown: a new database session, an update that
+    /// failed, or leases that moved (the row may have been made anew).
     pub fn forget(&mut self) {
         self.flagged = None;
     }

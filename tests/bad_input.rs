@@ -370,3 +370,422 @@ async fn large_rows_stay_within_the_manifest_memory_limit() {
     assert!(status.success());
     collector.stop().await;
 }
+
+/// Inserts, in one transaction and in order, one row per entry on queue
+/// `queue`: (partition key, size of its one header's string value, 0 for no
+/// header). Returns the rows in the same order.
+async fn insert_with_header_sizes(
+    env: &TestEnv,
+    queue: &str,
+    rows: &[(String, i32)],
+) -> Vec<Inserted> {
+    let mut pg = env.pg.lock().await;
+    let tx = pg.transaction().await.expect("begin");
+    let sql = format!(
+        "INSERT INTO {} (routing_key, partition_key, headers, payload)
+         VALUES ($1, $2, CASE WHEN $3::int > 0 THEN jsonb_build_object('big', repeat('h', $3))
+                              ELSE '{{}}' END,
+                 convert_to('row', 'UTF8'))
+         RETURNING id, message_id",
+        env.table()
+    );
+    let mut inserted = Vec::new();
+    for (key, size) in rows {
+        let r = tx
+            .query_one(&sql, &[&queue, key, size])
+            .await
+            .expect("insert");
+        inserted.push(Inserted {
+            id: r.get(0),
+            message_id: r.get(1),
+        });
+    }
+    tx.commit().await.expect("commit");
+    inserted
+}
+
+/// Waits until every row of `ids` is parked, and returns their states.
+async fn wait_parked(env: &TestEnv, ids: &[i64], timeout: Duration) -> Vec<RowState> {
+    let parked = wait_until(timeout, || async {
+        let rows = env.rows().await;
+        ids.iter().all(|id| {
+            rows.iter()
+                .any(|r| r.id == *id && r.dead_lettered_at.is_some())
+        })
+    })
+    .await;
+    let rows = env.rows().await;
+    let ours: Vec<RowState> = rows.into_iter().filter(|r| ids.contains(&r.id)).collect();
+    assert!(parked, "not every row was parked: {ours:#?}");
+    ours
+}
+
+/// Headers too big for one AMQP frame would make RabbitMQ close the whole
+/// connection (501 FRAME_ERROR) without naming the message: the relay checks
+/// the encoded size against the negotiated frame_max before sending, parks
+/// the row with the sizes, and every other row (later rows of its key too)
+/// is published exactly once, on the one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_too_big_for_a_frame_park_their_row_and_the_others_flow_once() {
+    let env = TestEnv::new("frame_headers").await;
+    let queue = env.declare_queue("events").await;
+    let collector = env.consume(&queue, AckMode::Manual).await;
+    // Four keys of ten rows; on k0 a 200 KiB header (over the 128 KiB frame,
+    // under max-header-bytes here), on k1 one of 5 MiB (over max-header-bytes).
+    let mut plan = Vec::new();
+    for i in 0..40 {
+        let key = format!("k{}", i % 4);
+        let size = match i {
+            12 => 200 * 1024,
+            13 => 5 * 1024 * 1024,
+            _ if i % 7 == 0 => 1000,
+            _ => 0,
+        };
+        plan.push((key, size));
+    }
+    let inserted = insert_with_header_sizes(&env, &queue, &plan).await;
+    let (frame_row, huge_row) = (inserted[12].id, inserted[13].id);
+    let good: Vec<Inserted> = inserted
+        .iter()
+        .filter(|r| r.id != frame_row && r.id != huge_row)
+        .cloned()
+        .collect();
+
+    let mut relay = Relay::start(&env, &["--max-header-bytes", "1048576"]).await;
+    collector
+        .wait_for_ids(&ids_of(&good), Duration::from_secs(90))
+        .await;
+    let parked = wait_parked(&env, &[frame_row, huge_row], Duration::from_secs(30)).await;
+    for row in &parked {
+        let error = row.last_error.as_deref().unwrap_or("");
+        let wanted: &[&str] = if row.id == frame_row {
+            &[
+                "frame_max (131072 bytes)",
+                "encode to a 204881-byte",
+                "into the payload",
+            ]
+        } else {
+            &["over max-header-bytes (1048576)", "5242891 bytes"]
+        };
+        for w in wanted {
+            assert!(
+                error.contains(w) && error.contains(&row.id.to_string()),
+                "row {}: last_error {error:?} should say {w:?}",
+                row.id
+            );
+        }
+        assert_eq!(row.attempts, 1, "row {} parked at once", row.id);
+        assert!(row.published_at.is_none());
+    }
+
+    // Later rows keep flowing, on the bad rows' keys too.
+    let later = insert_with_header_sizes(
+        &env,
+        &queue,
+        &[("k0".into(), 10), ("k1".into(), 0), ("k2".into(), 0)],
+    )
+    .await;
+    collector
+        .wait_for_ids(&ids_of(&later), Duration::from_secs(60))
+        .await;
+    // Exactly once: no reconnect republished anything.
+    let received = collector.message_ids();
+    assert_eq!(
+        received.len(),
+        good.len() + later.len(),
+        "duplicates or strays: {} deliveries for {} rows",
+        received.len(),
+        good.len() + later.len()
+    );
+    let metrics = relay.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "outbox_relay_broker_connections_total"),
+        Some(1.0),
+        "the relay reconnected to RabbitMQ:\n{}",
+        relay.log_tail(40)
+    );
+    assert!(
+        !relay.logs().contains("reconnecting"),
+        "{}",
+        relay.log_tail(40)
+    );
+    let status = relay.terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "exit status {status:?}");
+    collector.stop().await;
+}
+
+/// Headers count in the claim's memory budget like payloads: a claim of many
+/// rows with large headers is split, and memory stays within the manifest's
+/// limit (the rows are parked: their frames are over frame_max).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_headers_count_in_the_claim_memory_budget() {
+    let env = TestEnv::new("header_budget").await;
+    let queue = env.declare_queue("events").await;
+    let collector = env.consume(&queue, AckMode::Auto).await;
+    let plan: Vec<(String, i32)> = (0..24)
+        .map(|i| (format!("k{i}"), 3 * 1024 * 1024))
+        .collect();
+    let inserted = insert_with_header_sizes(&env, &queue, &plan).await;
+    let ids: Vec<i64> = inserted.iter().map(|r| r.id).collect();
+    let mut relay = Relay::start(&env, &["--max-header-bytes", "4194304"]).await;
+    let parked = wait_parked(&env, &ids, Duration::from_secs(120)).await;
+    assert!(parked
+        .iter()
+        .all(|r| r.last_error.as_deref().unwrap_or("").contains("frame_max")));
+    // 8 MiB per claim: two or three 3 MiB rows each, never all 24 at once.
+    let metrics = relay.metrics().await;
+    let claims = metric_value(&metrics, "outbox_relay_batch_size_count").unwrap_or(0.0);
+    assert!(
+        claims >= 8.0,
+        "{claims} claims loaded 24 rows of 3 MiB headers:\n{metrics}"
+    );
+    let peak = peak_rss_bytes(relay.pid);
+    println!(
+        "relay peak RSS with 24 rows of 3 MiB headers: {} KiB in {claims} claims",
+        peak / 1024
+    );
+    let limit = manifest_memory_limit();
+    assert!(
+        peak < limit,
+        "peak RSS {} MiB is over the manifest's {} MiB limit",
+        peak / 1024 / 1024,
+        limit / 1024 / 1024
+    );
+    let status = relay.terminate(Duration::from_secs(20)).await;
+    assert!(status.success());
+    collector.stop().await;
+}
+
+/// Rows whose failure recording once overflowed `attempts` (`integer out of
+/// range` failed the whole batch, retried at once: 400,000 log lines in 90 s):
+/// attempts now saturate, such rows are parked when they fail, and the rows
+/// beside them are published or charged as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_at_the_integer_limit_park_their_row_without_stopping_the_others() {
+    let env = TestEnv::new("attempts_limit").await;
+    let queue = env.declare_queue("events").await;
+    let collector = env.consume(&queue, AckMode::Manual).await;
+    let missing = env.unique("no_such_exchange");
+    let mut rows = Vec::new();
+    for i in 0..30 {
+        let mut row = NewRow::to_queue(&queue, format!("good-{i}")).key(&format!("k{}", i % 3));
+        if i % 10 == 4 {
+            // Fails at the broker: its failure must be recorded.
+            row.exchange = missing.clone();
+        }
+        rows.push(row);
+    }
+    let inserted = env.insert_committed(&rows).await;
+    let failing: Vec<i64> = inserted
+        .iter()
+        .zip(&rows)
+        .filter(|(_, r)| !r.exchange.is_empty())
+        .map(|(i, _)| i.id)
+        .collect();
+    let limits = [i32::MAX, i32::MAX - 1, i32::MAX - 5];
+    for (id, attempts) in failing.iter().zip(limits) {
+        env.exec(
+            &format!("UPDATE {} SET attempts = $1 WHERE id = $2", env.table()),
+            &[&attempts, id],
+        )
+        .await;
+    }
+    // A row at the limit that can be published simply is.
+    env.exec(
+        &format!(
+            "UPDATE {} SET attempts = 2147483647 WHERE id = $1",
+            env.table()
+        ),
+        &[&inserted[0].id],
+    )
+    .await;
+    let good: Vec<Inserted> = inserted
+        .iter()
+        .filter(|r| !failing.contains(&r.id))
+        .copied()
+        .collect();
+
+    let mut relay = Relay::start(&env, &[]).await;
+    collector
+        .wait_for_ids(&ids_of(&good), Duration::from_secs(60))
+        .await;
+    let parked = wait_parked(&env, &failing, Duration::from_secs(30)).await;
+    for row in &parked {
+        let error = row.last_error.as_deref().unwrap_or("");
+        assert!(
+            error.contains(&missing) && error.contains("does not exist"),
+            "row {}: {error:?}",
+            row.id
+        );
+        assert!(
+            row.attempts >= i32::MAX - 4,
+            "row {}: {}",
+            row.id,
+            row.attempts
+        );
+    }
+    let metrics = relay.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "outbox_relay_database_errors_total"),
+        Some(0.0),
+        "{}",
+        relay.log_tail(40)
+    );
+    let lines = relay.logs().lines().count();
+    assert!(lines < 100, "{lines} log lines:\n{}", relay.log_tail(40));
+    let status = relay.terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "exit status {status:?}");
+    collector.stop().await;
+}
+
+/// A value the database refuses while a batch of failures is recorded (here a
+/// trigger of the application's, raising a data error for one row) fails that
+/// row alone: it is parked with the server's reason, its neighbours in the
+/// same batch are charged their attempt as usual, and the good rows flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_whose_failure_cannot_be_recorded_is_isolated_and_parked() {
+    let env = TestEnv::new("refused_failure").await;
+    let queue = env.declare_queue("events").await;
+    let collector = env.consume(&queue, AckMode::Manual).await;
+    let missing = env.unique("no_such_exchange");
+    let s = &env.schema;
+    env.exec(
+        &format!(
+            "CREATE FUNCTION \"{s}\".refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.attempts <> OLD.attempts AND NEW.routing_key = 'poison' THEN
+                 RAISE EXCEPTION 'poison rows may not fail' USING ERRCODE = '22023';
+               END IF;
+               RETURN NEW;
+             END $$"
+        ),
+        &[],
+    )
+    .await;
+    env.exec(
+        &format!(
+            "CREATE TRIGGER refuse_poison BEFORE UPDATE ON \"{s}\".messages
+               FOR EACH ROW EXECUTE FUNCTION \"{s}\".refuse_poison()"
+        ),
+        &[],
+    )
+    .await;
+    let mut rows = Vec::new();
+    for i in 0..20 {
+        rows.push(NewRow::to_queue(&queue, format!("good-{i}")).key(&format!("k{}", i % 4)));
+    }
+    let mut poison = NewRow::to_queue("poison", "p").key("k0");
+    poison.exchange = missing.clone();
+    // On a key of its own: the rows behind a row that is retried wait for it.
+    let mut neighbour = NewRow::to_queue("other", "n").key("alone");
+    neighbour.exchange = missing.clone();
+    rows.insert(5, poison);
+    rows.insert(6, neighbour);
+    let inserted = env.insert_committed(&rows).await;
+    let (poison_id, neighbour_id) = (inserted[5].id, inserted[6].id);
+    let good: Vec<Inserted> = inserted
+        .iter()
+        .filter(|r| r.id != poison_id && r.id != neighbour_id)
+        .copied()
+        .collect();
+
+    let mut relay = Relay::start(&env, &[]).await;
+    collector
+        .wait_for_ids(&ids_of(&good), Duration::from_secs(60))
+        .await;
+    let parked = wait_parked(&env, &[poison_id], Duration::from_secs(30)).await;
+    let error = parked[0].last_error.as_deref().unwrap_or("");
+    assert!(
+        error.contains("poison rows may not fail")
+            && error.contains("dead-letters retry --id")
+            && error.contains(&missing),
+        "{error:?}"
+    );
+    let charged = wait_until(Duration::from_secs(30), || async {
+        env.rows()
+            .await
+            .iter()
+            .any(|r| r.id == neighbour_id && r.attempts >= 1)
+    })
+    .await;
+    let rows = env.rows().await;
+    let n = rows
+        .iter()
+        .find(|r| r.id == neighbour_id)
+        .expect("neighbour");
+    assert!(charged && n.dead_lettered_at.is_none(), "{n:#?}");
+    let status = relay.terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "exit status {status:?}");
+    collector.stop().await;
+}
+
+/// A hot-path statement that keeps failing on a live connection (here the
+/// claim, after a column it reads was renamed) is retried with backoff, not in
+/// a tight loop: a bounded number of attempts, a few log lines a minute, a
+/// metric; once the column is back, the backlog drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_claim_backs_off_and_the_backlog_drains_after_the_fix() {
+    let env = TestEnv::new("claim_backoff").await;
+    let queue = env.declare_queue("events").await;
+    let collector = env.consume(&queue, AckMode::Auto).await;
+    let mut relay = Relay::start(&env, &[]).await;
+    let first = env.insert_bulk(&queue, 10, 2).await;
+    collector
+        .wait_for_ids(&ids_of(&first), Duration::from_secs(60))
+        .await;
+
+    let table = env.table();
+    env.exec(
+        &format!("ALTER TABLE {table} RENAME COLUMN correlation_id TO correlation_id_gone"),
+        &[],
+    )
+    .await;
+    let backlog = env.insert_bulk(&queue, 200, 5).await;
+    let failing = wait_until(Duration::from_secs(30), || async {
+        relay.logs().contains("database statement failed")
+    })
+    .await;
+    assert!(failing, "the claim did not fail:\n{}", relay.log_tail(20));
+    let errors_before =
+        metric_value(&relay.metrics().await, "outbox_relay_database_errors_total").unwrap_or(0.0);
+    let window = Duration::from_secs(20);
+    tokio::time::sleep(window).await;
+    // Before the fix: over 10,000 lines in these 20 s.
+    let claim_lines = relay
+        .logs()
+        .lines()
+        .filter(|l| l.contains("database statement failed"))
+        .count();
+    assert!(
+        claim_lines <= 6,
+        "{claim_lines} log lines about the failing statement:\n{}",
+        relay.log_tail(20)
+    );
+    let metrics = relay.metrics().await;
+    let errors =
+        metric_value(&metrics, "outbox_relay_database_errors_total").unwrap_or(0.0) - errors_before;
+    println!("{errors} failed statements in {window:?}; {claim_lines} log lines in all");
+    // Backoff 200 ms doubling to 10 s: a handful in 20 s, never hundreds.
+    assert!(
+        (1.0..=20.0).contains(&errors),
+        "{errors} failed statements in {window:?}:\n{}",
+        relay.log_tail(20)
+    );
+    assert!(
+        metrics.contains("outbox_relay_database_errors_total{statement=\"claim\"}"),
+        "{metrics}"
+    );
+    relay.assert_running();
+
+    env.exec(
+        &format!("ALTER TABLE {table} RENAME COLUMN correlation_id_gone TO correlation_id"),
+        &[],
+    )
+    .await;
+    collector
+        .wait_for_ids(&ids_of(&backlog), Duration::from_secs(90))
+        .await;
+    let status = relay.terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "exit status {status:?}");
+    collector.stop().await;
+}

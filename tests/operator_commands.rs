@@ -238,12 +238,20 @@ async fn check_names_missing_privileges_with_the_grant_that_fixes_them() {
     assert!(
         fails
             .iter()
-            .any(|l| l.contains(&format!("GRANT UPDATE, DELETE ON {s}.messages TO {role}"))),
-        "messages needs UPDATE and DELETE\n{}",
+            .any(|l| l.contains(&format!("GRANT DELETE ON {s}.messages TO {role}"))),
+        "messages needs DELETE\n{}",
+        out.describe()
+    );
+    // The relay sets states, never what a row carries: UPDATE of those columns only.
+    assert!(
+        fails.iter().any(|l| l.contains(&format!(
+            "GRANT UPDATE (published_at, attempts, last_error, available_at, dead_lettered_at) ON {s}.messages TO {role}"
+        ))),
+        "messages needs UPDATE of the state columns\n{}",
         out.describe()
     );
     // EXECUTE on functions is granted to PUBLIC by default: not reported.
-    assert_eq!(fails.len(), 1, "{}", out.describe());
+    assert_eq!(fails.len(), 2, "{}", out.describe());
     assert!(
         line_starting(&out.stdout, "ok", "schema").is_some(),
         "{}",
@@ -363,8 +371,37 @@ async fn status_json_reports_backlog_and_leases() {
     }
 
     let out = env.cli(&["status", "--json"], CLI_TIMEOUT).await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    // A parked row and a relay gone quiet need a person: exit 1, each named.
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    for said in [
+        "problem: 1 row parked as dead letters",
+        "problem: relay relay-b has not renewed its leases",
+    ] {
+        assert!(out.stderr.contains(said), "{said}\n{}", out.describe());
+    }
     let j = json_of(&out);
+    assert_eq!(
+        j["problems"].as_array().map(Vec::len),
+        Some(
+            out.stderr
+                .lines()
+                .filter(|l| l.starts_with("problem: "))
+                .count()
+        ),
+        "{j:#}"
+    );
+    let due_ids = ids(&due);
+    let due_unowned = env
+        .scalar_i64(&format!(
+            "SELECT count(*) FROM {t} WHERE id = ANY('{{{}}}'::bigint[]) AND partition >= 10",
+            due_ids
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ))
+        .await;
+    assert_eq!(j["due_unowned"], due_unowned, "{j:#}");
     assert_eq!(j["schema"], s.as_str());
     assert_eq!(j["pending"], 3, "{j:#}");
     assert_eq!(j["due_now"], 2, "{j:#}");
@@ -412,7 +449,7 @@ async fn status_json_reports_backlog_and_leases() {
     assert!(b["lease_expires_in_seconds"].is_null());
 
     let text = env.cli(&["status"], CLI_TIMEOUT).await;
-    assert_eq!(text.code(), Some(0), "{}", text.describe());
+    assert_eq!(text.code(), Some(1), "{}", text.describe());
     assert!(
         text.stdout.contains("no live owner: 10-31"),
         "{}",
@@ -427,6 +464,77 @@ async fn status_json_reports_backlog_and_leases() {
         a_line.contains("live") && a_line.contains("0-9"),
         "{a_line}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_exits_1_when_no_live_relay_publishes_due_rows() {
+    let env = TestEnv::new("ops_status_exit").await;
+    let queue = env.declare_queue("events").await;
+    let collector = env.consume(&queue, AckMode::Auto).await;
+    let mut relay = Relay::start(&env, &["--poll-interval", "200ms"]).await;
+    let sent = insert(&env, &queue, None, &["a", "b", "c"]).await;
+    collector
+        .wait_for_ids(&ids_of(&sent), ARRIVAL_TIMEOUT)
+        .await;
+    // Delivered, the relay live and owning every partition: nothing to do.
+    let mut out = env.cli(&["status"], CLI_TIMEOUT).await;
+    let settled = wait_until(ARRIVAL_TIMEOUT, async || {
+        out = env.cli(&["status"], CLI_TIMEOUT).await;
+        out.code() == Some(0)
+    })
+    .await;
+    assert!(
+        settled,
+        "status never exited 0 with a healthy relay\n{}",
+        out.describe()
+    );
+    assert!(!out.stderr.contains("problem:"), "{}", out.describe());
+
+    // A clean stop hands every lease back and removes the relay's row: a due
+    // row then waits with nobody to publish it.
+    relay.terminate(SETUP_TIMEOUT).await;
+    insert(&env, &queue, None, &["stranded"]).await;
+    let out = env.cli(&["status"], CLI_TIMEOUT).await;
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    for said in [
+        "problem: no live relay",
+        "problem: 1 due row in partitions with no live owner (0-31)",
+    ] {
+        assert!(out.stderr.contains(said), "{said}\n{}", out.describe());
+    }
+    collector.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_error_names_the_missing_options() {
+    for action in ["retry", "discard"] {
+        let out = run_cli(&["dead-letters", action], &[], CLI_TIMEOUT).await;
+        assert_eq!(out.code(), Some(2), "{}", out.describe());
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one line\n{}", out.describe());
+        assert!(
+            lines[0].contains("required arguments were not provided: ")
+                && lines[0].contains("--id")
+                && lines[0].contains("--all"),
+            "{}",
+            out.describe()
+        );
+    }
+    let help = run_cli(&["dead-letters", "--help"], &[], CLI_TIMEOUT).await;
+    assert_eq!(help.code(), Some(0), "{}", help.describe());
+    for (name, about) in [
+        ("list", "Show parked rows"),
+        ("retry", "Make rows pending again"),
+        ("discard", "Delete rows for good"),
+    ] {
+        assert!(
+            help.stdout
+                .lines()
+                .any(|l| l.trim_start().starts_with(name) && l.contains(about)),
+            "{name}: {about}\n{}",
+            help.describe()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -296,7 +296,7 @@ async fn relay_role_publishes_what_the_application_role_writes() {
     // The relay flags itself idle (relay_set_idle, setval on relays_waiting);
     // rows the application writes then wake it (the insert trigger).
     let waiting = format!(
-        "SELECT pg_sequence_last_value('\"{}\".relays_waiting')",
+        "SELECT (pg_sequence_last_value('\"{}\".relays_waiting') > date_part('epoch', now()) * 1000)::int::bigint",
         env.schema
     );
     let idle = wait_until(ARRIVAL_TIMEOUT, async || env.scalar_i64(&waiting).await > 0).await;
@@ -429,12 +429,21 @@ async fn operator_role_runs_status_dead_letters_and_replay() {
             == 1
     };
 
-    let out = cli_as_succeeds(&env, &operator, &["status", "--json"]).await;
+    // Parked rows (and no relay running) need a person: exit 1, the rest as usual.
+    let out = cli_as(&env, &operator, &["status", "--json"]).await;
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stderr
+            .contains("problem: 4 rows parked as dead letters"),
+        "{}",
+        out.describe()
+    );
     let status: Value = serde_json::from_str(&out.stdout).expect("status --json");
     assert_eq!(status["dead_lettered"], 4, "{status:#}");
     assert_eq!(status["published_kept"], 2, "{status:#}");
     assert_eq!(status["partitions_total"], 32, "{status:#}");
-    cli_as_succeeds(&env, &operator, &["status"]).await;
+    let out = cli_as(&env, &operator, &["status"]).await;
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
 
     let out = cli_as_succeeds(&env, &operator, &["dead-letters", "list", "--json"]).await;
     let list: Value = serde_json::from_str(&out.stdout).expect("dead-letters list --json");
@@ -556,10 +565,17 @@ async fn application_role_writes_rows_and_is_refused_everything_else() {
 async fn application_inserts_wake_a_waiting_relay() {
     let (env, roles) = least_privilege("roles_notify").await;
     let s = &env.schema;
-    // A relay waits: the insert trigger's WHEN becomes true. Its function
-    // runs as the application role, whose EXECUTE on it was revoked.
-    env.exec(&format!("SELECT setval('\"{s}\".relays_waiting', 1)"), &[])
-        .await;
+    // A live relay waits (until an hour from now, in milliseconds since the
+    // epoch, see migration 6): the insert trigger's WHEN becomes true. Its
+    // function runs as the application role, whose EXECUTE on it was revoked.
+    env.exec(
+        &format!(
+            "SELECT setval('\"{s}\".relays_waiting',
+                           (date_part('epoch', now() + interval '1 hour') * 1000)::bigint)"
+        ),
+        &[],
+    )
+    .await;
     let (listener, mut connection) = tokio_postgres::connect(&env.db_url, NoTls)
         .await
         .expect("listener connection");
@@ -576,6 +592,11 @@ async fn application_inserts_wake_a_waiting_relay() {
         .await
         .expect("LISTEN");
     let mut app = connect_db(&roles.url(&roles.app)).await;
+    // The trigger's WHEN names the sequence by its oid (bound when the
+    // trigger was made): a temporary one of the same name changes nothing.
+    app.batch_execute("CREATE TEMPORARY SEQUENCE relays_waiting")
+        .await
+        .expect("the application's own temporary sequence");
     write_as_application(&mut app, s, "nowhere").await;
     let channel = tokio::time::timeout(SETUP_TIMEOUT, notifications.recv())
         .await
@@ -596,9 +617,25 @@ async fn relay_and_operator_roles_are_refused_what_they_do_not_need() {
         format!("INSERT INTO \"{s}\".messages (routing_key, payload) VALUES ('q', 'x')"),
         format!("SELECT \"{s}\".enqueue('', 'q', 'x'::text)"),
         format!("INSERT INTO \"{s}\".schema_migrations (version, name) VALUES (99, 'x')"),
+        // What a row carries is the application's: the relay sets states only.
+        format!("UPDATE \"{s}\".messages SET payload = 'x'"),
+        format!("UPDATE \"{s}\".messages SET headers = '{{}}'"),
+        format!("UPDATE \"{s}\".messages SET exchange = 'x', routing_key = 'x'"),
+        format!("UPDATE \"{s}\".messages SET partition_key = 'x'"),
+        format!("UPDATE \"{s}\".messages SET message_id = gen_random_uuid()"),
+        format!("UPDATE \"{s}\".messages SET created_at = now(), content_type = 'x'"),
     ] {
         assert_refused(&relay, &roles.relay, &sql).await;
     }
+    // Every column the relay does set (marking, failed attempts, parking).
+    relay
+        .batch_execute(&format!(
+            "UPDATE \"{s}\".messages
+                SET attempts = attempts + 1, last_error = 'test', available_at = now(),
+                    dead_lettered_at = now(), published_at = NULL"
+        ))
+        .await
+        .expect("the relay role updates the columns it marks");
     let operator = connect_db(&roles.url(&roles.operator)).await;
     for sql in [
         format!("SELECT payload FROM \"{s}\".messages"),
@@ -733,4 +770,276 @@ async fn grants_prints_sql_without_any_connection_setting() {
     assert_eq!(out.code(), Some(2), "{}", out.describe());
     assert!(out.stdout.is_empty(), "{}", out.describe());
     assert!(out.stderr.contains("app-role"), "{}", out.describe());
+}
+
+/// The names of the schema's relations (tables, views, sequences) and their
+/// columns with types, as the superuser reads them from the catalog.
+async fn relations_with_columns(env: &TestEnv) -> Vec<(String, Vec<(String, String)>)> {
+    let pg = env.pg.lock().await;
+    let rows = pg
+        .query(
+            "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+              WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+              ORDER BY c.relname, a.attnum",
+            &[&env.schema],
+        )
+        .await
+        .expect("relations of the schema");
+    let mut out: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    for r in rows {
+        let (rel, col, ty): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        match out.last_mut() {
+            Some((name, cols)) if *name == rel => cols.push((col, ty)),
+            _ => out.push((rel, vec![(col, ty)])),
+        }
+    }
+    out
+}
+
+/// An attacker's session: a function that notes who runs it (a session
+/// setting, which any role may write) and tries to grant the attacker every
+/// table of the schema, and a temporary view in front of each of the
+/// schema's relations that calls it. PUBLIC may read the views, so whoever
+/// is misled into reading one runs the function as itself.
+async fn plant_temporary_objects(
+    client: &Client,
+    schema: &str,
+    attacker: &str,
+    relations: &[(String, Vec<(String, String)>)],
+) {
+    client
+        .batch_execute(&format!(
+            "CREATE FUNCTION pg_temp.hijack() RETURNS boolean LANGUAGE plpgsql AS $f$
+             BEGIN
+                 PERFORM set_config('outbox_test.ran_as',
+                     concat_ws(' ', nullif(current_setting('outbox_test.ran_as', true), ''), current_user), false);
+                 BEGIN
+                     EXECUTE format('GRANT ALL ON ALL TABLES IN SCHEMA %I TO %I', '{schema}', '{attacker}');
+                 EXCEPTION WHEN others THEN NULL;
+                 END;
+                 RETURN true;
+             END $f$;
+             GRANT EXECUTE ON FUNCTION pg_temp.hijack() TO PUBLIC;"
+        ))
+        .await
+        .expect("the attacker's function");
+    for (relation, columns) in relations {
+        let list: Vec<String> = columns
+            .iter()
+            .map(|(name, ty)| format!("NULL::{ty} AS \"{name}\""))
+            .collect();
+        client
+            .batch_execute(&format!(
+                "CREATE TEMPORARY VIEW \"{relation}\" AS
+                     SELECT {} FROM (VALUES (1)) v WHERE pg_temp.hijack();
+                 GRANT SELECT ON pg_temp.\"{relation}\" TO PUBLIC;",
+                list.join(", ")
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("temporary view {relation}: {e:?}"));
+    }
+}
+
+/// Every SECURITY DEFINER function of the schema (backlog() today), called
+/// by every role that may call it, from a session that put a temporary view
+/// in front of each of the schema's relations: the function reads the
+/// schema's own relations, so the attacker's code never runs, let alone as
+/// the owner, and the function's answer is the real one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_role_runs_code_with_the_owners_rights_through_a_temporary_object() {
+    let (env, roles) = least_privilege("roles_temp_hijack").await;
+    let s = &env.schema;
+    env.insert_committed(&[
+        NewRow::to_queue("nowhere", "pending 1"),
+        NewRow::to_queue("nowhere", "pending 2"),
+    ])
+    .await;
+    let definers: Vec<(String, String, String)> = {
+        let pg = env.pg.lock().await;
+        pg.query(
+            "SELECT p.oid::regprocedure::text, p.proname::text,
+                    coalesce((SELECT string_agg('NULL::' || format_type(t, NULL), ', ' ORDER BY o)
+                                FROM unnest(p.proargtypes::oid[]) WITH ORDINALITY AS a(t, o)), '')
+               FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = $1 AND p.prosecdef
+              ORDER BY 1",
+            &[s],
+        )
+        .await
+        .expect("SECURITY DEFINER functions")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+    };
+    assert!(
+        definers.iter().any(|(_, name, _)| name == "backlog"),
+        "backlog() is no longer SECURITY DEFINER? {definers:?}"
+    );
+    let relations = relations_with_columns(&env).await;
+    assert!(
+        relations.iter().any(|(r, _)| r == "messages"),
+        "{relations:?}"
+    );
+
+    let mut problems = Vec::new();
+    for (function, name, args) in &definers {
+        let mut callers = 0;
+        for role in [&roles.app, &roles.relay, &roles.operator] {
+            let client = connect_db(&roles.url(role)).await;
+            let may: bool = client
+                .query_one(
+                    "SELECT has_function_privilege($1::text::regprocedure, 'EXECUTE')",
+                    &[&format!("\"{s}\".{name}({})", args.replace("NULL::", ""))],
+                )
+                .await
+                .expect("may the role call it")
+                .get(0);
+            if !may {
+                continue;
+            }
+            callers += 1;
+            plant_temporary_objects(&client, s, role, &relations).await;
+            let call = format!("SELECT * FROM \"{s}\".{name}({args})");
+            let answer = client.query(&call, &[]).await;
+            let ran_as: String = client
+                .query_one(
+                    "SELECT coalesce(current_setting('outbox_test.ran_as', true), '')",
+                    &[],
+                )
+                .await
+                .expect("read the note")
+                .get(0);
+            let owner_ran = ran_as.split(' ').any(|who| who == roles.owner);
+            if owner_ran {
+                problems.push(format!(
+                    "{function} called by {role} ran the caller's temporary code as the owner {} (ran as: {ran_as})",
+                    roles.owner
+                ));
+            } else if !ran_as.is_empty() {
+                problems.push(format!(
+                    "{function} called by {role} read the caller's temporary objects (ran as: {ran_as})"
+                ));
+            }
+            match &answer {
+                Err(e) => problems.push(format!("{function} called by {role}: {e:?}")),
+                Ok(rows) if name == "backlog" => {
+                    let pending: Option<i64> = rows.first().and_then(|r| r.get(0));
+                    if pending != Some(2) {
+                        problems.push(format!(
+                            "backlog() called by {role} answered pending = {pending:?}, not the 2 rows of the outbox"
+                        ));
+                    }
+                }
+                Ok(_) => {}
+            }
+            let gained: bool = client
+                .query_one(
+                    &format!(
+                        "SELECT has_table_privilege('\"{s}\".messages', 'SELECT')
+                             OR has_column_privilege('\"{s}\".messages', 'payload', 'SELECT')
+                             OR has_table_privilege('\"{s}\".leases', 'UPDATE')"
+                    ),
+                    &[],
+                )
+                .await
+                .expect("the role's privileges")
+                .get(0);
+            if gained && role != &roles.relay {
+                problems.push(format!(
+                    "{role} gained privileges on the schema through {function}"
+                ));
+            }
+            if role == &roles.relay {
+                let payload_update: bool = client
+                    .query_one(
+                        &format!(
+                            "SELECT has_column_privilege('\"{s}\".messages', 'payload', 'UPDATE')"
+                        ),
+                        &[],
+                    )
+                    .await
+                    .expect("the relay role's privileges")
+                    .get(0);
+                if payload_update {
+                    problems.push(format!(
+                        "{role} gained UPDATE of payload through {function}"
+                    ));
+                }
+            }
+        }
+        if callers == 0 {
+            problems.push(format!(
+                "{function}: no role may call it, so nothing was tried"
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// enqueue() runs as its caller, so a temporary table could lend no rights;
+/// but one an application happens to call `messages` must not take the rows
+/// enqueue() writes (they would never be published).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_writes_to_the_outbox_whatever_temporary_tables_the_application_has() {
+    let (env, roles) = least_privilege("roles_temp_enqueue").await;
+    let s = &env.schema;
+    let app = connect_db(&roles.url(&roles.app)).await;
+    app.batch_execute(
+        "CREATE TEMPORARY TABLE messages (
+             message_id uuid DEFAULT gen_random_uuid(), exchange text, routing_key text,
+             payload bytea, headers jsonb, partition_key text, message_type text,
+             available_at timestamptz, content_type text, correlation_id text)",
+    )
+    .await
+    .expect("the application's own temporary table");
+    let id: uuid::Uuid = app
+        .query_one(
+            &format!("SELECT \"{s}\".enqueue('', 'nowhere', 'kept'::text)"),
+            &[],
+        )
+        .await
+        .expect("enqueue() as the app role")
+        .get(0);
+    let in_outbox = env
+        .scalar_i64(&format!(
+            "SELECT count(*) FROM \"{s}\".messages WHERE message_id = '{id}'"
+        ))
+        .await;
+    assert_eq!(
+        in_outbox, 1,
+        "enqueue() wrote row {id} into the session's temporary table, not the outbox"
+    );
+}
+
+/// Every function of the schema, whoever it runs as, searches the schema
+/// first and the session's temporary objects last: a migration that adds a
+/// function without it fails here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_function_pins_its_search_path_with_pg_temp_last() {
+    let env = TestEnv::new("roles_pinned_paths").await;
+    let rows = {
+        let pg = env.pg.lock().await;
+        pg.query(
+            "SELECT p.oid::regprocedure::text, coalesce(p.proconfig, '{}')
+               FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = $1 ORDER BY 1",
+            &[&env.schema],
+        )
+        .await
+        .expect("functions of the schema")
+    };
+    let wanted = format!("search_path={}, pg_temp", env.schema);
+    let unpinned: Vec<String> = rows
+        .iter()
+        .filter(|r| !r.get::<_, Vec<String>>(1).contains(&wanted))
+        .map(|r| format!("{} {:?}", r.get::<_, String>(0), r.get::<_, Vec<String>>(1)))
+        .collect();
+    assert!(rows.len() >= 9, "{} functions found", rows.len());
+    assert!(
+        unpinned.is_empty(),
+        "functions without `{wanted}`:\n{}",
+        unpinned.join("\n")
+    );
 }

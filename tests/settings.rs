@@ -128,7 +128,13 @@ async fn passwords_with_url_syntax_never_appear_in_check_status_run_or_metrics()
         CLI_TIMEOUT,
     )
     .await;
-    assert_eq!(status.code(), Some(0), "{}", status.describe());
+    // No relay runs on this schema: status says so and exits 1.
+    assert_eq!(status.code(), Some(1), "{}", status.describe());
+    assert!(
+        status.stderr.contains("problem: no live relay"),
+        "{}",
+        status.describe()
+    );
     assert!(
         status.stdout.contains("postgres:***@"),
         "{}",
@@ -310,6 +316,8 @@ async fn durations_beyond_their_bounds_stop_run() {
         ("shutdown-timeout", "584942417356y"),
         ("poll-interval", "1ms"),
         ("max-payload-bytes", "0"),
+        ("max-header-bytes", "1"),
+        ("max-header-bytes", "16777217"),
     ] {
         let flag = format!("--{setting}={value}");
         let out = run_cli(

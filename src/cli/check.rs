@@ -339,7 +339,17 @@ fn privilege_lines(granted: &[admin::Granted], schema: &str, role: &str) -> Vec<
                 format!("{object} does not exist: run `outbox-relay migrate --schema {schema}`"),
             ));
         } else if !g.missing.is_empty() {
-            let privs = g.missing.join(", ");
+            let privs = if g.requirement.kind == admin::ObjectKind::Columns {
+                let columns = g.requirement.args;
+                let each: Vec<String> = g
+                    .missing
+                    .iter()
+                    .map(|p| format!("{p} ({columns})"))
+                    .collect();
+                each.join(", ")
+            } else {
+                g.missing.join(", ")
+            };
             lines.push((
                 Verdict::Fail,
                 format!("role '{role}' lacks {privs} on {object}: GRANT {privs} ON {object} TO {role_sql}"),
@@ -385,8 +395,10 @@ mod tests {
             .map(|requirement| admin::Granted {
                 requirement,
                 exists: true,
-                missing: if requirement.name == "messages" {
-                    vec!["UPDATE", "DELETE"]
+                missing: if requirement.name == "messages"
+                    && requirement.kind == admin::ObjectKind::Table
+                {
+                    vec!["SELECT", "DELETE"]
                 } else {
                     vec![]
                 },
@@ -397,7 +409,25 @@ mod tests {
         assert_eq!(lines[0].0, Verdict::Fail);
         assert_eq!(
             lines[0].1,
-            "role 'App' lacks UPDATE, DELETE on outbox.messages: GRANT UPDATE, DELETE ON outbox.messages TO \"App\""
+            "role 'App' lacks SELECT, DELETE on outbox.messages: GRANT SELECT, DELETE ON outbox.messages TO \"App\""
+        );
+        let columns: Vec<admin::Granted> = admin::REQUIREMENTS
+            .iter()
+            .map(|requirement| admin::Granted {
+                requirement,
+                exists: true,
+                missing: if requirement.kind == admin::ObjectKind::Columns {
+                    vec!["UPDATE"]
+                } else {
+                    vec![]
+                },
+            })
+            .collect();
+        let lines = privilege_lines(&columns, "outbox", "relay");
+        assert_eq!(
+            lines[0].1,
+            "role 'relay' lacks UPDATE (published_at, attempts, last_error, available_at, dead_lettered_at) on outbox.messages: \
+             GRANT UPDATE (published_at, attempts, last_error, available_at, dead_lettered_at) ON outbox.messages TO relay"
         );
         let fine: Vec<admin::Granted> = granted
             .into_iter()

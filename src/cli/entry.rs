@@ -21,12 +21,7 @@ pub fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            let text = e.render().to_string();
-            let line = text
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid usage");
-            eprintln!("{line}");
+            eprintln!("{}", usage_line(&e.render().to_string()));
             return ExitCode::from(super::EXIT_USAGE);
         }
     };
@@ -86,6 +81,27 @@ pub fn main() -> ExitCode {
     })
 }
 
+/// clap's error in one line: its first paragraph (the error and what it
+/// names, e.g. the missing `<--id <IDS>...|--all>` on the next line), then the
+/// usage line.
+fn usage_line(rendered: &str) -> String {
+    let mut paragraphs = rendered.split("\n\n").map(|p| {
+        p.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
+    });
+    let mut line = paragraphs
+        .next()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "error: invalid usage".to_string());
+    if let Some(usage) = paragraphs.find_map(|p| p.strip_prefix("Usage: ").map(str::to_string)) {
+        line.push_str(&format!("; usage: {usage}; see --help"));
+    }
+    line
+}
+
 fn init_logging(format: LogFormat, relay: bool) {
     // Operator commands report every error themselves; library logs would repeat them.
     let default = if relay {
@@ -103,5 +119,50 @@ fn init_logging(format: LogFormat, relay: bool) {
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_usage_error_names_what_is_missing_in_one_line() {
+        let e = Cli::try_parse_from(["outbox-relay", "dead-letters", "retry"]).unwrap_err();
+        let line = usage_line(&e.render().to_string());
+        assert!(!line.contains('\n'), "{line}");
+        assert!(
+            line.starts_with("error: the following required arguments were not provided: ")
+                && line.contains("--id")
+                && line.contains("--all"),
+            "{line}"
+        );
+        assert!(
+            line.contains("usage: outbox-relay dead-letters retry"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn every_subcommand_has_help_text() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path}: no about"));
+                }
+                for arg in sub.get_arguments().filter(|a| !a.is_global_set()) {
+                    let name = arg.get_id().as_str();
+                    if arg.get_help().is_none() && !["help", "version"].contains(&name) {
+                        missing.push(format!("{path} --{name}: no help"));
+                    }
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "outbox-relay", &mut missing);
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
     }
 }

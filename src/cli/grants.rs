@@ -6,7 +6,11 @@
 //! The lease and helper functions are SECURITY INVOKER, so a role that calls
 //! one also needs the privileges on the tables it touches; the table grants
 //! below follow the functions' bodies as well as the relay's own statements
-//! (`store`), the operator commands' (`store::admin`) and `enqueue`.
+//! (`store`), the operator commands' (`store::admin`) and `enqueue`. Only
+//! backlog() runs with its owner's rights; every function's search_path is
+//! "<schema>, pg_temp" (migration 6), so no role's temporary objects stand in
+//! for the schema's. The script also advises taking TEMP away where no role
+//! needs it (comments only: it names the database, which `grants` does not know).
 
 use std::process::ExitCode;
 
@@ -91,6 +95,19 @@ const OPERATOR_READS: &[&str] = &[
     "last_error",
     "published_at",
     "dead_lettered_at",
+    // `status` counts due rows in partitions no live relay owns.
+    "partition",
+];
+
+/// Columns the relay sets: `published_at` when a row is confirmed; attempts,
+/// the error, the next try and the parking time when it is not (`store`).
+/// Never what a row carries (payload, headers, addressing, ids).
+const RELAY_WRITES: &[&str] = &[
+    "published_at",
+    "attempts",
+    "last_error",
+    "available_at",
+    "dead_lettered_at",
 ];
 
 /// Columns `dead-letters retry` and `replay` set.
@@ -147,7 +164,13 @@ fn all_grants() -> Vec<Grant> {
         // -- the relay
         g(Relay, "USAGE", Schema, "find the outbox's objects"),
         g(Relay, "SELECT", Table("schema_migrations"), "the relay checks the schema version at start"),
-        g(Relay, "SELECT, UPDATE, DELETE", Table("messages"), "claim rows, mark them published or failed, delete them after retention"),
+        g(Relay, "SELECT, DELETE", Table("messages"), "claim rows, delete them after retention"),
+        Grant {
+            who: Relay,
+            privileges: with_columns("UPDATE", RELAY_WRITES),
+            object: Table("messages"),
+            why: "mark rows published, or record a failed attempt and park a row (never its payload, headers or route)",
+        },
         g(Relay, "SELECT, INSERT, UPDATE, DELETE", Table("relays"), "the lease functions register relays, record their state and remove gone ones"),
         g(Relay, "SELECT, UPDATE", Table("leases"), "the lease functions take, renew and release partition leases"),
         g(Relay, "UPDATE", Sequence("relays_waiting"), "relay_set_idle() and the heartbeat keep the count of waiting relays (setval)"),
@@ -271,6 +294,27 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// Comment lines: none of the three roles needs TEMP on the database. The
+/// schema's functions no longer let a temporary object stand in for theirs
+/// (migration 6), but a role that cannot create any leaves nothing to try.
+/// Advice only: PUBLIC holds TEMP by default (so revoking it from one role
+/// changes nothing), and revoking it from PUBLIC reaches every role of the
+/// database, which is for its administrator to decide.
+fn temp_advice(roles: &Roles) -> String {
+    format!(
+        "--\n\
+         -- Temporary objects: {app}, {relay} and {operator} need no TEMP\n\
+         -- on the database, yet every role has it through PUBLIC by default. Unless\n\
+         -- other software that logs in as one of them uses temporary tables, take it\n\
+         -- away, as the database's owner (GRANT it back to the roles that need it):\n\
+         --   REVOKE TEMPORARY ON DATABASE <database> FROM PUBLIC;\n\
+         --   GRANT TEMPORARY ON DATABASE <database> TO <the roles that need it>;\n",
+        app = roles.app,
+        relay = roles.relay,
+        operator = roles.operator,
+    )
+}
+
 /// The whole script: header, revokes, then each role's grants, in one transaction.
 fn grants_sql(schema: &str, args: &GrantsArgs) -> Result<String, ConfigError> {
     schema_name::validate(schema).map_err(|e| ConfigError {
@@ -314,6 +358,7 @@ fn grants_sql(schema: &str, args: &GrantsArgs) -> Result<String, ConfigError> {
     for (name, why) in NOT_GRANTED {
         out.push_str(&format!("-- {name}() is granted to no role: {why}.\n"));
     }
+    out.push_str(&temp_advice(&roles));
     for (who, title) in [
         (
             Who::App,
@@ -469,6 +514,41 @@ mod tests {
             );
             assert!(!line.contains("EXECUTE"), "{line}");
         }
+    }
+
+    #[test]
+    fn the_relay_may_update_only_the_columns_it_marks() {
+        let sql = grants_sql("outbox", &defaults()).expect("valid");
+        let updates: Vec<&str> = sql
+            .lines()
+            .filter(|l| l.ends_with("TO \"outbox_relay\";") && l.contains("UPDATE"))
+            .filter(|l| l.contains("\"messages\""))
+            .collect();
+        assert_eq!(
+            updates,
+            ["GRANT UPDATE (\"published_at\", \"attempts\", \"last_error\", \"available_at\", \"dead_lettered_at\") ON TABLE \"outbox\".\"messages\" TO \"outbox_relay\";"],
+            "{sql}"
+        );
+        assert!(
+            sql.contains(
+                "GRANT SELECT, DELETE ON TABLE \"outbox\".\"messages\" TO \"outbox_relay\";"
+            ),
+            "{sql}"
+        );
+    }
+
+    #[test]
+    fn the_script_advises_taking_temp_away_without_doing_it() {
+        let sql = grants_sql("outbox", &defaults()).expect("valid");
+        assert!(
+            sql.contains("--   REVOKE TEMPORARY ON DATABASE <database> FROM PUBLIC;"),
+            "{sql}"
+        );
+        assert!(
+            !sql.lines()
+                .any(|l| !l.starts_with("--") && l.contains("TEMPORARY")),
+            "TEMP is advice, never a statement\n{sql}"
+        );
     }
 
     #[test]

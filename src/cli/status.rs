@@ -11,7 +11,9 @@ use crate::{
     store::admin,
 };
 
-/// `outbox-relay status [--json]`: backlog, dead letters, retention and leases.
+/// `outbox-relay status [--json]`: backlog, dead letters, retention and
+/// leases; exit 1, with one `problem:` line each on stderr, when something
+/// needs a person (see [`needs_a_person`]).
 pub async fn status(conn: &Connections, as_json: bool) -> ExitCode {
     let out = Out::new(conn);
     let mut db = match open_outbox(conn, "outbox-relay status", &out).await {
@@ -31,7 +33,55 @@ pub async fn status(conn: &Connections, as_json: bool) -> ExitCode {
             &status,
         )));
     }
-    ExitCode::SUCCESS
+    let problems = needs_a_person(&status);
+    for problem in &problems {
+        out.error(&format!("problem: {problem}"));
+    }
+    if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(super::EXIT_PROBLEM)
+    }
+}
+
+/// What needs a person, each with what to do: no live relay at all, due rows
+/// no live relay owns, rows parked as dead letters, and relays that stopped
+/// renewing their leases without a clean stop (a clean stop removes the
+/// relay's row): they lost their database, or died.
+fn needs_a_person(s: &admin::Status) -> Vec<String> {
+    let mut problems = Vec::new();
+    let live = s.relays.iter().filter(|r| is_live(r)).count();
+    if live == 0 {
+        problems.push(
+            "no live relay: nothing publishes this outbox; start `outbox-relay run` or find why the relays cannot reach the database".to_string(),
+        );
+    }
+    if s.due_unowned > 0 {
+        problems.push(format!(
+            "{} due row{} in partition{} with no live owner ({}): nobody publishes them; check that the relays reach the database and RabbitMQ",
+            s.due_unowned,
+            super::plural(s.due_unowned),
+            super::plural(s.unowned.len()),
+            compact_ranges(&s.unowned)
+        ));
+    }
+    if s.backlog.dead_lettered > 0 {
+        problems.push(format!(
+            "{} row{} parked as dead letters: see why with `outbox-relay dead-letters list`, then retry or discard them",
+            s.backlog.dead_lettered,
+            super::plural(s.backlog.dead_lettered)
+        ));
+    }
+    for r in s.relays.iter().filter(|r| !is_live(r)) {
+        if let Some(age) = r.heartbeat_age_secs {
+            problems.push(format!(
+                "relay {} has not renewed its leases for {}: it lost its database or died without a clean stop; check its log and its /readyz",
+                r.instance,
+                format_age(age)
+            ));
+        }
+    }
+    problems
 }
 
 fn is_live(relay: &admin::RelayInstance) -> bool {
@@ -57,6 +107,8 @@ fn status_json(schema: &str, s: &admin::Status) -> Value {
         "oldest_published_at": b.oldest_published_at.map(rfc3339),
         "partitions_total": s.partitions_total,
         "unowned_partitions": s.unowned,
+        "due_unowned": s.due_unowned,
+        "problems": needs_a_person(s),
         "relays": s.relays.iter().map(|r| json!({
             "instance": r.instance,
             "live": is_live(r),
@@ -246,6 +298,7 @@ mod tests {
             },
             partitions_total: 32,
             unowned: (10..32).collect(),
+            due_unowned: 2,
             relays: vec![
                 admin::RelayInstance {
                     instance: "relay-a".into(),
@@ -289,5 +342,55 @@ mod tests {
         let b = text.lines().find(|l| l.starts_with("relay-b")).unwrap();
         assert!(b.contains("stale") && b.contains("1m00s ago"), "{b}");
         assert!(text.lines().all(|l| l == l.trim_end()));
+    }
+
+    #[test]
+    fn status_names_each_thing_that_needs_a_person() {
+        let relay = |name: &str, heartbeat: f64, partitions: Vec<i16>| admin::RelayInstance {
+            instance: name.into(),
+            started_at: None,
+            heartbeat_age_secs: Some(heartbeat),
+            partitions,
+            lease_expires_in_secs: None,
+            metrics_addr: None,
+            broker_node: None,
+        };
+        let healthy = admin::Status {
+            backlog: admin::Backlog::default(),
+            partitions_total: 32,
+            unowned: vec![],
+            due_unowned: 0,
+            relays: vec![relay("a", 0.5, (0..32).collect())],
+        };
+        assert!(needs_a_person(&healthy).is_empty());
+
+        let nobody = admin::Status {
+            relays: vec![],
+            unowned: (0..32).collect(),
+            ..healthy.clone()
+        };
+        let problems = needs_a_person(&nobody);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("no live relay"), "{problems:?}");
+
+        let troubled = admin::Status {
+            backlog: admin::Backlog {
+                dead_lettered: 2,
+                ..Default::default()
+            },
+            unowned: vec![3, 4, 5],
+            due_unowned: 7,
+            relays: vec![relay("a", 0.5, (0..3).collect()), relay("b", 42.0, vec![])],
+            ..healthy.clone()
+        };
+        let problems = needs_a_person(&troubled).join("\n");
+        for said in [
+            "7 due rows in partitions with no live owner (3-5)",
+            "2 rows parked as dead letters",
+            "relay b has not renewed its leases for 42.0s",
+        ] {
+            assert!(problems.contains(said), "{said} not in\n{problems}");
+        }
+        assert!(!problems.contains("no live relay"), "{problems}");
     }
 }

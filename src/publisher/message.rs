@@ -63,6 +63,20 @@ pub fn prepare(row: &OutboxRow) -> Result<Prepared, String> {
     })
 }
 
+/// Bytes of the content-header frame that carries these properties: frame
+/// type, channel and size (7), class, weight and body size (12), the
+/// properties as lapin encodes them, and the frame end (1). RabbitMQ closes
+/// the whole connection (501 FRAME_ERROR) for a frame over its `frame_max`.
+pub fn header_frame_bytes(prepared: &Prepared) -> usize {
+    const OVERHEAD: usize = 7 + 12 + 1;
+    let encode = lapin::protocol::basic::gen_properties::<Vec<u8>>(&prepared.properties);
+    match encode(Vec::new().into()) {
+        Ok(written) => OVERHEAD + written.write.len(),
+        // Encoding into a Vec cannot fail; were it to, the frame is not sent.
+        Err(_) => usize::MAX,
+    }
+}
+
 /// JSON object -> AMQP field table. Numbers keep their kind (integer or float).
 pub fn headers_table(headers: &serde_json::Value) -> Result<FieldTable, String> {
     let serde_json::Value::Object(map) = headers else {
@@ -153,6 +167,19 @@ mod tests {
         assert_eq!(get("n"), AMQPValue::Void);
         assert!(matches!(get("a"), AMQPValue::FieldArray(_)));
         assert!(matches!(get("o"), AMQPValue::FieldTable(_)));
+    }
+
+    #[test]
+    fn the_header_frame_size_counts_every_encoded_byte() {
+        let mut row = OutboxRow::defective(7, 0, None, String::new());
+        row.defect = None;
+        let bare = header_frame_bytes(&prepare(&row).unwrap());
+        // flags 2, message_id 1+36, delivery_mode 1, timestamp 8, headers 4.
+        assert_eq!(bare, 20 + 2 + 37 + 1 + 8 + 4);
+        row.headers = json!({ "big": "x".repeat(200 * 1024) });
+        let big = header_frame_bytes(&prepare(&row).unwrap());
+        // key 1+3, type 1, long string 4+len.
+        assert_eq!(big, bare + 4 + 1 + 4 + 200 * 1024);
     }
 
     #[test]

@@ -160,7 +160,7 @@ impl<C> Ledger<C> {
         self.in_flight.len() + self.order.waiting_rows()
     }
 
-    /// Payload bytes held in rows waiting for their key.
+    /// Payload and header bytes held in rows waiting for their key.
     pub fn queued_bytes(&self) -> usize {
         self.order.queued_bytes()
     }
@@ -416,7 +416,7 @@ impl<C> Ledger<C> {
     /// The marks were written (or the rows deleted, with retention 0).
     pub fn marks_written(&mut self, deleted: bool) {
         let n = self.acked.len() as u64;
-        self.metrics.published.inc_by(n);
+        self.metrics.rows_published(n);
         if deleted {
             self.metrics.deleted.inc_by(n);
         }

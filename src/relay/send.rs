@@ -72,6 +72,7 @@ impl Relay {
         let limits = ClaimLimits {
             rows: limit,
             max_payload_bytes: self.cfg.max_payload_bytes,
+            max_header_bytes: self.cfg.max_header_bytes,
             payload_budget: PAYLOAD_BUDGET.saturating_sub(self.ledger.queued_bytes()),
         };
         let started = Instant::now();
@@ -90,6 +91,7 @@ impl Relay {
             .observe(started.elapsed().as_secs_f64());
         let rows = match result {
             Ok((_, claim)) => {
+                self.statement_backoff = None;
                 self.ledger.marks_written(!keep);
                 self.more = claim.more;
                 claim.rows
@@ -172,6 +174,15 @@ impl Relay {
         let Some(publisher) = self.publisher.as_mut() else {
             return Checked::Broken;
         };
+        if let Err(error) = publisher.check_header_frame(&row, &prepared) {
+            let why = NotSent::Refused {
+                error,
+                reason: FailureReason::InvalidRow,
+                park: true,
+            };
+            self.ledger.not_sent(&row, why);
+            return Checked::Skip;
+        }
         match publisher.check_exchange(&row).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {

@@ -29,6 +29,8 @@ pub async fn server(client: &Client) -> Result<Server, StoreError> {
 pub enum ObjectKind {
     Schema,
     Table,
+    /// Some columns of a table (`args`: their names, comma-separated).
+    Columns,
     Function,
 }
 
@@ -38,7 +40,8 @@ pub struct Requirement {
     pub kind: ObjectKind,
     /// The object's name inside the schema (the schema's own name for `Schema`).
     pub name: &'static str,
-    /// Argument types of a function, as `oidvectortypes` prints them.
+    /// Argument types of a function, as `oidvectortypes` prints them; the
+    /// column names of `Columns`.
     pub args: &'static str,
     pub privileges: &'static [&'static str],
 }
@@ -48,7 +51,7 @@ impl Requirement {
     pub fn object(&self, schema: &str) -> String {
         match self.kind {
             ObjectKind::Schema => format!("SCHEMA {schema}"),
-            ObjectKind::Table => format!("{schema}.{}", self.name),
+            ObjectKind::Table | ObjectKind::Columns => format!("{schema}.{}", self.name),
             ObjectKind::Function => format!("FUNCTION {schema}.{}({})", self.name, self.args),
         }
     }
@@ -73,7 +76,14 @@ pub const REQUIREMENTS: &[Requirement] = &[
         kind: ObjectKind::Table,
         name: "messages",
         args: "",
-        privileges: &["SELECT", "UPDATE", "DELETE"],
+        privileges: &["SELECT", "DELETE"],
+    },
+    // Marking and recording failures set these columns only (see `grants`).
+    Requirement {
+        kind: ObjectKind::Columns,
+        name: "messages",
+        args: "published_at, attempts, last_error, available_at, dead_lettered_at",
+        privileges: &["UPDATE"],
     },
     Requirement {
         kind: ObjectKind::Table,
@@ -144,6 +154,7 @@ pub async fn privileges(client: &Client, schema: &str) -> Result<Vec<Granted>, S
             kinds.push(match r.kind {
                 ObjectKind::Schema => "schema",
                 ObjectKind::Table => "table",
+                ObjectKind::Columns => "columns",
                 ObjectKind::Function => "function",
             });
             names.push(r.name);
@@ -162,6 +173,12 @@ pub async fn privileges(client: &Client, schema: &str) -> Result<Vec<Granted>, S
                    (SELECT has_table_privilege(c.oid, v.privilege)
                       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                      WHERE n.nspname = $1 AND c.relname = v.name)
+                 WHEN 'columns' THEN
+                   (SELECT bool_and(has_column_privilege(c.oid, a.attnum, v.privilege))
+                      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      JOIN pg_attribute a ON a.attrelid = c.oid AND NOT a.attisdropped
+                     WHERE n.nspname = $1 AND c.relname = v.name
+                       AND a.attname = ANY(string_to_array(replace(v.args, ' ', ''), ',')))
                  WHEN 'function' THEN
                    (SELECT bool_and(has_function_privilege(p.oid, v.privilege))
                       FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace

@@ -47,6 +47,8 @@ pub struct Status {
     pub partitions_total: i64,
     /// Partitions with no owner or an expired lease: nobody publishes them.
     pub unowned: Vec<i16>,
+    /// Due pending rows in those partitions: rows nobody is publishing now.
+    pub due_unowned: i64,
     pub relays: Vec<RelayInstance>,
 }
 
@@ -106,7 +108,12 @@ pub async fn status(client: &mut Client, schema: &str) -> Result<Status, StoreEr
             &format!(
                 "SELECT count(*),
                         coalesce(array_agg(partition ORDER BY partition)
-                                 FILTER (WHERE owner IS NULL OR expires_at <= now()), '{{}}')
+                                 FILTER (WHERE owner IS NULL OR expires_at <= now()), '{{}}'),
+                        (SELECT count(*) FROM {s}.messages m
+                          WHERE m.published_at IS NULL AND m.dead_lettered_at IS NULL
+                            AND m.available_at <= now()
+                            AND m.partition IN (SELECT k.partition FROM {s}.leases k
+                                                 WHERE k.owner IS NULL OR k.expires_at <= now()))
                    FROM {s}.leases"
             ),
             &[],
@@ -142,6 +149,7 @@ pub async fn status(client: &mut Client, schema: &str) -> Result<Status, StoreEr
         backlog,
         partitions_total: leases.get(0),
         unowned: leases.get(1),
+        due_unowned: leases.get(2),
         relays: relays
             .iter()
             .map(|r| RelayInstance {

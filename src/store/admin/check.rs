@@ -241,6 +241,22 @@ const POOLING_PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(3
 /// `first`'s next transaction must run elsewhere (or wait, with a pool of one).
 /// Directly, or through a session pooler, `first` keeps its backend throughout.
 pub async fn pooling(first: &Client, second: &Client) -> Result<Pooling, StoreError> {
+    // Other clients of the pool may take the session `first` left, so one
+    // round may see nothing: a few rounds, the first sign is proof (directly
+    // or through a session pooler there is never one).
+    for _ in 0..POOLING_PROBE_ROUNDS {
+        let found = pooling_round(first, second).await?;
+        if found != Pooling::Session {
+            return Ok(found);
+        }
+    }
+    Ok(Pooling::Session)
+}
+
+/// Rounds of [`pooling`] before it says no transaction pooler is there.
+const POOLING_PROBE_ROUNDS: usize = 10;
+
+async fn pooling_round(first: &Client, second: &Client) -> Result<Pooling, StoreError> {
     let pid = "SELECT pg_backend_pid()";
     let read = |rows: Vec<tokio_postgres::Row>| -> Result<i32, StoreError> {
         rows.first()

@@ -6,6 +6,8 @@
 #
 #   PostgreSQL  127.0.0.1:5432, user postgres without password, database `test`
 #   RabbitMQ    127.0.0.1:5672, guest/guest
+#   PgBouncer   127.0.0.1:6543 (transaction mode) and 6544 (session mode) in
+#               front of that PostgreSQL, for tests/pooler.rs (scripts/pgbouncer.sh)
 #
 # SERVICES_WAIT_SECS bounds each wait for a service to answer (default 90).
 set -euo pipefail
@@ -130,7 +132,22 @@ ensure_openssl() {
     echo "openssl: $(command -v openssl)"
 }
 
+# tests/pooler.rs runs the relay through PgBouncer from Debian's package.
+ensure_pgbouncer() {
+    if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
+        echo "pgbouncer: not installed, installing with apt-get" >&2
+        apt_install pgbouncer
+    fi
+    export PATH="$PATH:/usr/sbin"
+    local here
+    here=$(dirname "${BASH_SOURCE[0]}")
+    bash "$here/pgbouncer.sh" start transaction >/dev/null
+    bash "$here/pgbouncer.sh" start session >/dev/null
+    echo "pgbouncer: ready on 127.0.0.1:6543 (transaction mode) and 6544 (session mode)"
+}
+
 ensure_postgres
 ensure_rabbitmq
+ensure_pgbouncer
 ensure_prometheus
 ensure_openssl

@@ -90,7 +90,11 @@ pub enum Command {
         dry_run: bool,
     },
     /// Connect to both sides and verify schema and permissions.
-    Check,
+    Check {
+        /// The `listen` setting `run` will use (checked against a pooler).
+        #[arg(long, env = "OUTBOX_LISTEN", default_value = "true", action = clap::ArgAction::Set)]
+        listen: String,
+    },
     /// Pending, oldest pending age, dead letters, lease owners; exits 1 when
     /// something needs a person (and says what).
     Status {
@@ -493,7 +497,7 @@ fn duration_within(
     }
 }
 
-fn boolean(setting: &'static str, v: &str) -> Result<bool, ConfigError> {
+pub fn boolean(setting: &'static str, v: &str) -> Result<bool, ConfigError> {
     match v.trim().to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" => Ok(false),

@@ -111,7 +111,6 @@ impl ControlTask {
         closed: &mut watch::Receiver<bool>,
     ) -> Result<(), ControlError> {
         let schema = self.cfg.conn.schema.clone();
-        store::set_session(client, false).await?;
         migrations::verify(client, &schema).await?;
         let statements = Control::prepare(client, &schema).await?;
         if self.cfg.listen {

@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use tokio_postgres::GenericClient;
+use tokio_postgres::{types::Type, GenericClient};
 use uuid::Uuid;
 
 use crate::schema_name::{self, InvalidSchemaName};
@@ -75,18 +75,20 @@ pub async fn enqueue<C: GenericClient>(
          RETURNING message_id"
     );
     let row = client
-        .query_one(
+        // Unnamed, with the types given: works through a transaction-mode pooler
+        // even outside a transaction (nothing is prepared on a server connection).
+        .query_typed_one(
             &sql,
             &[
-                &message.exchange,
-                &message.routing_key,
-                &message.payload,
-                &message.partition_key,
-                &message.content_type,
-                &message.message_type,
-                &message.correlation_id,
-                &headers,
-                &message.available_at,
+                (&message.exchange, Type::TEXT),
+                (&message.routing_key, Type::TEXT),
+                (&message.payload, Type::BYTEA),
+                (&message.partition_key, Type::TEXT),
+                (&message.content_type, Type::TEXT),
+                (&message.message_type, Type::TEXT),
+                (&message.correlation_id, Type::TEXT),
+                (&headers, Type::JSONB),
+                (&message.available_at, Type::TIMESTAMPTZ),
             ],
         )
         .await

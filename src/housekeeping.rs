@@ -70,7 +70,6 @@ impl HousekeepingTask {
     }
 
     async fn converse(&mut self, client: &tokio_postgres::Client) -> Result<(), store::StoreError> {
-        store::set_session(client, false).await?;
         let statements = Housekeeping::prepare(client, &self.cfg.conn.schema).await?;
         let mut retention = RetentionClock::default();
         let mut last_stats: Option<(Instant, u64, i64)> = None;

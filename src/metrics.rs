@@ -331,7 +331,7 @@ impl Metrics {
         self.database_errors
             .get_or_create(&StatementLabel { statement })
             .inc();
-}
+    }
 
     /// One connection attempt to `peer` ended, connected (`ok`) or not.
     pub fn connection_attempt(&self, peer: Peer, ok: bool) {

@@ -1,6 +1,6 @@
 //! The versioned SQL files of `sql/`, embedded in the binary, applied once each.
 
-use tokio_postgres::Client;
+use tokio_postgres::{types::Type, Client};
 
 use crate::{
     schema_name::{self, InvalidSchemaName},
@@ -114,16 +114,18 @@ pub async fn apply(
         }
     };
     let tx = client.transaction().await.map_err(apply_err("(begin)"))?;
-    tx.execute(
+    // Every statement below runs unnamed, and the lock is the transaction's:
+    // migrate works through a transaction-mode pooler too.
+    tx.execute_typed(
         "SELECT pg_advisory_xact_lock(hashtext('outbox-relay migrate ' || $1::text))",
-        &[&schema],
+        &[(&schema, Type::TEXT)],
     )
     .await
     .map_err(apply_err("(lock)"))?;
     let exists: bool = tx
-        .query_one(
+        .query_typed_one(
             "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
-            &[&schema],
+            &[(&schema, Type::TEXT)],
         )
         .await
         .map_err(apply_err("(schema)"))?
@@ -132,7 +134,7 @@ pub async fn apply(
         .await
         .map_err(apply_err("(schema_migrations)"))?;
     let done: Vec<i32> = tx
-        .query("SELECT version FROM schema_migrations", &[])
+        .query_typed("SELECT version FROM schema_migrations", &[])
         .await
         .map_err(apply_err("(read versions)"))?
         .iter()
@@ -141,9 +143,9 @@ pub async fn apply(
     let mut applied = Vec::new();
     for m in MIGRATIONS.iter().filter(|m| !done.contains(&m.version)) {
         tx.batch_execute(m.sql).await.map_err(apply_err(m.name))?;
-        tx.execute(
+        tx.execute_typed(
             "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-            &[&m.version, &m.name],
+            &[(&m.version, Type::INT4), (&m.name, Type::TEXT)],
         )
         .await
         .map_err(apply_err(m.name))?;
@@ -172,9 +174,9 @@ pub async fn pending_sql(client: &Client, schema: &str) -> Result<String, Migrat
 async fn applied_versions(client: &Client, schema: &str) -> Result<Vec<i32>, MigrateError> {
     schema_name::validate(schema)?;
     let exists: bool = client
-        .query_one(
+        .query_typed_one(
             "SELECT to_regclass($1) IS NOT NULL",
-            &[&format!("{schema}.schema_migrations")],
+            &[(&format!("{schema}.schema_migrations"), Type::TEXT)],
         )
         .await
         .map_err(|source| MigrateError::Apply {
@@ -187,7 +189,7 @@ async fn applied_versions(client: &Client, schema: &str) -> Result<Vec<i32>, Mig
         return Ok(Vec::new());
     }
     Ok(client
-        .query(
+        .query_typed(
             &format!("SELECT version FROM {schema}.schema_migrations"),
             &[],
         )

@@ -10,7 +10,11 @@ pub use housekeeping::Housekeeping;
 
 use std::time::{Duration, SystemTime};
 
-use tokio_postgres::{Client, Row, Statement};
+use futures_util::TryStreamExt;
+use tokio_postgres::{
+    types::{ToSql, Type},
+    Client, Row,
+};
 
 use crate::{
     config::{redact_url, Connections},
@@ -25,25 +29,95 @@ pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The server cancels a statement a little before [`STATEMENT_TIMEOUT`]:
 /// otherwise a query the relay gave up on keeps running (and holding its
 /// snapshot) on the server until it tries to send its result.
-fn server_statement_timeout() -> String {
-    let ms = STATEMENT_TIMEOUT.as_millis() * 5 / 6;
-    format!("SET statement_timeout = {ms}")
+fn server_statement_timeout_ms() -> u128 {
+    STATEMENT_TIMEOUT.as_millis() * 5 / 6
 }
 
-/// Settings every relay session takes: the server-side statement timeout, and
-/// on the hot path asynchronous commit (a mark lost in a database crash only
-/// means the row is published again, same message_id: at-least-once holds
-/// without waiting for the WAL flush).
-pub async fn set_session(client: &Client, hot_path: bool) -> Result<(), StoreError> {
-    let sync = if hot_path {
-        "SET synchronous_commit TO off; "
-    } else {
-        ""
-    };
-    client
-        .batch_execute(&format!("{sync}{}", server_statement_timeout()))
-        .await
-        .map_err(StoreError::query("setting up the session"))
+/// The settings a relay statement runs with. They are set per transaction
+/// (`SET LOCAL`), never on the session: through a transaction-mode pooler the
+/// next transaction may run on another server connection, and a session
+/// setting would stay behind on a server connection other clients then use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settings {
+    /// The server-side statement timeout.
+    Bounded,
+    /// Also asynchronous commit (a mark lost in a database crash only means
+    /// the row is published again, same message_id: at-least-once holds
+    /// without waiting for the WAL flush).
+    HotPath,
+}
+
+impl Settings {
+    fn begin(self) -> String {
+        let ms = server_statement_timeout_ms();
+        let sync = match self {
+            Settings::Bounded => "",
+            Settings::HotPath => "; SET LOCAL synchronous_commit TO off",
+        };
+        format!("BEGIN; SET LOCAL statement_timeout = {ms}{sync}")
+    }
+}
+
+/// One SQL statement with its parameter types. It runs as the unnamed
+/// statement (Parse, Bind, Execute, Sync in one round trip), so no prepared
+/// statement outlives it: a pooler may hand the next one to another server
+/// connection, and poolers in transaction mode (PgBouncer, RDS Proxy,
+/// Supavisor, pgcat) mostly support no named prepared statements.
+#[derive(Debug, Clone)]
+pub(crate) struct Sql {
+    text: String,
+    types: Vec<Type>,
+}
+
+impl Sql {
+    pub(crate) fn new(text: impl Into<String>, types: &[Type]) -> Self {
+        Self {
+            text: text.into(),
+            types: types.to_vec(),
+        }
+    }
+
+    /// The rows, and the count of rows the statement changed.
+    pub(crate) async fn run(
+        &self,
+        client: &Client,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<(Vec<Row>, u64), tokio_postgres::Error> {
+        debug_assert_eq!(params.len(), self.types.len(), "{}", self.text);
+        let typed = params.iter().copied().zip(self.types.iter().cloned());
+        let stream = client.query_typed_raw(&self.text, typed).await?;
+        futures_util::pin_mut!(stream);
+        let mut rows = Vec::new();
+        while let Some(row) = stream.try_next().await? {
+            rows.push(row);
+        }
+        Ok((rows, stream.rows_affected().unwrap_or(0)))
+    }
+
+    /// Like `run`, in a transaction of its own that carries `settings`. The
+    /// BEGIN, the statement and the COMMIT are pipelined: still one round
+    /// trip. When the statement fails the COMMIT ends the failed transaction
+    /// (as a ROLLBACK), so nothing is left open on the server connection.
+    pub(crate) async fn run_with(
+        &self,
+        client: &Client,
+        settings: Settings,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<(Vec<Row>, u64), tokio_postgres::Error> {
+        let begin = settings.begin();
+        // join (not try_join) polls all three even when one fails at once, so
+        // BEGIN, statement and COMMIT go out together, in that order, and no
+        // transaction is ever left open on the session.
+        let (begun, result, committed) = tokio::join!(
+            client.batch_execute(&begin),
+            self.run(client, params),
+            client.batch_execute("COMMIT"),
+        );
+        begun?;
+        let result = result?;
+        committed?;
+        Ok(result)
+    }
 }
 
 /// Asks the server for the notifications of the applications' insert trigger.
@@ -95,6 +169,9 @@ pub enum StoreError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A statement that always returns one row returned none.
+    #[error("{what} returned no row; the database answered unexpectedly (is it PostgreSQL?)")]
+    NoRow { what: &'static str },
     #[error("{what} failed: {}", cause(source))]
     Query {
         what: &'static str,
@@ -138,6 +215,7 @@ impl StoreError {
             | StoreError::Connect { source, .. } => source.code().map(|c| c.code()),
             StoreError::Decode { .. }
             | StoreError::HandshakeTimeout { .. }
+            | StoreError::NoRow { .. }
             | StoreError::Tls(_)
             | StoreError::Timeout { .. } => None,
         }
@@ -148,6 +226,7 @@ impl StoreError {
         let what = match self {
             StoreError::Query { what, .. }
             | StoreError::Decode { what, .. }
+            | StoreError::NoRow { what }
             | StoreError::Timeout { what } => *what,
             StoreError::Connect { .. }
             | StoreError::HandshakeTimeout { .. }
@@ -172,7 +251,7 @@ impl StoreError {
             StoreError::Query { source, .. } | StoreError::Prepare { source, .. } => {
                 source.is_closed() || source.as_db_error().is_none()
             }
-            StoreError::Decode { .. } => false,
+            StoreError::Decode { .. } | StoreError::NoRow { .. } => false,
             StoreError::Connect { .. }
             | StoreError::HandshakeTimeout { .. }
             | StoreError::Tls(_)
@@ -255,13 +334,13 @@ pub struct Store {
     task: tokio::task::JoinHandle<()>,
     /// Becomes true when the connection task ends.
     closed: tokio::sync::watch::Receiver<bool>,
-    claim: Statement,
-    mark: Statement,
-    delete: Statement,
-    fail: Statement,
-    park: Statement,
-    idle: Statement,
-    node: Statement,
+    claim: Sql,
+    mark: Sql,
+    delete: Sql,
+    fail: Sql,
+    park: Sql,
+    idle: Sql,
+    node: Sql,
 }
 
 impl Store {
@@ -274,9 +353,8 @@ impl Store {
             }
             let _ = closed_tx.send(true);
         });
-        set_session(&client, true).await?;
         let s = &conn.schema;
-        let prepare = |sql: String| prepare_in(&client, s, sql);
+        check_schema(&client, s).await?;
         let columns = "id, message_id, exchange, routing_key, partition, partition_key, \
                        payload, octet_length(payload) AS size, content_type, message_type, \
                        correlation_id, headers, octet_length(headers::text) AS header_size, \
@@ -303,8 +381,9 @@ impl Store {
                      AND p.id + 0 <= $2 AND p.id + 0 < m.id
                      AND p.published_at IS NULL AND p.dead_lettered_at IS NULL))"
         );
-        let claim = prepare(format!(
-            "WITH waiting AS MATERIALIZED (
+        let claim = Sql::new(
+            format!(
+                "WITH waiting AS MATERIALIZED (
                 SELECT coalesce(jsonb_object_agg(partition_key, first_id), '{{}}') AS first_ids
                   FROM (SELECT partition_key, min(id) AS first_id FROM {s}.messages
                          WHERE published_at IS NULL AND dead_lettered_at IS NULL
@@ -346,19 +425,32 @@ impl Store {
                FROM sized
               WHERE upto <= $6::bigint OR nth = 1
               ORDER BY id"
-        ))
-        .await?;
-        let mark = prepare(format!(
-            "UPDATE {s}.messages SET published_at = now()
+            ),
+            &[
+                Type::INT2_ARRAY,
+                Type::INT8,
+                Type::INT8,
+                Type::JSONB,
+                Type::INT4,
+                Type::INT8,
+                Type::INT8,
+                Type::INT4,
+            ],
+        );
+        let mark = Sql::new(
+            format!(
+                "UPDATE {s}.messages SET published_at = now()
               WHERE id = ANY($1::bigint[]) AND published_at IS NULL"
-        ))
-        .await?;
-        let delete = prepare(format!(
-            "DELETE FROM {s}.messages WHERE id = ANY($1::bigint[])"
-        ))
-        .await?;
-        let fail = prepare(format!(
-            "UPDATE {s}.messages m
+            ),
+            &[Type::INT8_ARRAY],
+        );
+        let delete = Sql::new(
+            format!("DELETE FROM {s}.messages WHERE id = ANY($1::bigint[])"),
+            &[Type::INT8_ARRAY],
+        );
+        let fail = Sql::new(
+            format!(
+                "UPDATE {s}.messages m
                 SET attempts = least(m.attempts, 2147483646) + 1,
                     last_error = f.error,
                     available_at = now() + f.delay_ms * interval '1 millisecond',
@@ -368,21 +460,36 @@ impl Store {
                     AS f(id, error, delay_ms, park)
               WHERE m.id = f.id AND m.published_at IS NULL AND m.dead_lettered_at IS NULL
           RETURNING m.id, m.dead_lettered_at IS NOT NULL, m.attempts"
-        ))
-        .await?;
+            ),
+            &[
+                Type::INT8_ARRAY,
+                Type::TEXT_ARRAY,
+                Type::INT8_ARRAY,
+                Type::BOOL_ARRAY,
+                Type::INT4,
+            ],
+        );
         // For a row whose failure the statement above cannot record: it sets
         // nothing but the park and the reason, so the row's own values cannot
         // make it fail too.
-        let park = prepare(format!(
-            "UPDATE {s}.messages SET dead_lettered_at = now(), last_error = $2
+        let park = Sql::new(
+            format!(
+                "UPDATE {s}.messages SET dead_lettered_at = now(), last_error = $2
               WHERE id = $1 AND published_at IS NULL AND dead_lettered_at IS NULL
           RETURNING id, attempts"
-        ))
-        .await?;
+            ),
+            &[Type::INT8, Type::TEXT],
+        );
         // Whether this relay waits for a NOTIFY (see migration 3): the
         // applications' insert trigger notifies only while a relay does.
-        let idle = prepare(format!("SELECT {s}.relay_set_idle($1, $2)")).await?;
-        let node = prepare(format!("SELECT {s}.relay_set_broker_node($1, $2)")).await?;
+        let idle = Sql::new(
+            format!("SELECT {s}.relay_set_idle($1, $2)"),
+            &[Type::TEXT, Type::BOOL],
+        );
+        let node = Sql::new(
+            format!("SELECT {s}.relay_set_broker_node($1, $2)"),
+            &[Type::TEXT, Type::TEXT],
+        );
         Ok(Self {
             client,
             task,
@@ -425,8 +532,9 @@ impl Store {
         let budget = i64::try_from(limits.payload_budget).unwrap_or(i64::MAX);
         let rows = bounded(
             CLAIM,
-            self.client.query(
-                &self.claim,
+            self.claim.run_with(
+                &self.client,
+                Settings::Bounded,
                 &[
                     &partitions,
                     &window.highest,
@@ -439,7 +547,8 @@ impl Store {
                 ],
             ),
         )
-        .await?;
+        .await?
+        .0;
         let claimed: i64 = match rows.first() {
             Some(r) => r.try_get(14).map_err(StoreError::decode("claim size"))?,
             None => 0,
@@ -461,7 +570,12 @@ impl Store {
         }
         fail::fail_point!("before_mark_published");
         let statement = if keep { &self.mark } else { &self.delete };
-        bounded(MARK, self.client.execute(statement, &[&ids])).await
+        bounded(
+            MARK,
+            statement.run_with(&self.client, Settings::HotPath, &[&ids]),
+        )
+        .await
+        .map(|(_, changed)| changed)
     }
 
     /// Records failed attempts; returns the ids that were dead-lettered now.
@@ -504,8 +618,14 @@ impl Store {
              the attempt had failed with: {}",
             failure.error
         );
-        let row = bounded(PARK, self.client.query_opt(&self.park, &[&id, &reason])).await?;
-        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        let (rows, _) = bounded(
+            PARK,
+            self.park
+                .run_with(&self.client, Settings::HotPath, &[&id, &reason]),
+        )
+        .await?;
+        rows.first()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
             .transpose()
             .map_err(StoreError::decode("the parked row"))
     }
@@ -527,10 +647,14 @@ impl Store {
         let park: Vec<bool> = failures.iter().map(|f| f.park_now).collect();
         let rows = bounded(
             FAIL,
-            self.client
-                .query(&self.fail, &[&ids, &errors, &delays, &park, &max_attempts]),
+            self.fail.run_with(
+                &self.client,
+                Settings::HotPath,
+                &[&ids, &errors, &delays, &park, &max_attempts],
+            ),
         )
-        .await?;
+        .await?
+        .0;
         let parked = |r: &Row| -> Result<Option<(i64, i32)>, tokio_postgres::Error> {
             Ok(if r.try_get::<_, bool>(1)? {
                 Some((r.try_get(0)?, r.try_get(2)?))
@@ -547,9 +671,13 @@ impl Store {
 
     /// Says whether this relay waits for a notification to find new rows.
     pub async fn set_idle(&self, instance: &str, idle: bool) -> Result<(), StoreError> {
-        bounded(IDLE, self.client.execute(&self.idle, &[&instance, &idle]))
-            .await
-            .map(|_| ())
+        bounded(
+            IDLE,
+            self.idle
+                .run_with(&self.client, Settings::HotPath, &[&instance, &idle]),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Records the RabbitMQ node this relay publishes to (None: none), for `status`.
@@ -558,9 +686,13 @@ impl Store {
         instance: &str,
         node: Option<&str>,
     ) -> Result<(), StoreError> {
-        bounded(NODE, self.client.execute(&self.node, &[&instance, &node]))
-            .await
-            .map(|_| ())
+        bounded(
+            NODE,
+            self.node
+                .run_with(&self.client, Settings::HotPath, &[&instance, &node]),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Runs mark and claim back to back on the one connection (pipelined: one
@@ -710,14 +842,13 @@ impl Drop for Store {
     }
 }
 
-pub(crate) async fn prepare_in(
-    client: &Client,
-    schema: &str,
-    sql: String,
-) -> Result<Statement, StoreError> {
-    client
-        .prepare(&sql)
+/// Fails with what to do when the schema has no outbox table (the statements
+/// are not prepared ahead, so this is where a missing schema shows first).
+pub(crate) async fn check_schema(client: &Client, schema: &str) -> Result<(), StoreError> {
+    Sql::new(format!("SELECT 1 FROM {schema}.messages LIMIT 0"), &[])
+        .run(client, &[])
         .await
+        .map(|_| ())
         .map_err(|source| StoreError::Prepare {
             schema: schema.to_string(),
             source,

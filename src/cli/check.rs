@@ -2,6 +2,8 @@
 
 use std::{process::ExitCode, time::Duration};
 
+use tokio_postgres::Client;
+
 use super::{connect_db, plural, usage, with_causes, Out, EXIT_PROBLEM};
 use crate::{
     config::{redact_url, AmqpTlsFiles, CommonArgs, Connections},
@@ -17,7 +19,7 @@ const BROKER_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `outbox-relay check`: every condition `run` needs, one line each; exit 0
 /// only when all hold.
-pub async fn check(conn: &Connections) -> ExitCode {
+pub async fn check(conn: &Connections, listen: bool) -> ExitCode {
     let amqp_urls = match CommonArgs::amqp_urls_required(conn) {
         Ok(urls) => urls,
         Err(e) => return usage(&e),
@@ -79,6 +81,8 @@ pub async fn check(conn: &Connections) -> ExitCode {
                     }
                     Err(e) => report(Verdict::Fail, "privileges", &with_causes(&e)),
                 }
+                let (verdict, text) = pooler_check(conn, &db.client, listen).await;
+                report(verdict, "pooler", &text);
             }
             Err(e) => report(Verdict::Fail, "database", &with_causes(&e)),
         },
@@ -130,6 +134,52 @@ pub async fn check(conn: &Connections) -> ExitCode {
             if failed == 1 { "it" } else { "them" }
         ));
         ExitCode::from(EXIT_PROBLEM)
+    }
+}
+
+/// Whether a connection pooler sits in front of the database, and whether
+/// the settings fit it (see README, "Behind a connection pooler").
+async fn pooler_check(conn: &Connections, first: &Client, listen: bool) -> (Verdict, String) {
+    let second = match connect_db(conn, "outbox-relay check").await {
+        Ok(db) => db,
+        Err(e) => {
+            return (
+                Verdict::Warn,
+                format!("not checked: a second connection failed: {e}"),
+            )
+        }
+    };
+    match admin::pooling(first, &second.client).await {
+        Err(e) => (
+            Verdict::Warn,
+            format!("not checked: {}", with_causes(&e)),
+        ),
+        Ok(admin::Pooling::Session) => (
+            Verdict::Ok,
+            "each connection keeps its own server session (a direct connection or a session-mode pooler): every setting works".to_string(),
+        ),
+        Ok(admin::Pooling::Transaction { evidence }) if listen => (
+            Verdict::Fail,
+            format!(
+                "transaction-mode pooler detected ({evidence}) and listen=true: LISTEN needs a server session of its own, so notifications would be lost and the LISTEN left on a server session other clients get: set listen=false (the heartbeat then polls every poll-interval), or give the relay a direct or session-mode connection"
+            ),
+        ),
+        Ok(admin::Pooling::Transaction { evidence }) => (
+            Verdict::Ok,
+            format!(
+                "transaction-mode pooler detected ({evidence}); listen=false fits it: the relay keeps no state on a server session and runs no named prepared statement"
+            ),
+        ),
+        Ok(admin::Pooling::Statement { error }) => (
+            Verdict::Fail,
+            format!(
+                "statement-mode pooler detected (it refused a transaction: {error}): the relay needs transactions of several statements; use transaction or session mode"
+            ),
+        ),
+        Ok(admin::Pooling::Unknown { why }) => (
+            Verdict::Warn,
+            format!("could not tell whether a pooler is in front of the database: {why}"),
+        ),
     }
 }
 

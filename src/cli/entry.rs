@@ -73,7 +73,10 @@ pub fn main() -> ExitCode {
                 }
             }
             Command::Migrate { dry_run } => super::migrate(&conn, *dry_run).await,
-            Command::Check => super::check(&conn).await,
+            Command::Check { listen } => match crate::config::boolean("listen", listen) {
+                Ok(listen) => super::check(&conn, listen).await,
+                Err(e) => usage(&e),
+            },
             Command::Status { json } => super::status(&conn, *json).await,
             Command::DeadLetters { action } => super::dead_letters(&conn, action).await,
             Command::Replay(args) => super::replay(&conn, args).await,

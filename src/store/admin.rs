@@ -20,7 +20,7 @@ mod dead_letters;
 mod replay;
 mod status;
 
-pub use check::{privileges, server, Granted, ObjectKind};
+pub use check::{pooling, privileges, server, Granted, ObjectKind, Pooling};
 pub use dead_letters::{
     discard_dead_letters, list_dead_letters, retry_dead_letters, Changed, Chosen, DeadLetter,
 };
@@ -35,7 +35,7 @@ pub const BATCH: i64 = 10_000;
 /// Where the bulk loops of dead letters and replay stop (see above).
 async fn max_id(client: &Client, schema: &str) -> Result<i64, StoreError> {
     Ok(client
-        .query_one(
+        .query_typed_one(
             &format!("SELECT coalesce(max(id), 0) FROM {schema}.messages"),
             &[],
         )

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::{types::Type, Client};
 
-use super::{bounded, prepare_in, StoreError};
+use super::{check_schema, Settings, Sql, StoreError};
 
 /// What the relay's heartbeat learns: its leases, the next due row, the backlog.
 #[derive(Debug, Clone, Default)]
@@ -18,24 +18,22 @@ pub struct Heartbeat {
 /// The control connection's statements: heartbeat and lease release. Nothing
 /// else runs on that connection, so a renewal never waits behind slow work.
 pub struct Control {
-    heartbeat: Statement,
-    release: Statement,
+    heartbeat: Sql,
+    release: Sql,
 }
 
 impl Control {
     pub async fn prepare(client: &Client, schema: &str) -> Result<Self, StoreError> {
+        check_schema(client, schema).await?;
         Ok(Self {
-            heartbeat: prepare_in(
-                client,
-                schema,
+            heartbeat: Sql::new(
                 format!(
                     "SELECT partitions, next_due_in
                        FROM {schema}.relay_heartbeat($1, make_interval(secs => $2::float8), $3)"
                 ),
-            )
-            .await?,
-            release: prepare_in(client, schema, format!("SELECT {schema}.relay_release($1)"))
-                .await?,
+                &[Type::TEXT, Type::FLOAT8, Type::TEXT],
+            ),
+            release: Sql::new(format!("SELECT {schema}.relay_release($1)"), &[Type::TEXT]),
         })
     }
 
@@ -49,14 +47,21 @@ impl Control {
         // Bounded by the lease ttl: a heartbeat later than that is worthless.
         let row = match tokio::time::timeout(
             ttl,
-            client.query_one(
-                &self.heartbeat,
+            self.heartbeat.run_with(
+                client,
+                Settings::Bounded,
                 &[&instance, &ttl.as_secs_f64(), &metrics_addr],
             ),
         )
         .await
         {
-            Ok(row) => row.map_err(StoreError::query("relay heartbeat (leases)"))?,
+            Ok(result) => {
+                let (mut rows, _) =
+                    result.map_err(StoreError::query("relay heartbeat (leases)"))?;
+                rows.pop().ok_or(StoreError::NoRow {
+                    what: "relay heartbeat (leases)",
+                })?
+            }
             Err(_) => {
                 return Err(StoreError::Timeout {
                     what: "relay heartbeat (leases)",
@@ -73,11 +78,10 @@ impl Control {
     pub async fn release(&self, client: &Client, instance: &str) -> Result<(), StoreError> {
         // Bounded: a relay handing off waits on it, and a silent database
         // must end in a reconnect, not a wait forever.
-        bounded(
-            "releasing leases",
-            client.execute(&self.release, &[&instance]),
-        )
-        .await
-        .map(|_| ())
+        self.release
+            .run_with(client, Settings::Bounded, &[&instance])
+            .await
+            .map(|_| ())
+            .map_err(StoreError::query("releasing leases"))
     }
 }

@@ -3,9 +3,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::{types::Type, Client};
 
-use super::{bounded, prepare_in, StoreError};
+use super::{bounded, check_schema, Settings, Sql, StoreError};
 
 #[derive(Debug, Clone, Default)]
 pub struct BacklogStats {
@@ -16,8 +16,8 @@ pub struct BacklogStats {
 
 /// Backlog statistics and retention: slow-ish work, on a connection of its own.
 pub struct Housekeeping {
-    stats: Statement,
-    retention: Statement,
+    stats: Sql,
+    retention: Sql,
 }
 
 /// Counts stop here, so a statistics query stays cheap on a huge backlog.
@@ -27,14 +27,13 @@ const OLDEST_LOOKAHEAD: i64 = 10_000;
 
 impl Housekeeping {
     pub async fn prepare(client: &Client, schema: &str) -> Result<Self, StoreError> {
+        check_schema(client, schema).await?;
         Ok(Self {
             // Both counts walk partial indexes and stop at COUNT_CAP. The oldest
             // pending row is the first of the pending index that is due or has
             // failed: a row scheduled for later is not late (it would page
             // SREs for nothing); only the first OLDEST_LOOKAHEAD are looked at.
-            stats: prepare_in(
-                client,
-                schema,
+            stats: Sql::new(
                 format!(
                     "SELECT (SELECT count(*) FROM (SELECT 1 FROM {schema}.messages
                               WHERE published_at IS NULL AND dead_lettered_at IS NULL
@@ -48,30 +47,27 @@ impl Housekeeping {
                             (SELECT count(*) FROM (SELECT 1 FROM {schema}.messages
                               WHERE dead_lettered_at IS NOT NULL LIMIT {COUNT_CAP}) d)"
                 ),
-            )
-            .await?,
+                &[],
+            ),
             // Oldest first through the published_at index, a bounded batch per
             // statement: short row locks, never a lock on the table.
-            retention: prepare_in(
-                client,
-                schema,
+            retention: Sql::new(
                 format!(
                     "DELETE FROM {schema}.messages WHERE id IN (
                          SELECT id FROM {schema}.messages
                           WHERE published_at < now() - make_interval(secs => $1::float8)
                           ORDER BY published_at LIMIT $2)"
                 ),
-            )
-            .await?,
+                &[Type::FLOAT8, Type::INT8],
+            ),
         })
     }
 
     pub async fn backlog(&self, client: &Client) -> Result<BacklogStats, StoreError> {
-        let row = bounded(
-            "reading backlog statistics",
-            client.query_one(&self.stats, &[]),
-        )
-        .await?;
+        let what = "reading backlog statistics";
+        let (mut rows, _) =
+            bounded(what, self.stats.run_with(client, Settings::Bounded, &[])).await?;
+        let row = rows.pop().ok_or(StoreError::NoRow { what })?;
         let decode = || StoreError::decode("backlog statistics");
         Ok(BacklogStats {
             pending: row.try_get(0).map_err(decode())?,
@@ -89,8 +85,13 @@ impl Housekeeping {
     ) -> Result<u64, StoreError> {
         bounded(
             "deleting published rows past retention",
-            client.execute(&self.retention, &[&retention.as_secs_f64(), &limit]),
+            self.retention.run_with(
+                client,
+                Settings::Bounded,
+                &[&retention.as_secs_f64(), &limit],
+            ),
         )
         .await
+        .map(|(_, deleted)| deleted)
     }
 }

@@ -1,6 +1,6 @@
 //! What `check` asks the database: the server, the role and its privileges.
 
-use tokio_postgres::Client;
+use tokio_postgres::{types::Type, Client};
 
 use crate::store::StoreError;
 
@@ -13,7 +13,7 @@ pub struct Server {
 
 pub async fn server(client: &Client) -> Result<Server, StoreError> {
     let row = client
-        .query_one(
+        .query_typed_one(
             "SELECT current_setting('server_version'), current_user::text",
             &[],
         )
@@ -164,7 +164,7 @@ pub async fn privileges(client: &Client, schema: &str) -> Result<Vec<Granted>, S
         }
     }
     let rows = client
-        .query(
+        .query_typed(
             "SELECT CASE v.kind
                  WHEN 'schema' THEN
                    (SELECT has_schema_privilege(n.oid, v.privilege)
@@ -188,7 +188,13 @@ pub async fn privileges(client: &Client, schema: &str) -> Result<Vec<Granted>, S
                FROM unnest($2::text[], $3::text[], $4::text[], $5::text[])
                     WITH ORDINALITY AS v(kind, name, args, privilege, ord)
               ORDER BY v.ord",
-            &[&schema, &kinds, &names, &args, &privs],
+            &[
+                (&schema, Type::TEXT),
+                (&kinds, Type::TEXT_ARRAY),
+                (&names, Type::TEXT_ARRAY),
+                (&args, Type::TEXT_ARRAY),
+                (&privs, Type::TEXT_ARRAY),
+            ],
         )
         .await
         .map_err(StoreError::query("reading the role's privileges"))?;
@@ -208,4 +214,122 @@ pub async fn privileges(client: &Client, schema: &str) -> Result<Vec<Granted>, S
         }
     }
     Ok(out)
+}
+
+/// What sits between the relay and PostgreSQL, as two connections observe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pooling {
+    /// Each connection keeps one server session: a direct connection or a
+    /// pooler in session mode (both fine for everything, LISTEN included).
+    Session,
+    /// Consecutive transactions of one connection ran on different server
+    /// sessions: a pooler in transaction mode. `evidence` says what was seen.
+    Transaction { evidence: String },
+    /// The server refused a transaction block: a pooler in statement mode.
+    Statement { error: String },
+    /// The probe could not tell (e.g. no second server connection in time).
+    Unknown { why: String },
+}
+
+/// How long the probe waits for a server connection the pool may not have.
+const POOLING_PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Tells a transaction-mode pooler from a server session of our own with two
+/// client connections: `first` runs a transaction, then `second` opens one and
+/// holds it. Through a transaction pooler `second` may get the server session
+/// `first` just left (same backend pid: two clients on one session), and
+/// `first`'s next transaction must run elsewhere (or wait, with a pool of one).
+/// Directly, or through a session pooler, `first` keeps its backend throughout.
+pub async fn pooling(first: &Client, second: &Client) -> Result<Pooling, StoreError> {
+    // Other clients of the pool may take the session `first` left, so one
+    // round may see nothing: a few rounds, the first sign is proof (directly
+    // or through a session pooler there is never one).
+    for _ in 0..POOLING_PROBE_ROUNDS {
+        let found = pooling_round(first, second).await?;
+        if found != Pooling::Session {
+            return Ok(found);
+        }
+    }
+    Ok(Pooling::Session)
+}
+
+/// Rounds of [`pooling`] before it says no transaction pooler is there.
+const POOLING_PROBE_ROUNDS: usize = 10;
+
+async fn pooling_round(first: &Client, second: &Client) -> Result<Pooling, StoreError> {
+    let pid = "SELECT pg_backend_pid()";
+    let read = |rows: Vec<tokio_postgres::Row>| -> Result<i32, StoreError> {
+        rows.first()
+            .ok_or(StoreError::NoRow {
+                what: "reading the backend pid",
+            })?
+            .try_get(0)
+            .map_err(StoreError::decode("the backend pid"))
+    };
+    let before = read(
+        first
+            .query_typed(pid, &[])
+            .await
+            .map_err(StoreError::query("reading the backend pid"))?,
+    )?;
+    // A session pooler with no server session left for `second` makes it wait.
+    let begin = tokio::time::timeout(POOLING_PROBE_WAIT, second.batch_execute("BEGIN"));
+    match begin.await {
+        Err(_) => {
+            return Ok(Pooling::Unknown {
+                why: format!(
+                    "a second connection got no server session within {}s",
+                    POOLING_PROBE_WAIT.as_secs()
+                ),
+            })
+        }
+        // PgBouncer in statement mode: "transaction blocks not allowed".
+        Ok(Err(e)) => {
+            return match e.as_db_error() {
+                Some(db) if db.message().contains("transaction blocks") => Ok(Pooling::Statement {
+                    error: db.message().to_string(),
+                }),
+                _ => Err(StoreError::query("opening a transaction")(e)),
+            }
+        }
+        Ok(Ok(())) => {}
+    }
+    let result = async {
+        let held = read(
+            second
+                .query_typed(pid, &[])
+                .await
+                .map_err(StoreError::query("reading the backend pid"))?,
+        )?;
+        if held == before {
+            return Ok(Pooling::Transaction {
+                evidence: format!(
+                    "two connections ran on one server session (backend pid {held}) one after the other"
+                ),
+            });
+        }
+        match tokio::time::timeout(POOLING_PROBE_WAIT, first.query_typed(pid, &[])).await {
+            Err(_) => Ok(Pooling::Transaction {
+                evidence: format!(
+                    "a connection's next transaction waited for the server session (pid {held}) another connection holds"
+                ),
+            }),
+            Ok(rows) => {
+                let after =
+                    read(rows.map_err(StoreError::query("reading the backend pid"))?)?;
+                Ok(if after == before {
+                    Pooling::Session
+                } else {
+                    Pooling::Transaction {
+                        evidence: format!(
+                            "one connection's consecutive transactions ran on backend pids {before} and {after}"
+                        ),
+                    }
+                })
+            }
+        }
+    }
+    .await;
+    let _ = second.batch_execute("ROLLBACK").await;
+    result
 }

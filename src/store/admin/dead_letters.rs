@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use tokio_postgres::Client;
+use tokio_postgres::{types::Type, Client};
 use uuid::Uuid;
 
 use super::{max_id, BATCH};
@@ -28,7 +28,7 @@ pub async fn list_dead_letters(
 ) -> Result<(i64, Vec<DeadLetter>), StoreError> {
     let s = schema;
     let total: i64 = client
-        .query_one(
+        .query_typed_one(
             &format!("SELECT count(*) FROM {s}.messages WHERE dead_lettered_at IS NOT NULL"),
             &[],
         )
@@ -36,14 +36,14 @@ pub async fn list_dead_letters(
         .map_err(StoreError::query("counting dead-lettered rows"))?
         .get(0);
     let rows = client
-        .query(
+        .query_typed(
             &format!(
                 "SELECT id, message_id, exchange, routing_key, partition_key, attempts,
                         dead_lettered_at, last_error
                    FROM {s}.messages WHERE dead_lettered_at IS NOT NULL
                   ORDER BY id LIMIT $1"
             ),
-            &[&limit],
+            &[(&limit, Type::INT8)],
         )
         .await
         .map_err(StoreError::query("listing dead-lettered rows"))?;
@@ -147,12 +147,12 @@ async fn change_dead_letters(
             ids.sort_unstable();
             ids.dedup();
             let done: std::collections::HashSet<i64> = client
-                .query(
+                .query_typed(
                     &format!(
                         "{action} WHERE m.id = ANY($1::bigint[]) AND m.dead_lettered_at IS NOT NULL
                          RETURNING m.id"
                     ),
-                    &[&ids],
+                    &[(&ids, Type::INT8_ARRAY)],
                 )
                 .await
                 .map_err(StoreError::query("changing dead-lettered rows"))?
@@ -172,9 +172,8 @@ async fn change_dead_letters(
         }
         Chosen::All => {
             let last = max_id(client, s).await?;
-            let statement = client
-                .prepare(&format!(
-                    "WITH batch AS (
+            let statement = format!(
+                "WITH batch AS (
                          SELECT id FROM {s}.messages
                           WHERE dead_lettered_at IS NOT NULL AND id > $1 AND id <= $2
                           ORDER BY id LIMIT $3),
@@ -183,14 +182,19 @@ async fn change_dead_letters(
                           WHERE m.id = batch.id AND m.dead_lettered_at IS NOT NULL
                           RETURNING m.id)
                      SELECT (SELECT max(id) FROM batch), (SELECT count(*) FROM changed)"
-                ))
-                .await
-                .map_err(StoreError::query("preparing the dead-letter batch"))?;
+            );
             let mut after = 0_i64;
             let mut changed = Changed::default();
             loop {
                 let row = client
-                    .query_one(&statement, &[&after, &last, &BATCH])
+                    .query_typed_one(
+                        &statement,
+                        &[
+                            (&after, Type::INT8),
+                            (&last, Type::INT8),
+                            (&BATCH, Type::INT8),
+                        ],
+                    )
                     .await
                     .map_err(StoreError::query("changing a batch of dead-lettered rows"))?;
                 let Some(batch_end) = row.get::<_, Option<i64>>(0) else {
@@ -210,12 +214,12 @@ async fn row_kinds(
     ids: &[i64],
 ) -> Result<Vec<(i64, RowKind)>, StoreError> {
     let found: Vec<(i64, bool)> = client
-        .query(
+        .query_typed(
             &format!(
                 "SELECT id, published_at IS NOT NULL FROM {schema}.messages
                   WHERE id = ANY($1::bigint[])"
             ),
-            &[&ids],
+            &[(&ids, Type::INT8_ARRAY)],
         )
         .await
         .map_err(StoreError::query("looking up rows by id"))?

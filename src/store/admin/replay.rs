@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use tokio_postgres::Client;
+use tokio_postgres::{types::Type, Client};
 
 use super::{max_id, BATCH};
 use crate::store::StoreError;
@@ -11,7 +11,7 @@ use crate::store::StoreError;
 /// whatever a `psql` user would type). `Ok(Err(reason))` when it is not a time.
 pub async fn parse_time(client: &Client, text: &str) -> Result<Result<String, String>, StoreError> {
     match client
-        .query_one("SELECT $1::text::timestamptz::text", &[&text])
+        .query_typed_one("SELECT $1::text::timestamptz::text", &[(&text, Type::TEXT)])
         .await
     {
         Ok(row) => Ok(Ok(row.get(0))),
@@ -57,9 +57,8 @@ pub async fn replay(
             None,
         ),
     };
-    let statement = client
-        .prepare(&format!(
-            "WITH batch AS (
+    let statement = format!(
+        "WITH batch AS (
                  SELECT id FROM {s}.messages
                   WHERE published_at IS NOT NULL AND id > $1 AND id <= $2
                     AND ($3::text IS NULL OR published_at >= $3::text::timestamptz)
@@ -72,13 +71,19 @@ pub async fn replay(
               RETURNING m.id)
              SELECT (SELECT max(id) FROM batch), (SELECT count(*) FROM replayed),
                     (SELECT min(id) FROM replayed), (SELECT max(id) FROM replayed)"
-        ))
-        .await
-        .map_err(StoreError::query("preparing the replay batch"))?;
+    );
     let mut replayed = Replayed::default();
     while after < last {
         let row = client
-            .query_one(&statement, &[&after, &last, &since, &BATCH])
+            .query_typed_one(
+                &statement,
+                &[
+                    (&after, Type::INT8),
+                    (&last, Type::INT8),
+                    (&since, Type::TEXT),
+                    (&BATCH, Type::INT8),
+                ],
+            )
             .await
             .map_err(StoreError::query("replaying a batch of published rows"))?;
         let Some(batch_end) = row.get::<_, Option<i64>>(0) else {
@@ -107,7 +112,7 @@ pub struct Kept {
 
 pub async fn published_kept(client: &Client, schema: &str) -> Result<Kept, StoreError> {
     let row = client
-        .query_one(
+        .query_typed_one(
             &format!(
                 "SELECT count(*), min(published_at), min(id), max(id)
                    FROM {schema}.messages WHERE published_at IS NOT NULL"

@@ -65,7 +65,7 @@ pub async fn status(client: &mut Client, schema: &str) -> Result<Status, StoreEr
     // Pending and dead-lettered rows are counted through their partial indexes;
     // published rows are counted exactly (status is not on any hot path).
     let row = tx
-        .query_one(
+        .query_typed_one(
             &format!(
                 "SELECT p.pending, p.due_now, p.retrying, p.oldest_created_at,
                         extract(epoch FROM now() - p.oldest_created_at)::float8,
@@ -104,7 +104,7 @@ pub async fn status(client: &mut Client, schema: &str) -> Result<Status, StoreEr
         oldest_published_at: row.get(8),
     };
     let leases = tx
-        .query_one(
+        .query_typed_one(
             &format!(
                 "SELECT count(*),
                         coalesce(array_agg(partition ORDER BY partition)
@@ -121,7 +121,7 @@ pub async fn status(client: &mut Client, schema: &str) -> Result<Status, StoreEr
         .await
         .map_err(StoreError::query("reading partition leases"))?;
     let relays = tx
-        .query(
+        .query_typed(
             &format!(
                 "SELECT i.instance, r.started_at,
                         extract(epoch FROM now() - r.heartbeat_at)::float8,

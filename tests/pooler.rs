@@ -1,0 +1,411 @@
+//! The relay and its operator commands through PgBouncer (README: "Behind a
+//! connection pooler"). scripts/pgbouncer.sh starts a private PgBouncer in
+//! transaction mode (127.0.0.1:6543, 3 server connections for all tests, no
+//! prepared statement support) and one in session mode (6544) in front of the
+//! test PostgreSQL, once for all tests, if they are not running. Every
+//! statement of these tests' relays and commands goes through the pooler; the
+//! tests' own reads go direct.
+
+// Tests time real processes and services: the real clock is what they need.
+#![allow(clippy::disallowed_types)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use lapin::ExchangeKind;
+
+const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The database URL through the private PgBouncer in `mode`, started if need be.
+/// None (the test is skipped, see `cannot_run`) when it cannot start here.
+fn pooler_url(test: &str, mode: &str) -> Option<String> {
+    let direct = database_url();
+    if !direct.contains("@127.0.0.1:5432/") {
+        cannot_run(
+            test,
+            &format!("the test pooler fronts 127.0.0.1:5432, the test database is {direct}"),
+        );
+        return None;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pgbouncer.sh");
+    let out = Command::new("bash")
+        .args([script, "start", mode])
+        .output()
+        .expect("run scripts/pgbouncer.sh");
+    if !out.status.success() {
+        cannot_run(
+            test,
+            &format!(
+                "scripts/pgbouncer.sh start {mode} failed (run scripts/services.sh to install pgbouncer): {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        );
+        return None;
+    }
+    let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // Same database name as the direct URL (the pooler maps every name through).
+    let db = direct.rsplit('/').next().unwrap_or("test");
+    Some(match url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{db}"),
+        None => url,
+    })
+}
+
+/// A test environment whose relays and commands (`migrate` first) go through
+/// the pooler in `mode`.
+async fn pooled_env(test: &str, mode: &str) -> Option<TestEnv> {
+    let url = pooler_url(test, mode)?;
+    let mut env = TestEnv::new_unmigrated(test).await;
+    env.db_url = url;
+    env.migrate().await;
+    Some(env)
+}
+
+/// Relay flags for a transaction pooler: no LISTEN, a short poll.
+const POOLED: &[&str] = &["--listen", "false", "--poll-interval", "200ms"];
+
+/// message id -> (partition key, id), for `order_violations`.
+fn keyed(inserted: &[Inserted], keys: i64) -> HashMap<String, (Option<String>, i64)> {
+    inserted
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let ordinal = i as i64 + 1;
+            let key = (keys > 0).then(|| format!("k{}", ordinal % keys));
+            (r.message_id.to_string(), (key, r.id))
+        })
+        .collect()
+}
+
+fn assert_in_key_order(collector: &Collector, rows: &HashMap<String, (Option<String>, i64)>) {
+    let arrivals = collector.snapshot();
+    let violations = order_violations(arrivals.iter().map(|r| r.message_id.as_deref()), rows);
+    assert!(
+        violations.is_empty(),
+        "{} order violations per partition key; first ones: {:#?}",
+        violations.len(),
+        &violations[..violations.len().min(10)]
+    );
+}
+
+/// Waits until every row is marked published (the issue's failure: published,
+/// never marked, so all of them went out again after a restart).
+async fn wait_all_marked(env: &TestEnv, count: i64, relays: &[&Relay]) {
+    let marked = wait_until(ARRIVAL_TIMEOUT, async || {
+        env.published_count().await == count
+    })
+    .await;
+    let logs: Vec<String> = relays.iter().map(|r| r.log_tail(100)).collect();
+    assert!(
+        marked,
+        "{} of {count} rows marked published\n{}",
+        env.published_count().await,
+        logs.join("\n---\n")
+    );
+}
+
+/// No statement failed the way it does through a transaction pooler when a
+/// prepared statement or session state is assumed.
+fn assert_no_pooler_errors(relay: &Relay) {
+    let logs = relay.logs();
+    for bad in ["prepared statement", "transaction blocks"] {
+        assert!(
+            !logs.contains(bad),
+            "relay log says '{bad}':\n{}",
+            relay.log_tail(100)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_relay_publishes_and_marks_every_row_in_key_order() {
+    let test = "pooled_relay_publishes_and_marks_every_row_in_key_order";
+    let Some(env) = pooled_env(test, "transaction").await else {
+        return;
+    };
+    let queue = env.declare_queue("events").await;
+    let collector = env.consume(&queue, AckMode::Manual).await;
+    let relay = Relay::start(&env, POOLED).await;
+
+    let inserted = env.insert_bulk(&queue, 2_000, 20).await;
+    collector
+        .wait_for_ids(&ids_of(&inserted), ARRIVAL_TIMEOUT)
+        .await;
+    wait_all_marked(&env, inserted.len() as i64, &[&relay]).await;
+    assert_in_key_order(&collector, &keyed(&inserted, 20));
+    assert_no_pooler_errors(&relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_replica_takes_over_from_a_killed_relay_in_key_order() {
+    let test = "pooled_replica_takes_over_from_a_killed_relay_in_key_order";
+    let Some(env) = pooled_env(test, "transaction").await else {
+        return;
+    };
+    let queue = env.declare_queue("events").await;
+    let collector = env.consume(&queue, AckMode::Manual).await;
+    let mut doomed = Relay::start(&env, POOLED).await;
+    let survivor = Relay::start(&env, POOLED).await;
+
+    let first = env.insert_bulk(&queue, 1_500, 30).await;
+    // Kill -9 while it publishes: its leases lapse and the survivor takes them.
+    let started = wait_until(ARRIVAL_TIMEOUT, async || collector.len() >= 100).await;
+    assert!(started, "nothing arrived\n{}", doomed.log_tail(100));
+    doomed.kill();
+    let second = env.insert_bulk(&queue, 1_500, 30).await;
+
+    let all: Vec<Inserted> = first.iter().chain(&second).copied().collect();
+    collector.wait_for_ids(&ids_of(&all), ARRIVAL_TIMEOUT).await;
+    wait_all_marked(&env, all.len() as i64, &[&survivor]).await;
+    // Both batches used keys k0..k29 in id order.
+    let mut rows = keyed(&first, 30);
+    rows.extend(keyed(&second, 30));
+    assert_in_key_order(&collector, &rows);
+    assert_no_pooler_errors(&survivor);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_failures_are_dead_lettered_listed_and_retried() {
+    let test = "pooled_failures_are_dead_lettered_listed_and_retried";
+    let Some(env) = pooled_env(test, "transaction").await else {
+        return;
+    };
+    let queue = env.declare_queue("events").await;
+    let collector = env.consume(&queue, AckMode::Manual).await;
+    let mut args = POOLED.to_vec();
+    args.extend(["--max-attempts", "1"]);
+    let relay = Relay::start(&env, &args).await;
+
+    // One row to an exchange that does not exist yet: parked at its first failure.
+    let missing = env.unique("later");
+    let mut bad = NewRow::to_queue(&queue, "to an exchange declared later");
+    bad.exchange = missing.clone();
+    let good = NewRow::to_queue(&queue, "fine");
+    let inserted = env.insert_committed(&[bad, good]).await;
+    let parked = inserted[0];
+    collector
+        .wait_for_ids(&ids_of(&inserted[1..]), ARRIVAL_TIMEOUT)
+        .await;
+    let dead = wait_until(ARRIVAL_TIMEOUT, async || {
+        env.scalar_i64(&format!(
+            "SELECT count(*) FROM {} WHERE dead_lettered_at IS NOT NULL",
+            env.table()
+        ))
+        .await
+            == 1
+    })
+    .await;
+    assert!(dead, "row not dead-lettered\n{}", relay.log_tail(100));
+
+    let out = env
+        .cli(&["dead-letters", "list", "--json"], CLI_TIMEOUT)
+        .await;
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let j: serde_json::Value = serde_json::from_str(&out.stdout).expect("list --json");
+    assert_eq!(j["total"], 1, "{j:#}");
+    assert_eq!(j["rows"][0]["id"], parked.id, "{j:#}");
+
+    env.declare_exchange_named(&missing, ExchangeKind::Fanout)
+        .await;
+    env.bind(&queue, &missing, "").await;
+    let out = env
+        .cli(&["dead-letters", "retry", "--all"], CLI_TIMEOUT)
+        .await;
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    collector
+        .wait_for_ids(&ids_of(&inserted[..1]), ARRIVAL_TIMEOUT)
+        .await;
+    wait_all_marked(&env, 2, &[&relay]).await;
+    assert_no_pooler_errors(&relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_operator_commands_status_replay_and_check_work() {
+    let test = "pooled_operator_commands_status_replay_and_check_work";
+    let Some(env) = pooled_env(test, "transaction").await else {
+        return;
+    };
+    let queue = env.declare_queue("events").await;
+    let collector = env.consume(&queue, AckMode::Manual).await;
+    let relay = Relay::start(&env, POOLED).await;
+    let inserted = env.insert_bulk(&queue, 50, 5).await;
+    collector
+        .wait_for_ids(&ids_of(&inserted), ARRIVAL_TIMEOUT)
+        .await;
+    wait_all_marked(&env, 50, &[&relay]).await;
+
+    let out = env.cli(&["status", "--json"], CLI_TIMEOUT).await;
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let j: serde_json::Value = serde_json::from_str(&out.stdout).expect("status --json");
+    assert_eq!(j["pending"], 0, "{j:#}");
+    assert_eq!(j["published_kept"], 50, "{j:#}");
+
+    // Replay publishes them again, with the same message ids.
+    let from = inserted[0].id.to_string();
+    let out = env.cli(&["replay", "--from-id", &from], CLI_TIMEOUT).await;
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let again = wait_until(ARRIVAL_TIMEOUT, async || collector.len() >= 100).await;
+    assert!(
+        again,
+        "{} deliveries, expected 100\n{}",
+        collector.len(),
+        relay.log_tail(100)
+    );
+    wait_all_marked(&env, 50, &[&relay]).await;
+    assert_no_pooler_errors(&relay);
+
+    // check says a transaction pooler is there, and whether listen fits it.
+    let out = env.cli(&["check", "--listen", "false"], CLI_TIMEOUT).await;
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert!(
+        out.stdout.contains("transaction-mode pooler detected"),
+        "{}",
+        out.describe()
+    );
+    let out = env.cli(&["check"], CLI_TIMEOUT).await;
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stdout.contains("set listen=false"),
+        "{}",
+        out.describe()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_retention_deletes_published_rows() {
+    let test = "pooled_retention_deletes_published_rows";
+    let Some(env) = pooled_env(test, "transaction").await else {
+        return;
+    };
+    let queue = env.declare_queue("events").await;
+    let collector = env.consume(&queue, AckMode::Manual).await;
+    let mut args = POOLED.to_vec();
+    args.extend(["--retention", "1s"]);
+    let relay = Relay::start(&env, &args).await;
+    let inserted = env.insert_bulk(&queue, 200, 0).await;
+    collector
+        .wait_for_ids(&ids_of(&inserted), ARRIVAL_TIMEOUT)
+        .await;
+    let table = env.table();
+    let gone = wait_until(ARRIVAL_TIMEOUT, async || {
+        env.scalar_i64(&format!("SELECT count(*) FROM {table}"))
+            .await
+            == 0
+    })
+    .await;
+    assert!(
+        gone,
+        "published rows still kept after retention\n{}",
+        relay.log_tail(100)
+    );
+    assert_no_pooler_errors(&relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_pooled_relay_with_listen_publishes_every_row() {
+    let test = "session_pooled_relay_with_listen_publishes_every_row";
+    let Some(env) = pooled_env(test, "session").await else {
+        return;
+    };
+    let queue = env.declare_queue("events").await;
+    let collector = env.consume(&queue, AckMode::Manual).await;
+    let relay = Relay::start(&env, &[]).await;
+    let inserted = env.insert_bulk(&queue, 500, 10).await;
+    collector
+        .wait_for_ids(&ids_of(&inserted), ARRIVAL_TIMEOUT)
+        .await;
+    wait_all_marked(&env, 500, &[&relay]).await;
+    assert_in_key_order(&collector, &keyed(&inserted, 10));
+    assert_no_pooler_errors(&relay);
+    let out = env.cli(&["check"], CLI_TIMEOUT).await;
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert!(
+        out.stdout.contains("its own server session"),
+        "{}",
+        out.describe()
+    );
+}
+
+/// Figures for the README and the issue, not a guarantee: the time to drain
+/// 20,000 waiting rows directly and through the transaction pooler (one run,
+/// same machine), and the statements per second an idle relay sends through
+/// the pooler (PgBouncer's SHOW STATS; nothing else may use the pooler then).
+/// `POOLER_FIGURES_BASELINE_BIN=<older outbox-relay>` adds its direct drain.
+/// Run: cargo nextest run --all-features --test pooler --run-ignored only figures
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn figures_drain_direct_vs_pooled_and_idle_statements() {
+    const ROWS: i64 = 20_000;
+    let test = "figures_drain_direct_vs_pooled_and_idle_statements";
+    let Some(pooled) = pooler_url(test, "transaction") else {
+        return;
+    };
+    let mut runs: Vec<(&str, String, String, Vec<&str>)> = Vec::new();
+    if let Ok(bin) = std::env::var("POOLER_FIGURES_BASELINE_BIN") {
+        runs.push(("direct, baseline binary", database_url(), bin, vec![]));
+    }
+    runs.push(("direct", database_url(), BIN.to_string(), vec![]));
+    runs.push((
+        "pooled (transaction mode)",
+        pooled.clone(),
+        BIN.to_string(),
+        POOLED.to_vec(),
+    ));
+    for (label, url, bin, extra) in runs {
+        let mut env = TestEnv::new(&format!("figures {label}")).await;
+        env.db_url = url;
+        let queue = env.declare_queue("events").await;
+        env.insert_bulk(&queue, ROWS, 100).await;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run")
+            .args(["--database-url", &env.db_url])
+            .args(["--amqp-url", &env.amqp_url])
+            .args(["--schema", &env.schema])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(extra);
+        let log = env.dir.join("relay-figures.log");
+        let mut relay = Relay::spawn_command(cmd, log, "figures");
+        relay.wait_healthy().await;
+        let started = std::time::Instant::now();
+        let drained = wait_until(Duration::from_secs(600), async || {
+            env.published_count().await == ROWS
+        })
+        .await;
+        let secs = started.elapsed().as_secs_f64();
+        assert!(drained, "{label}: not drained\n{}", relay.log_tail(50));
+        println!(
+            "FIGURE drain {label}: {ROWS} rows in {secs:.1} s = {:.0} rows/s",
+            ROWS as f64 / secs
+        );
+        if label.starts_with("pooled") {
+            let stats = async || -> (i64, i64) {
+                let admin = pooled.rsplit_once('/').map(|(b, _)| b).unwrap_or_default();
+                let client = connect_db(&format!("{admin}/pgbouncer")).await;
+                let mut out = (0, 0);
+                for m in client.simple_query("SHOW STATS").await.expect("SHOW STATS") {
+                    if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                        if r.get("database") == Some("test") {
+                            let n = |c| r.get(c).and_then(|v: &str| v.parse().ok()).unwrap_or(0);
+                            out = (n("total_xact_count"), n("total_query_count"));
+                        }
+                    }
+                }
+                out
+            };
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let (x0, q0) = stats().await;
+            tokio::time::sleep(Duration::from_secs(40)).await;
+            let (x1, q1) = stats().await;
+            println!(
+                "FIGURE idle relay through the pooler: {:.1} transactions/s, {:.1} statements/s",
+                (x1 - x0) as f64 / 40.0,
+                (q1 - q0) as f64 / 40.0
+            );
+        }
+        relay.terminate(Duration::from_secs(30)).await;
+    }
+}

@@ -801,7 +801,6 @@ async fn each_alert_fires_in_its_situation_only_and_resolves_after_it() {
     );
 }
 
-
 /// RabbitMQ cut for one of two relays: it releases its partitions (its
 /// `partitions_owned` reads 0, the healthy one owns all 32), every row
 /// written meanwhile is delivered, and neither a lag nor a no-owner alert

@@ -109,12 +109,13 @@ def fail(msg):
     errors.append(msg)
 
 # The metric families the relay registers: every register("name", ...) in
-# src/, under the registry's prefix.
+# src/, and every family a collector writes (encode_descriptor("name", ...)),
+# under the registry's prefix.
 src = "\n".join(p.read_text() for p in sorted(pathlib.Path("src").rglob("*.rs")))
 prefix = re.search(r'Registry::with_prefix\(\s*"([a-z_]+)"', src)
 if not prefix:
     sys.exit("deploy-check: no Registry::with_prefix(\"...\") in src/: cannot list the relay's metrics")
-families = {f"{prefix.group(1)}_{n}" for n in re.findall(r'\.register(?:_with_unit)?\(\s*"([a-z0-9_]+)"', src)}
+families = {f"{prefix.group(1)}_{n}" for n in re.findall(r'\.(?:register(?:_with_unit)?|encode_descriptor)\(\s*"([a-z0-9_]+)"', src)}
 if not families:
     sys.exit("deploy-check: found no registry.register(\"name\", ...) in src/: cannot list the relay's metrics")
 

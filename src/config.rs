@@ -176,7 +176,8 @@ pub struct RunArgs {
     /// Fallback poll when no notification arrives.
     #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value = "1s")]
     pub poll_interval: String,
-    /// Wake on LISTEN/NOTIFY; false behind a pooler in transaction mode.
+    /// Wake on LISTEN/NOTIFY and prepare the hot statements once; false behind
+    /// a pooler in transaction mode (poll only, every statement unnamed).
     #[arg(long, env = "OUTBOX_LISTEN", default_value = "true", action = clap::ArgAction::Set)]
     pub listen: String,
     /// Failed attempts before a row is dead-lettered.

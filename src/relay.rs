@@ -271,7 +271,9 @@ impl Relay {
             tracing::warn!("lost the database connection; reconnecting");
         }
         self.metrics.database_connected.set(0);
-        let connected = Store::connect(&self.cfg.conn).await;
+        // Behind a transaction-mode pooler (`listen = false`) nothing may live on
+        // a server session; otherwise the hot path prepares its statements once.
+        let connected = Store::connect(&self.cfg.conn, self.cfg.listen).await;
         self.metrics
             .connection_attempt(Peer::Database, connected.is_ok());
         match connected {

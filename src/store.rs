@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use futures_util::TryStreamExt;
 use tokio_postgres::{
     types::{ToSql, Type},
-    Client, Row,
+    Client, Row, Statement,
 };
 
 use crate::{
@@ -63,10 +63,16 @@ impl Settings {
 /// statement outlives it: a pooler may hand the next one to another server
 /// connection, and poolers in transaction mode (PgBouncer, RDS Proxy,
 /// Supavisor, pgcat) mostly support no named prepared statements.
+///
+/// On a direct connection the hot path's statements are prepared once
+/// instead ([`Sql::prepared`]): planning the claim costs more than running it.
 #[derive(Debug, Clone)]
 pub(crate) struct Sql {
     text: String,
     types: Vec<Type>,
+    /// Set on a direct connection only: a named statement lives on one
+    /// server session, which a transaction-mode pooler does not keep.
+    prepared: Option<Statement>,
 }
 
 impl Sql {
@@ -74,7 +80,14 @@ impl Sql {
         Self {
             text: text.into(),
             types: types.to_vec(),
+            prepared: None,
         }
+    }
+
+    /// The same statement, prepared (named) on `client`'s session.
+    pub(crate) async fn prepared(mut self, client: &Client) -> Result<Self, tokio_postgres::Error> {
+        self.prepared = Some(client.prepare_typed(&self.text, &self.types).await?);
+        Ok(self)
     }
 
     /// The rows, and the count of rows the statement changed.
@@ -84,8 +97,13 @@ impl Sql {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<(Vec<Row>, u64), tokio_postgres::Error> {
         debug_assert_eq!(params.len(), self.types.len(), "{}", self.text);
-        let typed = params.iter().copied().zip(self.types.iter().cloned());
-        let stream = client.query_typed_raw(&self.text, typed).await?;
+        let stream = match &self.prepared {
+            Some(statement) => client.query_raw(statement, params.iter().copied()).await?,
+            None => {
+                let typed = params.iter().copied().zip(self.types.iter().cloned());
+                client.query_typed_raw(&self.text, typed).await?
+            }
+        };
         futures_util::pin_mut!(stream);
         let mut rows = Vec::new();
         while let Some(row) = stream.try_next().await? {
@@ -104,6 +122,11 @@ impl Sql {
         settings: Settings,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<(Vec<Row>, u64), tokio_postgres::Error> {
+        if self.prepared.is_some() {
+            // A prepared statement means a session of our own, which took the
+            // settings once at connect (`Store::connect`): no wrapper needed.
+            return self.run(client, params).await;
+        }
         let begin = settings.begin();
         // join (not try_join) polls all three even when one fails at once, so
         // BEGIN, statement and COMMIT go out together, in that order, and no
@@ -344,7 +367,11 @@ pub struct Store {
 }
 
 impl Store {
-    pub async fn connect(conn: &Connections) -> Result<Self, StoreError> {
+    /// `session_kept`: the connection is direct (or session-pooled), so the
+    /// hot path's statements are prepared once and its settings set once on
+    /// the session; otherwise (a transaction-mode pooler, `listen = false`)
+    /// every statement runs unnamed in a transaction of its own.
+    pub async fn connect(conn: &Connections, session_kept: bool) -> Result<Self, StoreError> {
         let (client, connection) = connect_raw(&conn.database_url, "outbox-relay").await?;
         let (closed_tx, closed) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
@@ -490,6 +517,37 @@ impl Store {
             format!("SELECT {s}.relay_set_broker_node($1, $2)"),
             &[Type::TEXT, Type::TEXT],
         );
+        let (claim, mark, delete, fail, park, idle, node) = if session_kept {
+            client
+                .batch_execute(&format!(
+                    "SET statement_timeout = {}; SET synchronous_commit TO off",
+                    server_statement_timeout_ms()
+                ))
+                .await
+                .map_err(StoreError::query("setting up the session"))?;
+            let prepare = |sql: Sql| {
+                let client = &client;
+                async move {
+                    sql.prepared(client)
+                        .await
+                        .map_err(|source| StoreError::Prepare {
+                            schema: s.to_string(),
+                            source,
+                        })
+                }
+            };
+            (
+                prepare(claim).await?,
+                prepare(mark).await?,
+                prepare(delete).await?,
+                prepare(fail).await?,
+                prepare(park).await?,
+                prepare(idle).await?,
+                prepare(node).await?,
+            )
+        } else {
+            (claim, mark, delete, fail, park, idle, node)
+        };
         Ok(Self {
             client,
             task,

@@ -21,6 +21,9 @@ mod check;
 mod dead_letters;
 mod entry;
 mod grants;
+/// docs/INTERFACE.md's command-line reference, checked by its test.
+#[cfg(test)]
+mod reference;
 mod replay;
 mod status;
 

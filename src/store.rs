@@ -48,13 +48,19 @@ pub(crate) enum Settings {
 }
 
 impl Settings {
-    fn begin(self) -> String {
+    /// The settings as SET commands: `scope` is "LOCAL " for one
+    /// transaction, "" for the whole session.
+    fn assignments(self, scope: &str) -> String {
         let ms = server_statement_timeout_ms();
         let sync = match self {
-            Settings::Bounded => "",
-            Settings::HotPath => "; SET LOCAL synchronous_commit TO off",
+            Settings::Bounded => String::new(),
+            Settings::HotPath => format!("; SET {scope}synchronous_commit TO off"),
         };
-        format!("BEGIN; SET LOCAL statement_timeout = {ms}{sync}")
+        format!("SET {scope}statement_timeout = {ms}{sync}")
+    }
+
+    fn begin(self) -> String {
+        format!("BEGIN; {}", self.assignments("LOCAL "))
     }
 }
 
@@ -519,10 +525,7 @@ impl Store {
         );
         let (claim, mark, delete, fail, park, idle, node) = if session_kept {
             client
-                .batch_execute(&format!(
-                    "SET statement_timeout = {}; SET synchronous_commit TO off",
-                    server_statement_timeout_ms()
-                ))
+                .batch_execute(&Settings::HotPath.assignments(""))
                 .await
                 .map_err(StoreError::query("setting up the session"))?;
             let prepare = |sql: Sql| {
@@ -536,15 +539,16 @@ impl Store {
                         })
                 }
             };
-            (
-                prepare(claim).await?,
-                prepare(mark).await?,
-                prepare(delete).await?,
-                prepare(fail).await?,
-                prepare(park).await?,
-                prepare(idle).await?,
-                prepare(node).await?,
-            )
+            // Pipelined: one round trip at every (re)connect, not seven.
+            tokio::try_join!(
+                prepare(claim),
+                prepare(mark),
+                prepare(delete),
+                prepare(fail),
+                prepare(park),
+                prepare(idle),
+                prepare(node),
+            )?
         } else {
             (claim, mark, delete, fail, park, idle, node)
         };

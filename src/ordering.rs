@@ -4,7 +4,10 @@
 //! once only while they share one route (exchange and routing key): the broker
 //! then treats them alike, so if one is returned as unroutable the later ones
 //! are too, and all are retried in order. A row with another route waits in
-//! memory until every earlier row of its key is confirmed. If a row fails, the
+//! memory until every earlier row of its key is confirmed. A retried row is
+//! the last of its key in flight: what made it fail (a classic queue's node
+//! down) can end between its publish and the next one, which would then be
+//! routed while it is returned again. If a row fails, the
 //! key's waiting rows go back to pending and the claim query holds them behind
 //! it. Rows without a partition key are not ordered and never wait.
 
@@ -36,6 +39,9 @@ struct KeyState {
     queued: VecDeque<OutboxRow>,
     /// Highest id held for this key.
     last_id: i64,
+    /// A retried row is unconfirmed: nothing later of the key goes before its
+    /// answer.
+    retry_unconfirmed: bool,
 }
 
 fn route(row: &OutboxRow) -> (&str, &str) {
@@ -66,11 +72,12 @@ impl KeyOrder {
         state.last_id = state.last_id.max(row.id);
         let same_route = state.unconfirmed == 0
             || (state.route.0 == row.exchange && state.route.1 == row.routing_key);
-        if state.queued.is_empty() && same_route {
+        if state.queued.is_empty() && same_route && !state.retry_unconfirmed {
             if state.unconfirmed == 0 {
                 state.route = (row.exchange.clone(), row.routing_key.clone());
             }
             state.unconfirmed += 1;
+            state.retry_unconfirmed = row.attempts > 0;
             Admit::Publish(row)
         } else {
             self.queued_bytes += row.held_bytes();
@@ -118,7 +125,9 @@ impl KeyOrder {
         };
         state.unconfirmed = state.unconfirmed.saturating_sub(1);
         if state.unconfirmed == 0 {
-            // Release the next row and the ones behind it that share its route.
+            state.retry_unconfirmed = false;
+            // Release the next row and the ones behind it that share its route,
+            // up to and including a retried row.
             while let Some(next) = state.queued.front() {
                 let first = state.unconfirmed == 0;
                 if !first && route(next) != (state.route.0.as_str(), state.route.1.as_str()) {
@@ -132,7 +141,12 @@ impl KeyOrder {
                 }
                 state.unconfirmed += 1;
                 self.queued_rows -= 1;
+                let retry = next.attempts > 0;
                 self.ready.push_back(next);
+                if retry {
+                    state.retry_unconfirmed = true;
+                    break;
+                }
             }
             if state.unconfirmed == 0 && state.queued.is_empty() {
                 self.keys.remove(key);
@@ -339,6 +353,61 @@ mod tests {
             Some(4),
             "same route as 3: goes with it"
         );
+    }
+
+    fn retried(id: i64, key: &str) -> OutboxRow {
+        OutboxRow {
+            attempts: 1,
+            ..row(id, Some(key))
+        }
+    }
+
+    #[test]
+    fn a_retried_row_is_the_last_of_its_key_in_flight() {
+        let mut order = KeyOrder::default();
+        publish(&mut order, row(1, Some("a")));
+        publish(&mut order, retried(2, "a"));
+        // Same route, but row 2 may be returned again while a later row is
+        // routed (its queue came back in between): row 3 waits for row 2.
+        assert!(matches!(order.admit(row(3, Some("a"))), Admit::Queued));
+        assert!(matches!(order.admit(row(4, Some("a"))), Admit::Queued));
+        publish(&mut order, row(5, Some("b")));
+        order.acked(Some("a"));
+        assert!(order.pop_ready().is_none(), "row 2 is unconfirmed");
+        order.acked(Some("a"));
+        assert_eq!(order.pop_ready().map(|r| r.id), Some(3));
+        assert_eq!(order.pop_ready().map(|r| r.id), Some(4));
+        // A retried row may follow earlier rows in flight: it is the last.
+        publish(&mut order, retried(6, "a"));
+        assert!(matches!(order.admit(row(7, Some("a"))), Admit::Queued));
+        order.acked(Some("a"));
+        order.acked(Some("a"));
+        assert!(order.pop_ready().is_none(), "row 7 waits for row 6");
+        order.acked(Some("a"));
+        assert_eq!(order.pop_ready().map(|r| r.id), Some(7));
+        // A retried row released by a confirm holds back what follows it too.
+        publish(&mut order, routed(10, "c", "x"));
+        let eleven = OutboxRow {
+            attempts: 3,
+            ..routed(11, "c", "y")
+        };
+        assert!(matches!(order.admit(eleven), Admit::Queued));
+        assert!(matches!(order.admit(routed(12, "c", "y")), Admit::Queued));
+        order.acked(Some("c"));
+        assert_eq!(order.pop_ready().map(|r| r.id), Some(11));
+        assert!(order.pop_ready().is_none(), "row 12 waits for row 11");
+        order.acked(Some("c"));
+        assert_eq!(order.pop_ready().map(|r| r.id), Some(12));
+    }
+
+    #[test]
+    fn a_retried_row_that_fails_again_holds_its_followers_pending() {
+        let mut order = KeyOrder::default();
+        publish(&mut order, retried(1, "a"));
+        assert!(matches!(order.admit(row(2, Some("a"))), Admit::Queued));
+        order.failed(Some("a"));
+        assert!(order.pop_ready().is_none());
+        assert_eq!(order.waiting_rows(), 0, "row 2 went back to pending unsent");
     }
 
     #[test]

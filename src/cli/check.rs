@@ -2,15 +2,12 @@
 
 use std::{process::ExitCode, time::Duration};
 
-use tokio_postgres::Client;
-
-use super::{connect_db, plural, usage, with_causes, Out, EXIT_PROBLEM};
+use super::{connect_db, plural, settings::CommonArgs, usage, with_causes, Out, EXIT_PROBLEM};
 use crate::{
-    config::{redact_url, AmqpTlsFiles, CommonArgs, Connections},
-    migrations,
-    publisher::{PublishError, Publisher, AMQP_TIMEOUT},
-    store::admin,
-    tls::{broker_tls_warning, database_tls_warning},
+    config::{AmqpTlsFiles, Connections},
+    publisher::{broker_tls_warning, PublishError, Publisher, AMQP_TIMEOUT},
+    redact::redact_url,
+    store::{admin, database_tls_warning, Session},
 };
 
 /// How long `check` waits for the broker in all (connect, then open a channel;
@@ -51,7 +48,7 @@ pub async fn check(conn: &Connections, listen: bool) -> ExitCode {
                 "not checked: no database connection",
             );
         }
-        Ok(db) => match admin::server(&db.client).await {
+        Ok(db) => match admin::server(&db).await {
             Ok(server) => {
                 report(
                     Verdict::Ok,
@@ -61,7 +58,7 @@ pub async fn check(conn: &Connections, listen: bool) -> ExitCode {
                         server.role, server.version
                     ),
                 );
-                match migrations::verify(&db.client, &conn.schema).await {
+                match db.verify_schema(&conn.schema).await {
                     Ok(version) => report(
                         Verdict::Ok,
                         "schema",
@@ -72,7 +69,7 @@ pub async fn check(conn: &Connections, listen: bool) -> ExitCode {
                     ),
                     Err(e) => report(Verdict::Fail, "schema", &with_causes(&e)),
                 }
-                match admin::privileges(&db.client, &conn.schema).await {
+                match admin::privileges(&db, &conn.schema).await {
                     Ok(granted) => {
                         for (verdict, text) in privilege_lines(&granted, &conn.schema, &server.role)
                         {
@@ -81,7 +78,7 @@ pub async fn check(conn: &Connections, listen: bool) -> ExitCode {
                     }
                     Err(e) => report(Verdict::Fail, "privileges", &with_causes(&e)),
                 }
-                let (verdict, text) = pooler_check(conn, &db.client, listen).await;
+                let (verdict, text) = pooler_check(conn, &db, listen).await;
                 report(verdict, "pooler", &text);
             }
             Err(e) => report(Verdict::Fail, "database", &with_causes(&e)),
@@ -139,7 +136,7 @@ pub async fn check(conn: &Connections, listen: bool) -> ExitCode {
 
 /// Whether a connection pooler sits in front of the database, and whether
 /// the settings fit it (see README, "Behind a connection pooler").
-async fn pooler_check(conn: &Connections, first: &Client, listen: bool) -> (Verdict, String) {
+async fn pooler_check(conn: &Connections, first: &Session, listen: bool) -> (Verdict, String) {
     let second = match connect_db(conn, "outbox-relay check").await {
         Ok(db) => db,
         Err(e) => {
@@ -149,7 +146,7 @@ async fn pooler_check(conn: &Connections, first: &Client, listen: bool) -> (Verd
             )
         }
     };
-    match admin::pooling(first, &second.client).await {
+    match admin::pooling(first, &second).await {
         Err(e) => (
             Verdict::Warn,
             format!("not checked: {}", with_causes(&e)),

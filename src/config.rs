@@ -30,8 +30,24 @@ pub struct Connections {
     pub database_url: String,
     /// One URL per RabbitMQ node, in the order given (empty: none set).
     pub amqp_urls: Vec<String>,
+    /// `host:port` of each node of `amqp_urls`, in the same order: the
+    /// node's name in metrics and logs.
+    pub amqp_nodes: Vec<String>,
     pub amqp_tls: AmqpTlsFiles,
     pub schema: String,
+    /// Settings that work but expose a connection, worded once at start.
+    pub exposure: Exposure,
+}
+
+/// Settings that work but leave a connection unverified off this machine:
+/// `check` prints them as warnings, `run` logs them at start.
+#[derive(Debug, Clone, Default)]
+pub struct Exposure {
+    /// The database connection is not verified and leaves this machine.
+    pub database: Option<String>,
+    /// Plain `amqp://` off this machine, or a client certificate unused; in
+    /// the order of `amqp_urls`.
+    pub brokers: Vec<String>,
 }
 
 /// Where the TLS material for amqps:// lives. The files are read at every
@@ -56,8 +72,10 @@ impl std::fmt::Debug for Connections {
                     .map(|u| redact_url(u))
                     .collect::<Vec<_>>(),
             )
+            .field("amqp_nodes", &self.amqp_nodes)
             .field("amqp_tls", &self.amqp_tls)
             .field("schema", &self.schema)
+            .field("exposure", &self.exposure)
             .finish()
     }
 }

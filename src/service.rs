@@ -11,7 +11,6 @@ use crate::{
     http,
     leases::LeaseState,
     metrics::Metrics,
-    publisher,
     relay::Relay,
     store::{self, Session},
     wakeup::Wakeup,
@@ -29,13 +28,7 @@ pub enum RunError {
 
 pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
-    let nodes: Vec<String> = cfg
-        .conn
-        .amqp_urls
-        .iter()
-        .map(|u| publisher::node_name(u))
-        .collect();
-    metrics.broker_nodes(&nodes);
+    metrics.broker_nodes(&cfg.conn.amqp_nodes);
     warn_about_exposure(&cfg);
     check_schema_if_reachable(&cfg).await?;
 
@@ -128,13 +121,8 @@ pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
 /// Settings that work but leave a connection unverified off this machine:
 /// said at every start, in `check`'s words.
 fn warn_about_exposure(cfg: &RelayConfig) {
-    let database = store::database_tls_warning(&cfg.conn.database_url);
-    let brokers = cfg
-        .conn
-        .amqp_urls
-        .iter()
-        .filter_map(|url| publisher::broker_tls_warning(url, &cfg.conn.amqp_tls));
-    for warning in database.into_iter().chain(brokers) {
+    let exposure = &cfg.conn.exposure;
+    for warning in exposure.database.iter().chain(&exposure.brokers) {
         tracing::warn!("insecure connection setting: {warning}");
     }
 }

@@ -9,10 +9,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use super::GrantsArgs;
 use crate::{
-    config::{AmqpTlsFiles, ConfigError, Connections, RelayConfig},
-    publisher::{self, check_amqp_nodes_agree, check_amqp_url},
+    config::{AmqpTlsFiles, ConfigError, Connections, Exposure, RelayConfig},
+    publisher::{self, broker_tls_warning, check_amqp_nodes_agree, check_amqp_url},
     schema_name,
-    store::check_database_url,
+    store::{check_database_url, database_tls_warning},
 };
 
 #[derive(Debug, Parser)]
@@ -234,11 +234,21 @@ impl CommonArgs {
         publisher::tls_config(&amqp_tls).map_err(|e| ConfigError::new(e.setting, e.problem))?;
         schema_name::validate(&self.schema)
             .map_err(|e| ConfigError::new("schema", e.to_string()))?;
+        let amqp_nodes = amqp_urls.iter().map(|u| publisher::node_name(u)).collect();
+        let exposure = Exposure {
+            database: database_tls_warning(&database_url),
+            brokers: amqp_urls
+                .iter()
+                .filter_map(|url| broker_tls_warning(url, &amqp_tls))
+                .collect(),
+        };
         Ok(Connections {
             database_url,
             amqp_urls,
+            amqp_nodes,
             amqp_tls,
             schema: self.schema.clone(),
+            exposure,
         })
     }
 
@@ -492,8 +502,10 @@ mod tests {
         let conn = Connections {
             database_url: "postgres://postgres@127.0.0.1/test".to_string(),
             amqp_urls: vec!["amqp://guest:guest@127.0.0.1:5672/%2f".to_string()],
+            amqp_nodes: vec!["127.0.0.1:5672".to_string()],
             amqp_tls: AmqpTlsFiles::default(),
             schema: "outbox".to_string(),
+            exposure: Exposure::default(),
         };
         run_args(changes).resolve(conn)
     }

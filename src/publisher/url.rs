@@ -179,4 +179,28 @@ mod tests {
             assert!(!line.contains("cr3t"), "{line}");
         }
     }
+
+    #[test]
+    fn plain_amqp_off_this_machine_is_warned_about() {
+        let none = AmqpTlsFiles::default();
+        let said = broker_tls_warning("amqp://relay:s3cret@rabbit.example/%2f", &none).unwrap();
+        assert_eq!(
+            said,
+            "amqp://relay:***@rabbit.example/%2f is plain amqp:// to rabbit.example: neither encrypted nor verified: use amqps:// (with amqp-ca-file for a private CA)"
+        );
+        assert_eq!(
+            broker_tls_warning("amqps://rabbit.example/%2f", &none),
+            None
+        );
+        assert_eq!(broker_tls_warning("amqp://127.0.0.1:5672/%2f", &none), None);
+        let with_cert = AmqpTlsFiles {
+            cert: Some("/etc/relay/client.pem".into()),
+            ..Default::default()
+        };
+        let said = broker_tls_warning("amqp://localhost/%2f", &with_cert).unwrap();
+        assert!(
+            said.contains("the client certificate is not used"),
+            "{said}"
+        );
+    }
 }

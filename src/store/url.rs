@@ -164,4 +164,35 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn unverified_database_connections_off_this_machine_are_warned_about() {
+        let warn = |url: &str| database_tls_warning(url);
+        let said = warn("postgres://relay@db.example/app?sslmode=require").unwrap();
+        assert!(
+            said.starts_with("sslmode=require: the connection to db.example is encrypted but the server is not verified"),
+            "{said}"
+        );
+        assert!(said
+            .ends_with("use sslmode=verify-full with sslrootcert=<CA file> in the database URL"));
+        let said = warn("postgres://relay@db.example/app").unwrap();
+        assert!(said.starts_with("sslmode=prefer (the default)"), "{said}");
+        let said = warn("postgres://relay@10.0.0.5:5432,db2/app?sslmode=disable").unwrap();
+        assert!(
+            said.contains("to 10.0.0.5, db2 is neither encrypted"),
+            "{said}"
+        );
+        // Verified, or never leaving the machine: nothing to say.
+        for quiet in [
+            "postgres://relay@db.example/app?sslmode=verify-full",
+            "postgres://relay@db.example/app?sslmode=verify-ca",
+            "postgres://relay@db.example/app?sslmode=require&sslrootcert=/ca.pem",
+            "postgres://relay@127.0.0.1/app?sslmode=disable",
+            "postgres://relay@localhost/app",
+            "postgres://relay@[::1]/app?sslmode=require",
+            "postgres:///app?host=/var/run/postgresql",
+        ] {
+            assert_eq!(warn(quiet), None, "{quiet}");
+        }
+    }
 }

@@ -215,6 +215,13 @@ fn tokio_postgres_is_named_only_in_the_store() {
     only_in_room(&["tokio_postgres", "tokio_postgres_rustls"], "store");
 }
 
+/// Flags and environment variables are read at the binary's edge only: what
+/// the rooms below get is `config`'s plain data.
+#[test]
+fn the_command_line_is_parsed_only_at_the_edge() {
+    only_in_room(&["clap"], "cli");
+}
+
 /// The first segment of each path that follows `crate::` in `code`:
 /// `crate::config::X` and `use crate::{config::X, store::{self, Y}}` both
 /// name `config` (and `store`).
@@ -321,6 +328,74 @@ fn top_level_modules_import_each_other_without_a_circle() {
             steps.join("\n  ")
         );
     }
+}
+
+/// `config` is plain data: it uses no other room (so it cannot call a
+/// driver's parser), except `redact` to show its URLs without passwords.
+#[test]
+fn config_is_plain_data_that_imports_no_other_room() {
+    let graph = room_imports();
+    let imported: Vec<&String> = graph
+        .get("config")
+        .expect("src/config.rs")
+        .keys()
+        .filter(|room| *room != "redact")
+        .collect();
+    assert!(
+        imported.is_empty(),
+        "config imports {imported:?}: parse and check settings in cli/settings.rs and hand config plain values"
+    );
+}
+
+/// The rooms of the map in docs/ARCHITECTURE.md, by line (0 = the edge):
+/// the backquoted names in the first cell of each row of its table.
+fn map_lines() -> BTreeMap<String, usize> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/ARCHITECTURE.md");
+    let doc = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let map = doc
+        .split("\n## ")
+        .find(|section| section.starts_with("The map"))
+        .expect("a section '## The map' in docs/ARCHITECTURE.md");
+    let mut lines = BTreeMap::new();
+    let rows = map
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .filter_map(|l| l.split('|').nth(1));
+    for (n, cell) in rows.enumerate() {
+        for room in cell.split('`').skip(1).step_by(2) {
+            lines.insert(room.to_string(), n);
+        }
+    }
+    lines
+}
+
+#[test]
+fn every_room_is_on_the_map_and_imports_run_down_it() {
+    let graph = room_imports();
+    let map = map_lines();
+    let missing: Vec<&String> = graph.keys().filter(|r| !map.contains_key(*r)).collect();
+    assert!(
+        missing.is_empty(),
+        "rooms of src/ missing from the map in docs/ARCHITECTURE.md: {missing:?}"
+    );
+    let gone: Vec<&String> = map.keys().filter(|r| !graph.contains_key(*r)).collect();
+    assert!(
+        gone.is_empty(),
+        "the map in docs/ARCHITECTURE.md names rooms src/ does not have: {gone:?}"
+    );
+    let mut upward = Vec::new();
+    for (from, edges) in &graph {
+        for (to, file) in edges {
+            if map[to] < map[from] {
+                upward.push(format!("{from} -> {to} (in {file})"));
+            }
+        }
+    }
+    assert!(
+        upward.is_empty(),
+        "imports that run up the map of docs/ARCHITECTURE.md (move the room on the map, or the code):\n  {}",
+        upward.join("\n  ")
+    );
 }
 
 #[test]

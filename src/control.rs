@@ -4,17 +4,14 @@
 
 use std::{sync::Arc, time::Duration};
 
-use futures_util::StreamExt;
 use tokio::{sync::watch, time::Instant};
-use tokio_postgres::{AsyncMessage, Client};
 
 use crate::{
     backoff,
     config::RelayConfig,
     leases::{LeaseState, HANDOFF_AFTER, LEASE_TTL, RENEW_EVERY},
     metrics::{Metrics, Peer},
-    migrations,
-    store::{self, Control},
+    store::{self, Control, Session},
     wakeup::Wakeup,
 };
 
@@ -24,7 +21,7 @@ enum ControlError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error(transparent)]
-    Schema(#[from] migrations::MigrateError),
+    Schema(#[from] store::MigrateError),
     #[error("the control connection closed")]
     Closed,
 }
@@ -79,42 +76,30 @@ impl ControlTask {
 
     /// One connection's life. Ok(()) when asked to stop.
     async fn session(&mut self) -> Result<(), ControlError> {
-        let connected =
-            store::connect_raw(&self.cfg.conn.database_url, "outbox-relay control").await;
+        let wakeup = self.wakeup.clone();
+        let connected = Session::connect_notified(
+            &self.cfg.conn.database_url,
+            "outbox-relay control",
+            move || wakeup.wake(),
+        )
+        .await;
         self.metrics
             .connection_attempt(Peer::Database, connected.is_ok());
-        let (client, mut connection) = connected?;
-        let (closed_tx, mut closed_rx) = watch::channel(false);
-        let wakeup = self.wakeup.clone();
-        let driver = tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(message) = messages.next().await {
-                match message {
-                    Ok(AsyncMessage::Notification(_)) => wakeup.wake(),
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "control connection error");
-                        break;
-                    }
-                }
-            }
-            let _ = closed_tx.send(true);
-        });
-        let result = self.converse(&client, &mut closed_rx).await;
-        driver.abort();
-        result
+        let session = connected?;
+        let mut closed = session.closed();
+        self.converse(&session, &mut closed).await
     }
 
     async fn converse(
         &mut self,
-        client: &Client,
+        session: &Session,
         closed: &mut watch::Receiver<bool>,
     ) -> Result<(), ControlError> {
         let schema = self.cfg.conn.schema.clone();
-        migrations::verify(client, &schema).await?;
-        let statements = Control::prepare(client, &schema).await?;
+        session.verify_schema(&schema).await?;
+        let statements = Control::prepare(session, &schema).await?;
         if self.cfg.listen {
-            store::listen(client, &schema).await?;
+            session.listen(&schema).await?;
         }
         // Anything inserted while we were away gets no notification: poll once.
         self.wakeup.wake();
@@ -127,7 +112,7 @@ impl ControlTask {
                 .partitions_handed_off
                 .set(i64::from(stance == Stance::HandedOff));
             if stance == Stance::HandedOff {
-                self.hand_off(client, &statements, closed).await?;
+                self.hand_off(session, &statements, closed).await?;
                 if *self.stop.borrow() {
                     return Ok(());
                 }
@@ -135,7 +120,7 @@ impl ControlTask {
             }
             let started = Instant::now();
             let beat = statements
-                .heartbeat(client, &self.cfg.instance_id, LEASE_TTL, &metrics_addr)
+                .heartbeat(session, &self.cfg.instance_id, LEASE_TTL, &metrics_addr)
                 .await?;
             self.metrics.heartbeat_answered();
             self.metrics
@@ -198,7 +183,7 @@ impl ControlTask {
     /// relay can publish again (or stop, or the connection closes).
     async fn hand_off(
         &mut self,
-        client: &Client,
+        session: &Session,
         statements: &Control,
         closed: &mut watch::Receiver<bool>,
     ) -> Result<(), ControlError> {
@@ -221,7 +206,7 @@ impl ControlTask {
             if !released && fenced.is_none_or(|t| Instant::now() >= t) {
                 // Also takes this relay out of the live count, so the others'
                 // fair share is every partition.
-                statements.release(client, &self.cfg.instance_id).await?;
+                statements.release(session, &self.cfg.instance_id).await?;
                 released = true;
                 if !held.partitions.is_empty() {
                     tracing::info!("partition leases released");
@@ -252,9 +237,7 @@ async fn publishing_changed(can_publish: &mut watch::Receiver<bool>) {
 
 /// Hands this instance's leases back so successors need not wait for the ttl.
 pub async fn release_leases(cfg: &RelayConfig) -> Result<(), store::StoreError> {
-    let (client, task) = store::connect(&cfg.conn.database_url, "outbox-relay release").await?;
-    let statements = Control::prepare(&client, &cfg.conn.schema).await?;
-    let result = statements.release(&client, &cfg.instance_id).await;
-    task.abort();
-    result
+    let session = Session::connect(&cfg.conn.database_url, "outbox-relay release").await?;
+    let statements = Control::prepare(&session, &cfg.conn.schema).await?;
+    statements.release(&session, &cfg.instance_id).await
 }

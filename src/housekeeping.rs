@@ -9,7 +9,7 @@ use crate::{
     backoff,
     config::RelayConfig,
     metrics::{Metrics, Peer},
-    store::{self, Housekeeping},
+    store::{self, Housekeeping, Session},
 };
 
 /// Backlog statistics are refreshed this often while rows are pending or
@@ -60,30 +60,28 @@ impl HousekeepingTask {
     /// One connection's life. Ok(()) when asked to stop.
     async fn session(&mut self) -> Result<(), store::StoreError> {
         let connected =
-            store::connect(&self.cfg.conn.database_url, "outbox-relay housekeeping").await;
+            Session::connect(&self.cfg.conn.database_url, "outbox-relay housekeeping").await;
         self.metrics
             .connection_attempt(Peer::Database, connected.is_ok());
-        let (client, task) = connected?;
-        let result = self.converse(&client).await;
-        task.abort();
-        result
+        let session = connected?;
+        self.converse(&session).await
     }
 
-    async fn converse(&mut self, client: &tokio_postgres::Client) -> Result<(), store::StoreError> {
-        let statements = Housekeeping::prepare(client, &self.cfg.conn.schema).await?;
+    async fn converse(&mut self, session: &Session) -> Result<(), store::StoreError> {
+        let statements = Housekeeping::prepare(session, &self.cfg.conn.schema).await?;
         let mut retention = RetentionClock::default();
         let mut last_stats: Option<(Instant, u64, i64)> = None;
         loop {
             let published = self.metrics.published.get();
             // A closed connection is found by the next statement, at once.
-            let stale = client.is_closed()
+            let stale = session.is_closed()
                 || last_stats.is_none_or(|(at, seen, pending)| {
                     let since = at.elapsed();
                     since >= STATS_IDLE_EVERY
                         || (since >= STATS_EVERY && (pending > 0 || seen != published))
                 });
             if stale {
-                let stats = statements.backlog(client).await?;
+                let stats = statements.backlog(session).await?;
                 // Refreshed within STATS_EVERY while rows are pending or flowing.
                 let next = if stats.pending > 0 {
                     STATS_EVERY
@@ -104,7 +102,7 @@ impl HousekeepingTask {
                 let budget = Instant::now() + RETENTION_BUDGET;
                 let full = loop {
                     let deleted = statements
-                        .delete_expired(client, self.cfg.retention, RETENTION_BATCH)
+                        .delete_expired(session, self.cfg.retention, RETENTION_BATCH)
                         .await?;
                     self.metrics.deleted.inc_by(deleted);
                     let full = deleted as i64 == RETENTION_BATCH;

@@ -10,15 +10,14 @@ mod bounded;
 mod cli;
 mod config;
 mod control;
-mod enqueue;
 mod fence;
 mod housekeeping;
 mod http;
 mod leases;
 mod metrics;
-mod migrations;
 mod ordering;
 mod publisher;
+mod redact;
 mod relay;
 mod rows;
 mod schema_name;
@@ -29,5 +28,5 @@ mod wakeup;
 
 #[doc(hidden)]
 pub use cli::main;
-pub use enqueue::{enqueue, EnqueueError, NewMessage};
 pub use schema_name::InvalidSchemaName;
+pub use store::enqueue::{enqueue, EnqueueError, NewMessage};

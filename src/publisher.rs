@@ -5,11 +5,14 @@
 mod confirm;
 mod message;
 mod tls;
+mod url;
 
 use confirm::fault;
 pub use confirm::{since, BrokerFault, Confirm, Verdict};
 pub use message::{header_frame_bytes, prepare, Prepared};
 pub use tls::{node_name, tls_config, TlsFileError};
+use url::amqp_uri;
+pub use url::{broker_tls_warning, check_amqp_nodes_agree, check_amqp_url};
 
 use std::{
     sync::{
@@ -28,12 +31,13 @@ use lapin::{
 };
 
 use async_rs::{util::RuntimeParts, Runtime, Tokio};
-use lapin::{tcp::AMQPUriTcpExt, uri::AMQPUri};
+use lapin::tcp::AMQPUriTcpExt;
 
 use crate::{
     bounded::ExpiringMap,
-    config::{redact_url, AmqpTlsFiles},
+    config::AmqpTlsFiles,
     fence::{FencedReactor, WriteFence},
+    redact::redact_url,
     rows::OutboxRow,
 };
 
@@ -164,7 +168,7 @@ impl Publisher {
             Ok(Err(source)) => {
                 let why = url
                     .starts_with("amqps://")
-                    .then(|| crate::tls::explain_amqp_tls_error(&source, &host, tls_files))
+                    .then(|| tls::explain_amqp_tls_error(&source, &host, tls_files))
                     .flatten();
                 return Err(match why {
                     Some(why) => PublishError::TlsHandshake {
@@ -415,22 +419,6 @@ impl Publisher {
     }
 }
 
-/// The URL as lapin's parser reads it, with the host mended: it reads the
-/// host with `Url::domain()`, which is empty for an IP address, and then falls
-/// back to "localhost", so `amqp://10.0.0.5/` would reach the local broker.
-pub fn amqp_uri(url: &str) -> Result<AMQPUri, String> {
-    let mut uri: AMQPUri = url.parse()?;
-    let parsed = url::Url::parse(url).map_err(|e| e.to_string())?;
-    if let Some(host) = parsed.host() {
-        uri.authority.host = match host {
-            url::Host::Domain(d) => d.to_string(),
-            url::Host::Ipv4(ip) => ip.to_string(),
-            url::Host::Ipv6(ip) => ip.to_string(),
-        };
-    }
-    Ok(uri)
-}
-
 /// Fault tests: `FAILPOINTS=publish_after_lease_check=N*off->1*return` stops
 /// the whole process (SIGSTOP to itself) after the lease check and before the
 /// write, the moment a pause hurts fencing most. A no-op without the feature.
@@ -454,24 +442,4 @@ async fn confirm_channel(connection: &Connection) -> Result<Channel, PublishErro
 
 fn is_not_found(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn amqp_urls_keep_an_ip_address_host() {
-        let host = |u: &str| amqp_uri(u).map(|u| u.authority.host);
-        assert_eq!(
-            host("amqp://u:p@10.1.2.3:5673/%2f").as_deref(),
-            Ok("10.1.2.3")
-        );
-        assert_eq!(host("amqps://[::1]:5671/").as_deref(), Ok("::1"));
-        assert_eq!(
-            host("amqp://rabbit.internal/").as_deref(),
-            Ok("rabbit.internal")
-        );
-        assert_eq!(host("amqp://u:p@127.0.0.1/").as_deref(), Ok("127.0.0.1"));
-    }
 }

@@ -346,6 +346,7 @@ impl Relay {
         let mut last_error = None;
         for _ in 0..urls.len() {
             let url = &urls[self.next_node % urls.len()];
+            let node = &self.cfg.conn.amqp_nodes[self.next_node % urls.len()];
             self.next_node = (self.next_node + 1) % urls.len();
             let connected =
                 Publisher::connect(url, &self.cfg.conn.amqp_tls, self.cfg.allow_unroutable).await;
@@ -367,7 +368,7 @@ impl Relay {
                 }
                 Err(e) => {
                     if urls.len() > 1 {
-                        tracing::warn!(node = %crate::publisher::node_name(url), error = %e, "RabbitMQ node unavailable; trying the next");
+                        tracing::warn!(node = %node, error = %e, "RabbitMQ node unavailable; trying the next");
                     }
                     last_error = Some(e);
                 }

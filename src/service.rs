@@ -11,9 +11,8 @@ use crate::{
     http,
     leases::LeaseState,
     metrics::Metrics,
-    migrations,
     relay::Relay,
-    store,
+    store::{self, Session},
     wakeup::Wakeup,
 };
 
@@ -22,20 +21,14 @@ pub enum RunError {
     #[error(transparent)]
     Bind(#[from] http::BindError),
     #[error(transparent)]
-    Schema(#[from] migrations::MigrateError),
+    Schema(#[from] store::MigrateError),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
 }
 
 pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
-    let nodes: Vec<String> = cfg
-        .conn
-        .amqp_urls
-        .iter()
-        .map(|u| crate::publisher::node_name(u))
-        .collect();
-    metrics.broker_nodes(&nodes);
+    metrics.broker_nodes(&cfg.conn.amqp_nodes);
     warn_about_exposure(&cfg);
     check_schema_if_reachable(&cfg).await?;
 
@@ -128,13 +121,8 @@ pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
 /// Settings that work but leave a connection unverified off this machine:
 /// said at every start, in `check`'s words.
 fn warn_about_exposure(cfg: &RelayConfig) {
-    let database = crate::tls::database_tls_warning(&cfg.conn.database_url);
-    let brokers = cfg
-        .conn
-        .amqp_urls
-        .iter()
-        .filter_map(|url| crate::tls::broker_tls_warning(url, &cfg.conn.amqp_tls));
-    for warning in database.into_iter().chain(brokers) {
+    let exposure = &cfg.conn.exposure;
+    for warning in exposure.database.iter().chain(&exposure.brokers) {
         tracing::warn!("insecure connection setting: {warning}");
     }
 }
@@ -142,11 +130,10 @@ fn warn_about_exposure(cfg: &RelayConfig) {
 /// A missing or outdated schema is a setup error worth stopping for; an
 /// unreachable database is not (the relay waits for it).
 async fn check_schema_if_reachable(cfg: &RelayConfig) -> Result<(), RunError> {
-    let connect = store::connect(&cfg.conn.database_url, "outbox-relay check");
+    let connect = Session::connect(&cfg.conn.database_url, "outbox-relay check");
     match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
-        Ok(Ok((client, task))) => {
-            let result = migrations::verify(&client, &cfg.conn.schema).await;
-            task.abort();
+        Ok(Ok(session)) => {
+            let result = session.verify_schema(&cfg.conn.schema).await;
             result.map(|_| ()).map_err(RunError::Schema)
         }
         Ok(Err(e)) => {

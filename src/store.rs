@@ -1,12 +1,23 @@
 //! Every SQL statement the relay runs against the outbox lives here (the
-//! operator commands' statements are in `store/admin.rs`).
+//! operator commands' statements are in `store/admin.rs`, the schema's in
+//! `store/migrations.rs`, the applications' insert in `store/enqueue.rs`), and
+//! every tokio-postgres type stays in this module and its children: callers
+//! hold a [`Store`] (the hot path) or a [`Session`] (any other connection).
 
 pub mod admin;
 mod control;
+pub mod enqueue;
 mod housekeeping;
+pub mod migrations;
+mod session;
+mod tls;
+mod url;
 
 pub use control::Control;
 pub use housekeeping::Housekeeping;
+pub use migrations::MigrateError;
+pub use session::Session;
+pub use url::{check_database_url, database_tls_warning};
 
 use std::time::{Duration, SystemTime};
 
@@ -17,9 +28,9 @@ use tokio_postgres::{
 };
 
 use crate::{
-    config::{redact_url, Connections},
+    config::Connections,
+    redact::redact_url,
     rows::{Failure, OutboxRow},
-    tls,
 };
 
 /// A statement on a stalled connection (a network that drops packets without
@@ -147,14 +158,6 @@ impl Sql {
         committed?;
         Ok(result)
     }
-}
-
-/// Asks the server for the notifications of the applications' insert trigger.
-pub async fn listen(client: &Client, schema: &str) -> Result<(), StoreError> {
-    client
-        .batch_execute(&format!("LISTEN \"{schema}.messages\""))
-        .await
-        .map_err(StoreError::query("LISTEN for new outbox rows"))
 }
 
 /// Bounds a statement by [`STATEMENT_TIMEOUT`].
@@ -295,22 +298,9 @@ impl StoreError {
 /// load balancer, a firewall) would otherwise hold the attempt forever.
 pub const DB_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Opens one connection; the returned task drives it and ends when it breaks.
-pub async fn connect(
-    database_url: &str,
-    application_name: &str,
-) -> Result<(Client, tokio::task::JoinHandle<()>), StoreError> {
-    let (client, connection) = connect_raw(database_url, application_name).await?;
-    let task = tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "database connection closed");
-        }
-    });
-    Ok((client, task))
-}
-
-/// Opens one connection and leaves driving it to the caller (LISTEN needs that).
-pub async fn connect_raw(
+/// Opens one connection and leaves driving it to the caller (a [`Store`] or
+/// a [`Session`]).
+async fn connect_raw(
     database_url: &str,
     application_name: &str,
 ) -> Result<

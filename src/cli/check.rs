@@ -2,15 +2,12 @@
 
 use std::{process::ExitCode, time::Duration};
 
-use tokio_postgres::Client;
-
-use super::{connect_db, plural, usage, with_causes, Out, EXIT_PROBLEM};
+use super::{connect_db, plural, settings::CommonArgs, usage, with_causes, Out, EXIT_PROBLEM};
 use crate::{
-    config::{redact_url, AmqpTlsFiles, CommonArgs, Connections},
-    migrations,
+    config::{AmqpTlsFiles, Connections},
     publisher::{PublishError, Publisher, AMQP_TIMEOUT},
-    store::admin,
-    tls::{broker_tls_warning, database_tls_warning},
+    redact::redact_url,
+    store::{admin, Session},
 };
 
 /// How long `check` waits for the broker in all (connect, then open a channel;
@@ -51,7 +48,7 @@ pub async fn check(conn: &Connections, listen: bool) -> ExitCode {
                 "not checked: no database connection",
             );
         }
-        Ok(db) => match admin::server(&db.client).await {
+        Ok(db) => match admin::server(&db).await {
             Ok(server) => {
                 report(
                     Verdict::Ok,
@@ -61,7 +58,7 @@ pub async fn check(conn: &Connections, listen: bool) -> ExitCode {
                         server.role, server.version
                     ),
                 );
-                match migrations::verify(&db.client, &conn.schema).await {
+                match db.verify_schema(&conn.schema).await {
                     Ok(version) => report(
                         Verdict::Ok,
                         "schema",
@@ -72,7 +69,7 @@ pub async fn check(conn: &Connections, listen: bool) -> ExitCode {
                     ),
                     Err(e) => report(Verdict::Fail, "schema", &with_causes(&e)),
                 }
-                match admin::privileges(&db.client, &conn.schema).await {
+                match admin::privileges(&db, &conn.schema).await {
                     Ok(granted) => {
                         for (verdict, text) in privilege_lines(&granted, &conn.schema, &server.role)
                         {
@@ -81,21 +78,20 @@ pub async fn check(conn: &Connections, listen: bool) -> ExitCode {
                     }
                     Err(e) => report(Verdict::Fail, "privileges", &with_causes(&e)),
                 }
-                let (verdict, text) = pooler_check(conn, &db.client, listen).await;
+                let (verdict, text) = pooler_check(conn, &db, listen).await;
                 report(verdict, "pooler", &text);
             }
             Err(e) => report(Verdict::Fail, "database", &with_causes(&e)),
         },
     }
-    if let Some(warning) = database_tls_warning(&conn.database_url) {
-        report(Verdict::Warn, "database", &warning);
+    if let Some(warning) = &conn.exposure.database {
+        report(Verdict::Warn, "database", warning);
     }
 
     // Every node is tried; `run` needs one, so an unreachable node of several
     // is a warning, and only none reachable fails.
     let mut reached = 0;
     let mut refused = Vec::new();
-    let mut warnings = Vec::new();
     for url in &amqp_urls {
         match broker_check(url, &conn.amqp_tls).await {
             Ok(text) => {
@@ -104,7 +100,6 @@ pub async fn check(conn: &Connections, listen: bool) -> ExitCode {
             }
             Err(text) => refused.push(text),
         }
-        warnings.extend(broker_tls_warning(url, &conn.amqp_tls));
     }
     let verdict = if reached == 0 {
         Verdict::Fail
@@ -114,8 +109,8 @@ pub async fn check(conn: &Connections, listen: bool) -> ExitCode {
     for text in refused {
         report(verdict, "broker", &text);
     }
-    for text in warnings {
-        report(Verdict::Warn, "broker", &text);
+    for text in &conn.exposure.brokers {
+        report(Verdict::Warn, "broker", text);
     }
 
     if failed == 0 {
@@ -139,7 +134,7 @@ pub async fn check(conn: &Connections, listen: bool) -> ExitCode {
 
 /// Whether a connection pooler sits in front of the database, and whether
 /// the settings fit it (see README, "Behind a connection pooler").
-async fn pooler_check(conn: &Connections, first: &Client, listen: bool) -> (Verdict, String) {
+async fn pooler_check(conn: &Connections, first: &Session, listen: bool) -> (Verdict, String) {
     let second = match connect_db(conn, "outbox-relay check").await {
         Ok(db) => db,
         Err(e) => {
@@ -149,7 +144,7 @@ async fn pooler_check(conn: &Connections, first: &Client, listen: bool) -> (Verd
             )
         }
     };
-    match admin::pooling(first, &second.client).await {
+    match admin::pooling(first, &second).await {
         Err(e) => (
             Verdict::Warn,
             format!("not checked: {}", with_causes(&e)),
@@ -370,58 +365,8 @@ mod tests {
     }
 
     #[test]
-    fn unverified_database_connections_off_this_machine_are_warned_about() {
-        let warn = |url: &str| database_tls_warning(url);
-        let said = warn("postgres://relay@db.example/app?sslmode=require").unwrap();
-        assert!(
-            said.starts_with("sslmode=require: the connection to db.example is encrypted but the server is not verified"),
-            "{said}"
-        );
-        assert!(said
-            .ends_with("use sslmode=verify-full with sslrootcert=<CA file> in the database URL"));
-        let said = warn("postgres://relay@db.example/app").unwrap();
-        assert!(said.starts_with("sslmode=prefer (the default)"), "{said}");
-        let said = warn("postgres://relay@10.0.0.5:5432,db2/app?sslmode=disable").unwrap();
-        assert!(
-            said.contains("to 10.0.0.5, db2 is neither encrypted"),
-            "{said}"
-        );
-        // Verified, or never leaving the machine: nothing to say.
-        for quiet in [
-            "postgres://relay@db.example/app?sslmode=verify-full",
-            "postgres://relay@db.example/app?sslmode=verify-ca",
-            "postgres://relay@db.example/app?sslmode=require&sslrootcert=/ca.pem",
-            "postgres://relay@127.0.0.1/app?sslmode=disable",
-            "postgres://relay@localhost/app",
-            "postgres://relay@[::1]/app?sslmode=require",
-            "postgres:///app?host=/var/run/postgresql",
-        ] {
-            assert_eq!(warn(quiet), None, "{quiet}");
-        }
-    }
-
-    #[test]
-    fn plain_amqp_off_this_machine_is_warned_about() {
+    fn broker_lines_say_how_the_connection_is_secured() {
         let none = AmqpTlsFiles::default();
-        let said = broker_tls_warning("amqp://relay:s3cret@rabbit.example/%2f", &none).unwrap();
-        assert_eq!(
-            said,
-            "amqp://relay:***@rabbit.example/%2f is plain amqp:// to rabbit.example: neither encrypted nor verified: use amqps:// (with amqp-ca-file for a private CA)"
-        );
-        assert_eq!(
-            broker_tls_warning("amqps://rabbit.example/%2f", &none),
-            None
-        );
-        assert_eq!(broker_tls_warning("amqp://127.0.0.1:5672/%2f", &none), None);
-        let with_cert = AmqpTlsFiles {
-            cert: Some("/etc/relay/client.pem".into()),
-            ..Default::default()
-        };
-        let said = broker_tls_warning("amqp://localhost/%2f", &with_cert).unwrap();
-        assert!(
-            said.contains("the client certificate is not used"),
-            "{said}"
-        );
         assert_eq!(
             broker_security("amqps://rabbit.example/%2f", &none),
             "TLS, server verified against the system's CA certificates"

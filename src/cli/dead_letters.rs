@@ -4,9 +4,13 @@ use std::{fmt::Write as _, process::ExitCode};
 
 use serde_json::{json, Value};
 
-use super::{open_outbox, plural, rfc3339, rfc3339_seconds, usage, Out, Table, EXIT_PROBLEM};
+use super::{
+    open_outbox, plural, rfc3339, rfc3339_seconds,
+    settings::{DeadLetterAction, Selection},
+    usage, Out, Table, EXIT_PROBLEM,
+};
 use crate::{
-    config::{Connections, DeadLetterAction, Selection},
+    config::Connections,
     store::{
         self,
         admin::{self, Chosen},
@@ -30,7 +34,7 @@ pub async fn dead_letters(conn: &Connections, action: &DeadLetterAction) -> Exit
     let schema = &conn.schema;
     match action {
         DeadLetterAction::List { json, limit } => {
-            let (total, rows) = match admin::list_dead_letters(&db.client, schema, *limit).await {
+            let (total, rows) = match admin::list_dead_letters(&db, schema, *limit).await {
                 Ok(r) => r,
                 Err(e) => return out.fail(&e),
             };
@@ -42,7 +46,7 @@ pub async fn dead_letters(conn: &Connections, action: &DeadLetterAction) -> Exit
             ExitCode::SUCCESS
         }
         DeadLetterAction::Retry(selection) => {
-            let result = admin::retry_dead_letters(&db.client, schema, chosen(selection)).await;
+            let result = admin::retry_dead_letters(&db, schema, chosen(selection)).await;
             report_changed(&out, schema, selection, result, "retried", "retry", |n| {
                 if n == 1 {
                     "pending again and due now, attempts reset; the relay publishes it with its original message_id"
@@ -52,7 +56,7 @@ pub async fn dead_letters(conn: &Connections, action: &DeadLetterAction) -> Exit
             })
         }
         DeadLetterAction::Discard(selection) => {
-            let result = admin::discard_dead_letters(&db.client, schema, chosen(selection)).await;
+            let result = admin::discard_dead_letters(&db, schema, chosen(selection)).await;
             report_changed(
                 &out,
                 schema,

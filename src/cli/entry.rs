@@ -10,11 +10,11 @@ use tracing_subscriber::{
     EnvFilter, Layer,
 };
 
-use super::usage;
-use crate::{
-    config::{Cli, Command, LogFormat},
-    service,
+use super::{
+    settings::{self, Cli, Command, LogFormat},
+    usage,
 };
+use crate::service;
 
 /// The `outbox-relay` binary: parse, set up logging, dispatch.
 pub fn main() -> ExitCode {
@@ -73,7 +73,7 @@ pub fn main() -> ExitCode {
                 }
             }
             Command::Migrate { dry_run } => super::migrate(&conn, *dry_run).await,
-            Command::Check { listen } => match crate::config::boolean("listen", listen) {
+            Command::Check { listen } => match settings::boolean("listen", listen) {
                 Ok(listen) => super::check(&conn, listen).await,
                 Err(e) => usage(&e),
             },

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::usage;
-use crate::{config::ConfigError, migrations, schema_name};
+use crate::{config::ConfigError, schema_name, store::migrations};
 
 /// The roles `grants` gives privileges to (they must exist).
 #[derive(Debug, Clone, Args)]

@@ -10,11 +10,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tokio_postgres::Client;
-
 use crate::{
-    config::{redact_url, scrub, url_secrets, Connections},
-    migrations, store,
+    config::Connections,
+    redact::{redact_url, scrub, url_secrets},
+    store::{migrations, Session},
 };
 
 mod check;
@@ -25,6 +24,7 @@ mod grants;
 #[cfg(test)]
 mod reference;
 mod replay;
+mod settings;
 mod status;
 
 pub use check::check;
@@ -43,13 +43,12 @@ pub const EXIT_USAGE: u8 = 2;
 const DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub async fn migrate(conn: &Connections, dry_run: bool) -> ExitCode {
-    let (mut client, task) = match store::connect(&conn.database_url, "outbox-relay migrate").await
-    {
-        Ok(c) => c,
+    let mut session = match Session::connect(&conn.database_url, "outbox-relay migrate").await {
+        Ok(s) => s,
         Err(e) => return problem(&with_causes(&e)),
     };
-    let code = if dry_run {
-        match migrations::pending_sql(&client, &conn.schema).await {
+    if dry_run {
+        match session.pending_migrations_sql(&conn.schema).await {
             Ok(sql) => {
                 print!("{sql}");
                 ExitCode::SUCCESS
@@ -57,7 +56,7 @@ pub async fn migrate(conn: &Connections, dry_run: bool) -> ExitCode {
             Err(e) => problem(&with_causes(&e)),
         }
     } else {
-        match migrations::apply(&mut client, &conn.schema).await {
+        match session.apply_migrations(&conn.schema).await {
             Ok(applied) if applied.is_empty() => {
                 println!(
                     "schema '{}' is up to date (version {})",
@@ -74,35 +73,21 @@ pub async fn migrate(conn: &Connections, dry_run: bool) -> ExitCode {
             }
             Err(e) => problem(&with_causes(&e)),
         }
-    };
-    task.abort();
-    code
+    }
 }
 
 // ---------------------------------------------------------------------------
 // shared plumbing
 // ---------------------------------------------------------------------------
 
-/// A database connection whose driving task ends with it.
-struct Db {
-    client: Client,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Db {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn connect_db(conn: &Connections, application_name: &str) -> Result<Db, String> {
+async fn connect_db(conn: &Connections, application_name: &str) -> Result<Session, String> {
     match tokio::time::timeout(
         DB_CONNECT_TIMEOUT,
-        store::connect(&conn.database_url, application_name),
+        Session::connect(&conn.database_url, application_name),
     )
     .await
     {
-        Ok(Ok((client, task))) => Ok(Db { client, task }),
+        Ok(Ok(session)) => Ok(session),
         Ok(Err(e)) => Err(with_causes(&e)),
         Err(_) => Err(format!(
             "no answer from PostgreSQL at {} within {}s: check the host, port and firewall",
@@ -117,11 +102,11 @@ async fn open_outbox(
     conn: &Connections,
     application_name: &str,
     out: &Out,
-) -> Result<Db, ExitCode> {
+) -> Result<Session, ExitCode> {
     let db = connect_db(conn, application_name)
         .await
         .map_err(|e| out.problem(&e))?;
-    migrations::verify(&db.client, &conn.schema)
+    db.verify_schema(&conn.schema)
         .await
         .map_err(|e| out.fail(&e))?;
     Ok(db)
@@ -174,7 +159,7 @@ impl Out {
 /// every "pw" would garble output, and the URLs themselves are redacted anyway.
 const MIN_SCRUBBED_SECRET: usize = 3;
 
-/// The passwords of a URL (see `config::url_secrets`) long enough to scrub.
+/// The passwords of a URL (see `redact::url_secrets`) long enough to scrub.
 fn url_passwords(url: &str) -> Vec<String> {
     let mut found = url_secrets(url);
     found.retain(|s| s.len() >= MIN_SCRUBBED_SECRET);

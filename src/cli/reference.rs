@@ -77,7 +77,7 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
-    use crate::config::Cli;
+    use crate::cli::settings::Cli;
 
     #[test]
     fn docs_interface_lists_every_flag_of_the_command_line() {

@@ -2,9 +2,9 @@
 
 use std::process::ExitCode;
 
-use super::{open_outbox, plural, rfc3339_seconds, usage, Out, EXIT_PROBLEM};
+use super::{open_outbox, plural, rfc3339_seconds, settings::ReplayArgs, usage, Out, EXIT_PROBLEM};
 use crate::{
-    config::{Connections, ReplayArgs},
+    config::Connections,
     store::admin::{self, ReplayRange},
 };
 
@@ -24,7 +24,7 @@ pub async fn replay(conn: &Connections, args: &ReplayArgs) -> ExitCode {
     };
     let schema = &conn.schema;
     let (range, asked) = match (&args.start.since, args.start.from_id) {
-        (Some(since), _) => match admin::parse_time(&db.client, since).await {
+        (Some(since), _) => match admin::parse_time(&db, since).await {
             Ok(Ok(at)) => (ReplayRange::Since(since.clone()), format!("--since {since} ({at})")),
             Ok(Err(reason)) => {
                 return usage(&out.scrub(&format!(
@@ -43,12 +43,12 @@ pub async fn replay(conn: &Connections, args: &ReplayArgs) -> ExitCode {
         // clap's group makes one of them required.
         (None, None) => return usage(&"replay needs --since TIME or --from-id N"),
     };
-    let replayed = match admin::replay(&db.client, schema, &range).await {
+    let replayed = match admin::replay(&db, schema, &range).await {
         Ok(r) => r,
         Err(e) => return out.fail(&e),
     };
     if replayed.rows == 0 {
-        let kept = match admin::published_kept(&db.client, schema).await {
+        let kept = match admin::published_kept(&db, schema).await {
             Ok(k) => k,
             Err(e) => return out.fail(&e),
         };

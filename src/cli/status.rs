@@ -5,11 +5,7 @@ use std::{fmt::Write as _, process::ExitCode};
 use serde_json::{json, Value};
 
 use super::{open_outbox, rfc3339, rfc3339_seconds, Out, Table};
-use crate::{
-    config::{redact_url, Connections},
-    leases::LEASE_TTL,
-    store::admin,
-};
+use crate::{config::Connections, leases::LEASE_TTL, redact::redact_url, store::admin};
 
 /// `outbox-relay status [--json]`: backlog, dead letters, retention and
 /// leases; exit 1, with one `problem:` line each on stderr, when something
@@ -20,7 +16,7 @@ pub async fn status(conn: &Connections, as_json: bool) -> ExitCode {
         Ok(db) => db,
         Err(code) => return code,
     };
-    let status = match admin::status(&mut db.client, &conn.schema).await {
+    let status = match admin::status(&mut db, &conn.schema).await {
         Ok(s) => s,
         Err(e) => return out.fail(&e),
     };

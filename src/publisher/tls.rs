@@ -1,16 +1,22 @@
-//! Which node a URL names, and the TLS material for amqps:// (a CA bundle to
-//! trust, a client certificate and key), read from files.
+//! Which node a URL names, the TLS material for amqps:// (a CA bundle to
+//! trust, a client certificate and key), read from files, and a refused
+//! handshake in words that say which case it is (not signed by a trusted CA,
+//! not for this host name, a plain-text port, a client certificate missing or
+//! refused) and what to set.
 
-use std::path::Path;
+use std::{error::Error as StdError, path::Path, sync::Arc};
 
 use lapin::{
     tcp::{OwnedIdentity, OwnedTLSConfig},
     uri::AMQPUri,
 };
-use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use rustls::{
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
+    AlertDescription, CertificateError, InvalidMessage,
+};
 
 use super::amqp_uri;
-use crate::config::AmqpTlsFiles;
+use crate::{config::AmqpTlsFiles, tls::describe_certificate_error};
 
 /// A TLS file setting that cannot work, with the setting's name.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +113,112 @@ fn certificates(setting: &'static str, path: &Path, pem: &str) -> Result<(), Tls
     Ok(())
 }
 
+/// What went wrong when an amqps:// connect failed, and what to set, when
+/// `e` (or an error it was caused by) is a TLS refusal; None otherwise.
+/// `host` is the URL's host, `files` the amqp-ca/cert/key-file settings.
+/// Call it for amqps:// URLs only: it reads a reset connection as the TLS 1.3
+/// refusal of a client certificate whose alert was not read in time.
+pub fn explain_amqp_tls_error(
+    e: &(dyn StdError + 'static),
+    host: &str,
+    files: &AmqpTlsFiles,
+) -> Option<String> {
+    let ca_file = files.ca.as_deref();
+    let Some(tls) = find_rustls_error(e) else {
+        return is_reset(e).then(|| match &files.cert {
+            None => "the broker reset the connection during the handshake (a broker that requires a client certificate may do so instead of sending its alert): set amqp-cert-file and amqp-key-file if it requires one".to_string(),
+            Some(cert) => format!(
+                "the broker reset the connection during the handshake (a broker that refuses a client certificate may do so instead of sending its alert): check that amqp-cert-file '{}' is signed by a CA the broker trusts",
+                cert.display()
+            ),
+        });
+    };
+    let trusted = match ca_file {
+        Some(path) => format!(
+            "amqp-ca-file '{}' and the system's CA certificates",
+            path.display()
+        ),
+        None => "the system's CA certificates (amqp-ca-file is not set)".to_string(),
+    };
+    Some(match tls {
+        rustls::Error::InvalidCertificate(
+            e @ (CertificateError::UnknownIssuer | CertificateError::BadSignature),
+        ) => format!(
+            "the broker's {}: set amqp-ca-file to the CA certificate that signed it (trusted now: {trusted})",
+            describe_certificate_error(e, host)?
+        ),
+        rustls::Error::InvalidCertificate(
+            e @ (CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. }),
+        ) => format!(
+            "the broker's {}: connect with a host name the certificate lists",
+            describe_certificate_error(e, host)?
+        ),
+        rustls::Error::InvalidCertificate(e) => match describe_certificate_error(e, host) {
+            Some(problem) => format!("the broker's {problem}"),
+            None => format!("the broker's certificate was refused: {e}"),
+        },
+        rustls::Error::InvalidMessage(InvalidMessage::InvalidContentType)
+        | rustls::Error::InvalidMessage(_)
+        | rustls::Error::InappropriateMessage { .. } => format!(
+            "the server at '{host}' does not speak TLS on this port (it answered in plain text): use amqp:// for a plain-text port, or the broker's TLS port (5671 by default) for amqps://"
+        ),
+        rustls::Error::AlertReceived(
+            AlertDescription::CertificateRequired | AlertDescription::HandshakeFailure,
+        ) => "the broker requires a client certificate: set amqp-cert-file and amqp-key-file".to_string(),
+        rustls::Error::AlertReceived(
+            alert @ (AlertDescription::UnknownCA
+            | AlertDescription::BadCertificate
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::CertificateExpired
+            | AlertDescription::AccessDenied),
+        ) => format!(
+            "the broker refused the client certificate (TLS alert {alert:?}): give in amqp-cert-file a valid certificate signed by a CA the broker trusts"
+        ),
+        other => format!("the TLS handshake with the broker failed: {other}"),
+    })
+}
+
+/// Whether the connection was reset by the peer (somewhere in `e`'s causes).
+fn is_reset(e: &(dyn StdError + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        let io = err
+            .downcast_ref::<std::io::Error>()
+            .or_else(|| err.downcast_ref::<Arc<std::io::Error>>().map(|io| &**io));
+        if io.is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionReset) {
+            return true;
+        }
+        current = err.source();
+    }
+    false
+}
+
+/// The rustls error that `e` is or was caused by, looking inside I/O errors
+/// (the TLS streams wrap rustls errors in `std::io::Error`).
+fn find_rustls_error<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Error> {
+    let mut current: Option<&'a (dyn StdError + 'static)> = Some(e);
+    while let Some(err) = current {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(inner) = io.get_ref() {
+                if let Some(tls) = find_rustls_error(inner) {
+                    return Some(tls);
+                }
+            }
+        }
+        if let Some(io) = err.downcast_ref::<Arc<std::io::Error>>() {
+            if let Some(tls) = io.get_ref().and_then(|inner| find_rustls_error(inner)) {
+                return Some(tls);
+            }
+        }
+        current = err.source();
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,5 +256,76 @@ mod tests {
         let e = tls_config(&files(None, None, Some(&not_pem))).unwrap_err();
         assert_eq!(e.setting, "amqp-cert-file");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn io_wrapped(e: rustls::Error) -> lapin::Error {
+        lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+
+    #[test]
+    fn amqp_tls_refusals_say_which_case_and_what_to_set() {
+        let explain = |e: rustls::Error, ca: Option<&str>| {
+            let files = AmqpTlsFiles {
+                ca: ca.map(Into::into),
+                ..Default::default()
+            };
+            explain_amqp_tls_error(&io_wrapped(e), "broker.internal", &files)
+                .expect("a TLS refusal")
+        };
+        let said = explain(
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+            Some("/etc/relay/ca.pem"),
+        );
+        assert_eq!(
+            said,
+            "the broker's certificate is not signed by a trusted CA: set amqp-ca-file to the CA certificate that signed it (trusted now: amqp-ca-file '/etc/relay/ca.pem' and the system's CA certificates)"
+        );
+        let said = explain(
+            rustls::Error::InvalidCertificate(CertificateError::NotValidForName),
+            None,
+        );
+        assert!(
+            said.starts_with(
+                "the broker's certificate is not valid for host name 'broker.internal'"
+            ),
+            "{said}"
+        );
+        let said = explain(
+            rustls::Error::InvalidMessage(InvalidMessage::InvalidContentType),
+            None,
+        );
+        assert!(said.contains("does not speak TLS on this port"), "{said}");
+        let said = explain(
+            rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
+            None,
+        );
+        assert!(said.contains("requires a client certificate"), "{said}");
+        let said = explain(
+            rustls::Error::AlertReceived(AlertDescription::UnknownCA),
+            None,
+        );
+        assert!(said.contains("refused the client certificate"), "{said}");
+
+        // Not a TLS error: nothing to explain.
+        let refused =
+            lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let none = AmqpTlsFiles::default();
+        assert_eq!(explain_amqp_tls_error(&refused, "h", &none), None);
+        // TLS 1.3: a reset instead of the client-certificate alert.
+        let reset = lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let said = explain_amqp_tls_error(&reset, "h", &none).expect("a reset");
+        assert!(
+            said.ends_with("set amqp-cert-file and amqp-key-file if it requires one"),
+            "{said}"
+        );
+        let with_cert = AmqpTlsFiles {
+            cert: Some("/etc/relay/client.pem".into()),
+            ..Default::default()
+        };
+        let said = explain_amqp_tls_error(&reset, "h", &with_cert).expect("a reset");
+        assert!(
+            said.ends_with("check that amqp-cert-file '/etc/relay/client.pem' is signed by a CA the broker trusts"),
+            "{said}"
+        );
     }
 }

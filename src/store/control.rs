@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{types::Type, Client};
+use tokio_postgres::types::Type;
 
-use super::{check_schema, Settings, Sql, StoreError};
+use super::{check_schema, Session, Settings, Sql, StoreError};
 
 /// What the relay's heartbeat learns: its leases, the next due row, the backlog.
 #[derive(Debug, Clone, Default)]
@@ -23,8 +23,8 @@ pub struct Control {
 }
 
 impl Control {
-    pub async fn prepare(client: &Client, schema: &str) -> Result<Self, StoreError> {
-        check_schema(client, schema).await?;
+    pub async fn prepare(session: &Session, schema: &str) -> Result<Self, StoreError> {
+        check_schema(&session.client, schema).await?;
         Ok(Self {
             heartbeat: Sql::new(
                 format!(
@@ -39,7 +39,7 @@ impl Control {
 
     pub async fn heartbeat(
         &self,
-        client: &Client,
+        session: &Session,
         instance: &str,
         ttl: Duration,
         metrics_addr: &str,
@@ -48,7 +48,7 @@ impl Control {
         let row = match tokio::time::timeout(
             ttl,
             self.heartbeat.run_with(
-                client,
+                &session.client,
                 Settings::Bounded,
                 &[&instance, &ttl.as_secs_f64(), &metrics_addr],
             ),
@@ -75,11 +75,11 @@ impl Control {
         })
     }
 
-    pub async fn release(&self, client: &Client, instance: &str) -> Result<(), StoreError> {
+    pub async fn release(&self, session: &Session, instance: &str) -> Result<(), StoreError> {
         // Bounded: a relay handing off waits on it, and a silent database
         // must end in a reconnect, not a wait forever.
         self.release
-            .run_with(client, Settings::Bounded, &[&instance])
+            .run_with(&session.client, Settings::Bounded, &[&instance])
             .await
             .map(|_| ())
             .map_err(StoreError::query("releasing leases"))

@@ -3,9 +3,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use tokio_postgres::{types::Type, Client};
+use tokio_postgres::types::Type;
 
-use super::{bounded, check_schema, Settings, Sql, StoreError};
+use super::{bounded, check_schema, Session, Settings, Sql, StoreError};
 
 #[derive(Debug, Clone, Default)]
 pub struct BacklogStats {
@@ -26,8 +26,8 @@ pub const COUNT_CAP: i64 = 1_000_000;
 const OLDEST_LOOKAHEAD: i64 = 10_000;
 
 impl Housekeeping {
-    pub async fn prepare(client: &Client, schema: &str) -> Result<Self, StoreError> {
-        check_schema(client, schema).await?;
+    pub async fn prepare(session: &Session, schema: &str) -> Result<Self, StoreError> {
+        check_schema(&session.client, schema).await?;
         Ok(Self {
             // Both counts walk partial indexes and stop at COUNT_CAP. The oldest
             // pending row is the first of the pending index that is due or has
@@ -63,10 +63,13 @@ impl Housekeeping {
         })
     }
 
-    pub async fn backlog(&self, client: &Client) -> Result<BacklogStats, StoreError> {
+    pub async fn backlog(&self, session: &Session) -> Result<BacklogStats, StoreError> {
         let what = "reading backlog statistics";
-        let (mut rows, _) =
-            bounded(what, self.stats.run_with(client, Settings::Bounded, &[])).await?;
+        let (mut rows, _) = bounded(
+            what,
+            self.stats.run_with(&session.client, Settings::Bounded, &[]),
+        )
+        .await?;
         let row = rows.pop().ok_or(StoreError::NoRow { what })?;
         let decode = || StoreError::decode("backlog statistics");
         Ok(BacklogStats {
@@ -79,14 +82,14 @@ impl Housekeeping {
     /// Deletes at most `limit` rows published longer than `retention` ago.
     pub async fn delete_expired(
         &self,
-        client: &Client,
+        session: &Session,
         retention: Duration,
         limit: i64,
     ) -> Result<u64, StoreError> {
         bounded(
             "deleting published rows past retention",
             self.retention.run_with(
-                client,
+                &session.client,
                 Settings::Bounded,
                 &[&retention.as_secs_f64(), &limit],
             ),

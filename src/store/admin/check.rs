@@ -2,7 +2,7 @@
 
 use tokio_postgres::{types::Type, Client};
 
-use crate::store::StoreError;
+use crate::store::{Session, StoreError};
 
 /// The server and the role the relay logs in as.
 #[derive(Debug, Clone)]
@@ -11,7 +11,8 @@ pub struct Server {
     pub role: String,
 }
 
-pub async fn server(client: &Client) -> Result<Server, StoreError> {
+pub async fn server(session: &Session) -> Result<Server, StoreError> {
+    let client = &session.client;
     let row = client
         .query_typed_one(
             "SELECT current_setting('server_version'), current_user::text",
@@ -143,7 +144,8 @@ pub struct Granted {
 /// The current role's privileges on everything `run` needs. Objects are looked
 /// up in the catalogs, not by name resolution, so a schema the role cannot use
 /// or an object that does not exist is an answer, not an error.
-pub async fn privileges(client: &Client, schema: &str) -> Result<Vec<Granted>, StoreError> {
+pub async fn privileges(session: &Session, schema: &str) -> Result<Vec<Granted>, StoreError> {
+    let client = &session.client;
     let mut kinds = Vec::new();
     let mut names = Vec::new();
     let mut args = Vec::new();
@@ -240,12 +242,12 @@ const POOLING_PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(3
 /// `first` just left (same backend pid: two clients on one session), and
 /// `first`'s next transaction must run elsewhere (or wait, with a pool of one).
 /// Directly, or through a session pooler, `first` keeps its backend throughout.
-pub async fn pooling(first: &Client, second: &Client) -> Result<Pooling, StoreError> {
+pub async fn pooling(first: &Session, second: &Session) -> Result<Pooling, StoreError> {
     // Other clients of the pool may take the session `first` left, so one
     // round may see nothing: a few rounds, the first sign is proof (directly
     // or through a session pooler there is never one).
     for _ in 0..POOLING_PROBE_ROUNDS {
-        let found = pooling_round(first, second).await?;
+        let found = pooling_round(&first.client, &second.client).await?;
         if found != Pooling::Session {
             return Ok(found);
         }

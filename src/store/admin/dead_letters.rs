@@ -6,7 +6,7 @@ use tokio_postgres::{types::Type, Client};
 use uuid::Uuid;
 
 use super::{max_id, BATCH};
-use crate::store::StoreError;
+use crate::store::{Session, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
@@ -22,10 +22,11 @@ pub struct DeadLetter {
 
 /// The oldest `limit` dead-lettered rows (by id), and how many there are.
 pub async fn list_dead_letters(
-    client: &Client,
+    session: &Session,
     schema: &str,
     limit: i64,
 ) -> Result<(i64, Vec<DeadLetter>), StoreError> {
+    let client = &session.client;
     let s = schema;
     let total: i64 = client
         .query_typed_one(
@@ -99,10 +100,11 @@ pub struct Changed {
 /// budget. last_error stays: it tells why the row was parked until the relay
 /// records a newer one.
 pub async fn retry_dead_letters(
-    client: &Client,
+    session: &Session,
     schema: &str,
     chosen: Chosen<'_>,
 ) -> Result<Changed, StoreError> {
+    let client = &session.client;
     let set = "SET dead_lettered_at = NULL, attempts = 0, available_at = now()";
     change_dead_letters(
         client,
@@ -115,10 +117,11 @@ pub async fn retry_dead_letters(
 
 /// Deletes dead-lettered rows; rows in any other state are never touched.
 pub async fn discard_dead_letters(
-    client: &Client,
+    session: &Session,
     schema: &str,
     chosen: Chosen<'_>,
 ) -> Result<Changed, StoreError> {
+    let client = &session.client;
     change_dead_letters(
         client,
         schema,

@@ -2,14 +2,18 @@
 
 use std::time::SystemTime;
 
-use tokio_postgres::{types::Type, Client};
+use tokio_postgres::types::Type;
 
 use super::{max_id, BATCH};
-use crate::store::StoreError;
+use crate::store::{Session, StoreError};
 
 /// Reads `text` as a timestamptz the way PostgreSQL does (so `--since` takes
 /// whatever a `psql` user would type). `Ok(Err(reason))` when it is not a time.
-pub async fn parse_time(client: &Client, text: &str) -> Result<Result<String, String>, StoreError> {
+pub async fn parse_time(
+    session: &Session,
+    text: &str,
+) -> Result<Result<String, String>, StoreError> {
+    let client = &session.client;
     match client
         .query_typed_one("SELECT $1::text::timestamptz::text", &[(&text, Type::TEXT)])
         .await
@@ -43,10 +47,11 @@ pub struct Replayed {
 /// batches in id order: a running relay publishes them again with their
 /// message_id, in id order per partition key.
 pub async fn replay(
-    client: &Client,
+    session: &Session,
     schema: &str,
     range: &ReplayRange,
 ) -> Result<Replayed, StoreError> {
+    let client = &session.client;
     let s = schema;
     let last = max_id(client, s).await?;
     let (mut after, last, since) = match range {
@@ -110,7 +115,8 @@ pub struct Kept {
     pub last_id: Option<i64>,
 }
 
-pub async fn published_kept(client: &Client, schema: &str) -> Result<Kept, StoreError> {
+pub async fn published_kept(session: &Session, schema: &str) -> Result<Kept, StoreError> {
+    let client = &session.client;
     let row = client
         .query_typed_one(
             &format!(

@@ -2,9 +2,9 @@
 
 use std::time::SystemTime;
 
-use tokio_postgres::{Client, IsolationLevel};
+use tokio_postgres::IsolationLevel;
 
-use crate::store::StoreError;
+use crate::store::{Session, StoreError};
 
 #[derive(Debug, Clone, Default)]
 pub struct Backlog {
@@ -53,7 +53,8 @@ pub struct Status {
 }
 
 /// Everything `status` shows, read in one snapshot.
-pub async fn status(client: &mut Client, schema: &str) -> Result<Status, StoreError> {
+pub async fn status(session: &mut Session, schema: &str) -> Result<Status, StoreError> {
+    let client = &mut session.client;
     let s = schema;
     let tx = client
         .build_transaction()

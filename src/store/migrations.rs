@@ -17,32 +17,32 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "0001_outbox.sql",
-        sql: include_str!("../sql/0001_outbox.sql"),
+        sql: include_str!("../../sql/0001_outbox.sql"),
     },
     Migration {
         version: 2,
         name: "0002_guards.sql",
-        sql: include_str!("../sql/0002_guards.sql"),
+        sql: include_str!("../../sql/0002_guards.sql"),
     },
     Migration {
         version: 3,
         name: "0003_quiet_commits.sql",
-        sql: include_str!("../sql/0003_quiet_commits.sql"),
+        sql: include_str!("../../sql/0003_quiet_commits.sql"),
     },
     Migration {
         version: 4,
         name: "0004_broker_node.sql",
-        sql: include_str!("../sql/0004_broker_node.sql"),
+        sql: include_str!("../../sql/0004_broker_node.sql"),
     },
     Migration {
         version: 5,
         name: "0005_backlog_definer.sql",
-        sql: include_str!("../sql/0005_backlog_definer.sql"),
+        sql: include_str!("../../sql/0005_backlog_definer.sql"),
     },
     Migration {
         version: 6,
         name: "0006_pinned_paths_live_waiters.sql",
-        sql: include_str!("../sql/0006_pinned_paths_live_waiters.sql"),
+        sql: include_str!("../../sql/0006_pinned_paths_live_waiters.sql"),
     },
 ];
 

@@ -1,147 +1,6 @@
-//! URLs: checked with the drivers' own parsers, and redacted from one reading
-//! of them (never by scanning text), so a password with URL syntax in it is
-//! never shown.
-
-use super::ConfigError;
-use crate::tls;
-
-/// Parses the database URL as the relay will (libpq's sslmode handling, then
-/// tokio-postgres), so that a URL that cannot work stops the command at start.
-pub(super) fn check_database_url(url: &str) -> Result<(), ConfigError> {
-    const SETTING: &str = "database-url";
-    let bad = |problem: String| ConfigError::new(SETTING, scrub(&problem, &url_secrets(url)));
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err(ConfigError::new(
-            SETTING,
-            "not a postgres:// or postgresql:// URL (key=value connection strings are not supported)",
-        ));
-    }
-    let shown = redact_url(url);
-    // tokio-postgres ends the user info at the first '@', `redact_url` at the
-    // last: with one '@' at most both read the same password.
-    if url.matches('@').count() > 1 {
-        return Err(bad(format!(
-            "'{shown}' holds more than one '@': percent-encode '@' in the password as %40"
-        )));
-    }
-    if password_params(url)
-        .into_iter()
-        .any(|r| url[r].contains('@'))
-    {
-        return Err(bad(format!(
-            "'{shown}': tokio-postgres would end the user info at the '@' of the password parameter: percent-encode it as %40"
-        )));
-    }
-    let (pg_url, mode, files) =
-        tls::split_tls_params(url).map_err(|e| bad(format!("'{shown}': {e}")))?;
-    let config: tokio_postgres::Config = pg_url
-        .parse()
-        .map_err(|e| {
-            bad(format!(
-                "'{shown}' cannot be read: {}; expected postgres://user:password@host:port/dbname?sslmode=...",
-                with_sources(&e)
-            ))
-        })?;
-    if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
-        return Err(bad(format!(
-            "'{shown}' names no host: use e.g. postgres://user@db.example:5432/app"
-        )));
-    }
-    // Files named in the URL (sslrootcert, sslcert, sslkey) are read now, so a
-    // wrong path stops the command here instead of failing every reconnect.
-    if mode != tls::SslMode::Disable
-        && (files.is_some() || matches!(mode, tls::SslMode::VerifyCa | tls::SslMode::VerifyFull))
-    {
-        tls::connector(mode, files.as_deref()).map_err(|e| bad(format!("'{shown}': {e}")))?;
-    }
-    Ok(())
-}
-
-/// The error's message and those of its sources: tokio-postgres keeps the
-/// reason ("invalid value for option `port`") in the source.
-fn with_sources(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// Parses the broker URL with lapin's own parser.
-pub(super) fn check_amqp_url(url: &str) -> Result<(), ConfigError> {
-    const SETTING: &str = "amqp-url";
-    let bad = |problem: String| ConfigError::new(SETTING, scrub(&problem, &url_secrets(url)));
-    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-        return Err(ConfigError::new(SETTING, "not an amqp:// or amqps:// URL"));
-    }
-    let shown = redact_url(url);
-    // lapin (the url crate) ends the user info at the first '/', '?' or '#';
-    // `redact_url` at the last '@': without those characters in the user info
-    // both read the same password.
-    if UrlParts::parse(url)
-        .and_then(|p| p.userinfo)
-        .is_some_and(|u| u.contains(['/', '?', '#']))
-    {
-        return Err(bad(format!(
-            "'{shown}' is ambiguous: percent-encode '/', '?' and '#' in the user name and password (%2F, %3F, %23), and '@' after the host (%40)"
-        )));
-    }
-    url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
-        bad(format!(
-            "'{shown}' cannot be read: {e}; expected amqp[s]://user:password@host:port/vhost?heartbeat=N"
-        ))
-    })?;
-    Ok(())
-}
-
-/// The nodes of one `amqp-url` list are one cluster reached one way: a node
-/// on plain `amqp://` beside `amqps://` ones would let fail-over downgrade
-/// to plain text, and another vhost would publish to other exchanges.
-pub(super) fn check_amqp_nodes_agree(urls: &[String]) -> Result<(), ConfigError> {
-    const SETTING: &str = "amqp-url";
-    let Some((first, rest)) = urls.split_first() else {
-        return Ok(());
-    };
-    let tls = |url: &str| url.starts_with("amqps://");
-    let vhost = |url: &str| {
-        url.parse::<lapin::uri::AMQPUri>()
-            .map(|u| u.vhost)
-            .unwrap_or_default()
-    };
-    for other in rest {
-        if tls(other) != tls(first) {
-            let (secure, plain) = if tls(first) {
-                (first, other)
-            } else {
-                (other, first)
-            };
-            return Err(ConfigError::new(
-                SETTING,
-                format!(
-                    "'{}' is plain amqp:// but '{}' is amqps://: fail-over would downgrade to plain text; use amqps:// for every node",
-                    redact_url(plain),
-                    redact_url(secure)
-                ),
-            ));
-        }
-        if vhost(other) != vhost(first) {
-            return Err(ConfigError::new(
-                SETTING,
-                format!(
-                    "'{}' names vhost '{}' but '{}' names vhost '{}': the nodes of one amqp-url must share one vhost",
-                    redact_url(first),
-                    vhost(first),
-                    redact_url(other),
-                    vhost(other)
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
+//! URLs redacted from one reading of them (never by scanning text), so a
+//! password with URL syntax in it is never shown; and free text scrubbed of
+//! the passwords a URL carries.
 
 /// A URL cut where redaction needs it. The user info ends at the LAST '@':
 /// passwords may hold raw '/', '?', '#' (tokio-postgres accepts them) or '@'
@@ -185,10 +44,16 @@ impl<'a> UrlParts<'a> {
     }
 }
 
+/// The user info of a URL as redaction reads it (up to the last '@'), so a
+/// driver's check can refuse a URL that driver would cut elsewhere.
+pub fn userinfo(url: &str) -> Option<&str> {
+    UrlParts::parse(url).and_then(|p| p.userinfo)
+}
+
 /// Where the values of `password=` parameters lie. Found before the URL is cut
 /// (a value may hold a raw '@' that would move the cut), each running to the
 /// next '&' as tokio-postgres reads it.
-fn password_params(url: &str) -> Vec<std::ops::Range<usize>> {
+pub fn password_params(url: &str) -> Vec<std::ops::Range<usize>> {
     let mut found = Vec::new();
     for (start, _) in url.match_indices(['?', '&']) {
         let rest = &url[start + 1..];
@@ -462,98 +327,5 @@ mod tests {
         assert_eq!(percent_decode("bad%zz%+1"), "bad%zz%+1");
         assert_eq!(percent_decode("trail%4"), "trail%4");
         assert_eq!(percent_decode("a%2Fb%3f"), "a/b?");
-    }
-
-    fn check_db(url: &str) -> Result<(), ConfigError> {
-        check_database_url(url)
-    }
-
-    #[test]
-    fn database_urls_are_read_as_tokio_postgres_reads_them() {
-        for ok in [
-            "postgres://postgres@127.0.0.1:5432/test",
-            "postgresql://u:pw@db/app?sslmode=require&application_name=x",
-            // tokio-postgres takes raw '/', '?' and '#' in a password.
-            "postgres://u:Se/cr3t@127.0.0.1/test",
-            "postgres://u:Se?cr3t@127.0.0.1/test?sslmode=disable",
-            "postgres://u:Se#cr3t@127.0.0.1/test",
-            "postgres://u:Se%40cr3t@127.0.0.1/test",
-            "postgres://h1:5432,h2:5433/app",
-            "postgres:///app?host=/var/run/postgresql",
-        ] {
-            assert!(check_db(ok).is_ok(), "{ok}: {:?}", check_db(ok));
-        }
-        for (bad, says) in [
-            ("mysql://u@h/db", "not a postgres://"),
-            ("host=h password=x", "not a postgres://"),
-            ("postgres://u:pw@h:99999/db", "port"),
-            ("postgres://u:pw@h:54x2/db", "port"),
-            ("postgres://u:pw@h/db?sslmode=bogus", "sslmode 'bogus'"),
-            ("postgres://u:pw@h/db?nonsense=1", "nonsense"),
-            ("postgres://u:Se@cr3t@h/db", "%40"),
-            ("postgres://h/db?user=u&password=Se@cr3t", "%40"),
-            ("postgres:///db", "names no host"),
-            (
-                "postgres://u:pw@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
-                "/nonexistent/ca.pem",
-            ),
-        ] {
-            let e = check_db(bad).expect_err(bad);
-            assert_eq!(e.setting, "database-url");
-            let line = e.to_string();
-            assert!(line.contains(says), "{bad}: {line}");
-            assert_eq!(line.lines().count(), 1, "{line}");
-            for secret in ["Se@cr3t", "cr3t"] {
-                assert!(!line.contains(secret), "{line}");
-            }
-        }
-    }
-
-    #[test]
-    fn nodes_of_one_amqp_url_share_scheme_and_vhost() {
-        let agree = |urls: &[&str]| {
-            check_amqp_nodes_agree(&urls.iter().map(|u| u.to_string()).collect::<Vec<_>>())
-        };
-        assert!(agree(&["amqps://u:p@a/v", "amqps://u:p@b:5671/v"]).is_ok());
-        assert!(agree(&["amqp://u:p@a", "amqp://u:p@b/%2f"]).is_ok());
-        let mixed = agree(&["amqps://u:secret@a/v", "amqp://u:secret@b/v"])
-            .expect_err("amqp:// beside amqps:// must be refused");
-        assert!(mixed.problem.contains("downgrade"), "{mixed}");
-        assert!(!mixed.problem.contains("secret"), "{mixed}");
-        let vhosts = agree(&["amqp://u:p@a/one", "amqp://u:p@b/two"])
-            .expect_err("two vhosts must be refused");
-        assert!(
-            vhosts.problem.contains("'one'") && vhosts.problem.contains("'two'"),
-            "{vhosts}"
-        );
-    }
-
-    #[test]
-    fn amqp_urls_are_read_as_lapin_reads_them() {
-        for ok in [
-            "amqp://guest:guest@127.0.0.1:5672/%2f",
-            "amqps://u:Se%2Fcr3t@broker/vhost?heartbeat=10",
-            // The url crate takes a raw '@' in a password.
-            "amqp://u:Se@cr3t@broker:5672/%2f",
-            "amqp://broker",
-        ] {
-            assert!(check_amqp_url(ok).is_ok(), "{ok}: {:?}", check_amqp_url(ok));
-        }
-        for (bad, says) in [
-            ("http://broker", "not an amqp://"),
-            ("amqp://u:pw@broker:99999/%2f", "port"),
-            ("amqp://u:Se/cr3t@broker/%2f", "%2F"),
-            ("amqp://u:123/cr3t@broker/%2f", "%2F"),
-            ("amqp://u:Se?cr3t@broker/%2f", "%3F"),
-            ("amqp://u:Se#cr3t@broker/%2f", "%23"),
-            ("amqp://u:pw@broker/%2f?heartbeat=soon", "cannot be read"),
-        ] {
-            let e = check_amqp_url(bad).expect_err(bad);
-            assert_eq!(e.setting, "amqp-url");
-            let line = e.to_string();
-            assert!(line.contains(says), "{bad}: {line}");
-            assert_eq!(line.lines().count(), 1, "{line}");
-            assert!(!line.contains("cr3t"), "{line}");
-        }
     }
 }

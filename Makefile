@@ -25,19 +25,26 @@ demo: services build
 test: services
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		set -e; \
-		$(CARGO) test --doc --all-features; \
-		$(CARGO) nextest run --all-features --no-fail-fast; \
+		$(CARGO) test --doc --workspace --all-features; \
+		$(CARGO) nextest run --workspace --all-features --no-fail-fast; \
 	else \
-		$(CARGO) test --all-features; \
+		$(CARGO) test --workspace --all-features; \
 	fi
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets --all-features -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
-# The benchmark (src/bin/outbox-bench): every figure with its scenario and target, written to bench/RESULTS.md.
+# The benchmark (bench/, a workspace member of its own, never installed with the
+# relay): every figure with its scenario and target, written to bench/RESULTS.md.
+# Selected phases only: `make bench PHASES=steady` (comma separated, e.g.
+# PHASES=ceiling,drain); other knobs through BENCH_ARGS, e.g.
+# `make bench PHASES=drain BENCH_ARGS="--runs 1 --messages 20000"`; the list:
+# `cargo run --release -p outbox-bench -- --help`.
+PHASES ?=
+BENCH_ARGS ?=
 bench: services
-	$(CARGO) run --release --bin outbox-bench
+	$(CARGO) run --release -p outbox-bench -- $(if $(PHASES),--phases $(PHASES)) $(BENCH_ARGS)
 
 deploy-check:
 	bash scripts/deploy-check.sh

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use crate::{
-    bench::{Bench, Machine},
+    phases::{machine::Machine, Bench},
     results::Results,
     sysinfo::load_average,
     util::{git_commit, thousands, utc_now},
@@ -43,7 +43,7 @@ pub(crate) fn render(bench: &Bench, machine: &Machine, r: &Results) -> String {
     let _ = writeln!(out, "# outbox-relay benchmark results\n");
     let _ = writeln!(
         out,
-        "Measured {} on commit {}. Rerun with `make bench` (knobs: `cargo run --release --bin outbox-bench -- --help`).\n",
+        "Measured {} on commit {}. Rerun with `make bench` (one phase: `make bench PHASES=steady`; knobs: `cargo run --release -p outbox-bench -- --help`).\n",
         utc_now(),
         git_commit()
     );
@@ -84,7 +84,7 @@ pub(crate) fn render(bench: &Bench, machine: &Machine, r: &Results) -> String {
         out,
         "- Relay: `{}` as a child process with its defaults ({}), `OUTBOX_LOG=warn`, one fresh schema per phase \
          (`bench_<phase>_...`, dropped afterwards). Bulk-loaded tables are ANALYZEd and CHECKPOINTed before the relay starts.",
-        bench.relay_bin.display(),
+        bench.relay.path.display(),
         machine.relay_defaults
     );
     let mut runs = Vec::new();

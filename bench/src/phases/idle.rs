@@ -11,11 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use tokio_postgres::Client;
 
 use super::{pg_connect, Bench};
-use crate::{
-    relay_proc::{claim_stats, RelayProc},
-    results::IdleRun,
-    util::with_database,
-};
+use crate::{metrics::claim_stats, results::IdleRun, util::with_database};
 
 impl Bench {
     pub(crate) async fn idle_once(&self, run: usize) -> Result<IdleRun> {
@@ -90,7 +86,7 @@ impl Bench {
         let baseline_per_s = (b1 - b0) as f64 / (bt1 - bt0).as_secs_f64();
 
         let label = format!("idle-{run}");
-        let mut relay = RelayProc::spawn(self, url, schema, &label)?;
+        let mut relay = self.relay.spawn(url, schema, &label)?;
         let measured = async {
             relay.wait_ready(partitions, Duration::from_secs(30)).await?;
             // A backlog drained first, then the window from 5 s after the

@@ -20,7 +20,8 @@ use super::{
 };
 use crate::{
     consumer::Consumer,
-    relay_proc::{claim_stats, RelayProc},
+    metrics::claim_stats,
+    relay::RelayProc,
     results::{KeyedLoad, KeyedRun, Quantiles},
 };
 
@@ -42,7 +43,7 @@ impl Bench {
         self.purge().await?;
         let consumer = Consumer::start(&self.args.amqp_url, &self.args.queue, u64::MAX).await?;
         let label = format!("keyed-{run}");
-        let mut relay = RelayProc::spawn(self, &self.args.database_url, schema, &label)?;
+        let mut relay = self.relay.spawn(&self.args.database_url, schema, &label)?;
         let measured = async {
             let partitions = Self::partitions_total(&self.db, schema).await?;
             relay

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use std::process::Command;
 
 use super::Bench;
+use crate::results::LoadRun;
 
 /// Partition keys and routing keys the application rows spread over.
 #[derive(Debug, Clone, Copy)]
@@ -25,20 +26,6 @@ pub(crate) struct Load<'a> {
     pub(crate) duration: Duration,
     /// Transactions per second (-R), or as fast as PostgreSQL accepts them.
     pub(crate) rate: Option<u64>,
-}
-
-/// What pgbench reported.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct LoadRun {
-    pub(crate) transactions: u64,
-    pub(crate) failed: u64,
-    /// Committed transactions per second, without connection time.
-    pub(crate) tps: f64,
-    /// Average transaction latency; with -R, measured from the scheduled start,
-    /// so it includes the schedule lag.
-    pub(crate) latency_ms: f64,
-    /// With -R: the average wait between the scheduled and the actual start.
-    pub(crate) schedule_lag_ms: Option<f64>,
 }
 
 /// The script's INSERT of one row: a key out of `keys.partition_keys`, a

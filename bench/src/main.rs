@@ -24,7 +24,15 @@
 //! 10. cold: a just-filled keyed backlog drained, against the bare publisher
 //!     with the same routing keys, with and without a consumer.
 //!
-//! `cargo run --release --bin outbox-bench -- --help` lists the knobs.
+//! `cargo run --release -p outbox-bench -- --help` lists the knobs; `--phases`
+//! (`make bench PHASES=steady,idle`) runs a selection.
+//!
+//! Layout, from the ground up; no module imports one above it:
+//! `util`, `progress`, `targets`; `results` (plain data) and `args`;
+//! `metrics` (the relay's metrics text) and `sysinfo` (/proc); `relay` (the
+//! relay as a child process); `consumer`; `phases/` (one file per phase, each
+//! an `impl Bench` block); `render/` (the report, read from `Results`); `main`
+//! (runs the selected phases and writes the report).
 
 // The bench times real processes: the real clock is what it needs.
 #![allow(clippy::disallowed_types)]
@@ -32,205 +40,34 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
-    sync::OnceLock,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 
-use bench::Bench;
+use args::{Args, Phase};
+use phases::Bench;
 use render::render;
 use results::Results;
 
-static START: OnceLock<Instant> = OnceLock::new();
+// First, so that every later module can use `progress!`.
+#[macro_use]
+mod progress;
 
-/// Progress on stderr, stamped with the seconds since the bench started.
-macro_rules! progress {
-    ($($arg:tt)*) => {{
-        let t = $crate::START
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_secs_f64();
-        eprintln!("[{t:6.1}s] {}", format_args!($($arg)*));
-    }};
-}
-
-// After the macro, so that the modules can use it.
-mod bench;
+mod args;
 mod consumer;
-mod relay_proc;
+mod metrics;
+mod phases;
+mod relay;
 mod render;
 mod results;
 mod sysinfo;
+mod targets;
 mod util;
 
-const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-// Targets from issue #5.
-const TARGET_DRAIN_RATIO: f64 = 0.85;
-const TARGET_LAG_1000_P50_MS: f64 = 5.0;
-const TARGET_LAG_1000_P99_MS: f64 = 25.0;
-const TARGET_LAG_5000_P99_MS: f64 = 50.0;
-const TARGET_IDLE_PER_S: f64 = 1.0;
-const TARGET_RSS_MIB: f64 = 30.0;
-const TARGET_CPU_PER_10K: f64 = 0.3;
-const TARGET_GROWTH_RATIO: f64 = 0.90;
-const TARGET_APP_TPS_RATIO: f64 = 0.90;
-const TARGET_APP_LATENCY_RATIO: f64 = 1.5;
-const TARGET_KEYED_AGE_P99_MS: f64 = 250.0;
-const TARGET_KEYED_AGE_MAX_MS: f64 = 1000.0;
-const TARGET_KEYED_UNPACED_AGE_P99_MS: f64 = 1000.0;
-const TARGET_COLD_RATIO: f64 = 0.85;
-const TARGET_CLAIM_P99_MS: f64 = 50.0;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Phase {
-    Ceiling,
-    Drain,
-    Steady,
-    Idle,
-    Growth,
-    Scale,
-    App,
-    Keyed,
-    Cold,
-}
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "outbox-bench",
-    about = "Benchmarks outbox-relay against the local PostgreSQL and RabbitMQ and writes bench/RESULTS.md"
-)]
-struct Args {
-    /// PostgreSQL URL of the database to benchmark in (the bench creates and drops schemas there).
-    #[arg(long, env = "OUTBOX_DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
-    database_url: String,
-    /// RabbitMQ URL.
-    #[arg(long, env = "OUTBOX_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
-    amqp_url: String,
-    /// Phases to run, comma separated.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "ceiling,drain,steady,idle,growth,scale,app,keyed,cold"
-    )]
-    phases: Vec<Phase>,
-    /// Messages per ceiling, drain and growth run.
-    #[arg(long, default_value_t = 100_000)]
-    messages: u64,
-    /// Payload size in bytes.
-    #[arg(long, default_value_t = 256)]
-    payload_bytes: usize,
-    /// Runs of the ceiling and drain phases (they alternate: ceiling then drain, per run).
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
-    /// Runs of the steady-state phase (each run covers every rate).
-    #[arg(long, default_value_t = 1)]
-    steady_runs: usize,
-    /// Runs of the idle phase.
-    #[arg(long, default_value_t = 1)]
-    idle_runs: usize,
-    /// Runs of the growth phase (each run covers every kept size).
-    #[arg(long, default_value_t = 1)]
-    growth_runs: usize,
-    /// Relay counts of the scale-out phase, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
-    scale_relays: Vec<usize>,
-    /// Runs of the scale-out phase (each run covers every relay count).
-    #[arg(long, default_value_t = 1)]
-    scale_runs: usize,
-    /// Unconfirmed publishes at most in the ceiling publisher.
-    #[arg(long, default_value_t = 2000)]
-    ceiling_window: usize,
-    /// Steady-state insert rates (rows/s), comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
-    steady_rates: Vec<u64>,
-    /// How long each steady-state rate is held.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    steady_duration: Duration,
-    /// Application connections inserting concurrently in the steady state, one
-    /// per steady rate in order (0 = one per 50 rows/s, at least 8 and at most 32).
-    #[arg(long, value_delimiter = ',', default_value = "4,32")]
-    steady_connections: Vec<usize>,
-    /// How long the idle relay is observed (from 5 s after it drained a backlog).
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
-    idle_duration: Duration,
-    /// Rows the relay drains just before the idle window.
-    #[arg(long, default_value_t = 10_000)]
-    idle_drain_rows: u64,
-    /// Published rows kept in the table during the growth drains, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "10000,1000000")]
-    growth_kept: Vec<u64>,
-    /// Durable queue the messages go to (through the default exchange).
-    #[arg(long, default_value = "outbox_bench")]
-    queue: String,
-    /// Topic exchange of the app, keyed and cold phases (declared by the bench,
-    /// bound to the queue with '#').
-    #[arg(long, default_value = "outbox_bench_topic")]
-    exchange: String,
-    /// pgbench clients of the application-cost phase.
-    #[arg(long, default_value_t = 20)]
-    app_clients: usize,
-    /// How long each side of each application-cost comparison runs.
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
-    app_duration: Duration,
-    /// Rows per transaction of the application-cost multi-row comparison.
-    #[arg(long, default_value_t = 8)]
-    app_rows: usize,
-    /// Single-row transactions/s of the application-cost latency comparison.
-    #[arg(long, default_value_t = 1000)]
-    app_rate: u64,
-    /// pgbench clients of the keyed phase.
-    #[arg(long, default_value_t = 16)]
-    keyed_clients: usize,
-    /// Rows per transaction of the keyed phase.
-    #[arg(long, default_value_t = 8)]
-    keyed_rows: usize,
-    /// Transactions/s of the keyed phase's paced load.
-    #[arg(long, default_value_t = 200)]
-    keyed_rate: u64,
-    #[arg(long, default_value = "45s", value_parser = humantime::parse_duration)]
-    keyed_paced_duration: Duration,
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    keyed_unpaced_duration: Duration,
-    /// Partition keys and routing keys of the app and keyed phases' rows.
-    #[arg(long, default_value_t = 10_000)]
-    keyed_partition_keys: u32,
-    #[arg(long, default_value_t = 100)]
-    keyed_routing_keys: u32,
-    /// Rows of the cold backlog, and its partition keys and routing keys.
-    #[arg(long, default_value_t = 100_000)]
-    cold_rows: u64,
-    #[arg(long, default_value_t = 1000)]
-    cold_partition_keys: u64,
-    #[arg(long, default_value_t = 1000)]
-    cold_routing_keys: u64,
-    /// A cold drain still pending after this long fails (with the rate so far).
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    cold_timeout: Duration,
-    /// A phase fails when no new message arrives for this long.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    stall_timeout: Duration,
-    /// Relay binary to benchmark (default: target/release/outbox-relay, built first).
-    #[arg(long)]
-    relay_bin: Option<PathBuf>,
-    /// Do not run `cargo build --release --bin outbox-relay` first.
-    #[arg(long)]
-    no_build: bool,
-    /// Where to write the markdown results (default: bench/RESULTS.md in the repository).
-    #[arg(long)]
-    output: Option<PathBuf>,
-    /// Also write every steady-state message's timestamps to DIR/steady-<rate>-<run>.csv
-    /// (unix microseconds: created_at, commit acknowledged, received), to study outliers.
-    #[arg(long, value_name = "DIR")]
-    steady_dump: Option<PathBuf>,
-}
-
 fn main() -> ExitCode {
-    START.get_or_init(Instant::now);
+    progress::START.get_or_init(Instant::now);
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -409,29 +246,17 @@ async fn run(args: Args) -> Result<bool> {
 
     let report = render(&bench, &machine, &results);
     println!("{report}");
-    let output = bench.args.output.clone().unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("bench")
-            .join("RESULTS.md")
-    });
+    let output = bench
+        .args
+        .output
+        .clone()
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("RESULTS.md"));
     if let Some(dir) = output.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     std::fs::write(&output, &report).with_context(|| format!("writing {}", output.display()))?;
     progress!("results written to {}", output.display());
     Ok(results.all_ok())
-}
-
-impl Args {
-    /// Application connections of the steady state at `rate`.
-    fn steady_connections_at(&self, rate: u64) -> usize {
-        let asked = self
-            .steady_rates
-            .iter()
-            .position(|&r| r == rate)
-            .and_then(|i| self.steady_connections.get(i).copied());
-        util::steady_connections(asked, rate)
-    }
 }
 
 fn report_run<T: std::fmt::Debug>(phase: &str, run: usize, r: &Result<T>) {
@@ -446,7 +271,10 @@ fn relay_binary(args: &Args) -> Result<PathBuf> {
     if let Some(bin) = &args.relay_bin {
         return Ok(bin.clone());
     }
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The workspace root: the bench's package is its `bench/` member.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("locating the workspace root")?;
     let exe = std::env::current_exe().context("locating the bench binary")?;
     let release_dir = match exe.parent() {
         Some(dir) if dir.file_name().is_some_and(|n| n == "release") => dir.to_path_buf(),
@@ -454,21 +282,28 @@ fn relay_binary(args: &Args) -> Result<PathBuf> {
             progress!("warning: outbox-bench is not a release build; use cargo run --release");
             std::env::var_os("CARGO_TARGET_DIR")
                 .map(PathBuf::from)
-                .unwrap_or_else(|| manifest.join("target"))
+                .unwrap_or_else(|| root.join("target"))
                 .join("release")
         }
     };
     if !args.no_build {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        progress!("building the relay: cargo build --release --bin outbox-relay");
+        progress!("building the relay: cargo build --release -p outbox-relay --bin outbox-relay");
         let status = Command::new(cargo)
-            .args(["build", "--release", "--bin", "outbox-relay"])
-            .current_dir(manifest)
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "outbox-relay",
+                "--bin",
+                "outbox-relay",
+            ])
+            .current_dir(root)
             .stdin(Stdio::null())
             .status()
             .context("running cargo build (pass --no-build or --relay-bin to skip)")?;
         if !status.success() {
-            bail!("cargo build --release --bin outbox-relay failed ({status})");
+            bail!("cargo build --release -p outbox-relay --bin outbox-relay failed ({status})");
         }
     }
     let bin = release_dir.join("outbox-relay");

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::{pg_connect, Bench};
 use crate::{
     consumer::Consumer,
-    relay_proc::{claim_stats, hist_quantiles, histogram_buckets, metric, RelayProc},
+    metrics::{claim_stats, hist_quantiles, histogram_buckets, metric},
     results::{HistQuantiles, Quantiles, SteadyRun},
     util::fill_payload,
 };
@@ -32,7 +32,7 @@ impl Bench {
         self.purge().await?;
         let consumer = Consumer::start(&self.args.amqp_url, &self.args.queue, u64::MAX).await?;
         let label = format!("steady-{rate}-{run}");
-        let mut relay = RelayProc::spawn(self, &self.args.database_url, schema, &label)?;
+        let mut relay = self.relay.spawn(&self.args.database_url, schema, &label)?;
         let partitions = Self::partitions_total(&self.db, schema).await?;
         let measured = async {
             relay

@@ -1,10 +1,9 @@
-//! The bench: connections, schema set-up and the evidence when a phase fails.
-//! The phases are `impl Bench` blocks in the submodules.
+//! The phases: what they share (connections, schema set-up, the evidence when
+//! a phase fails) here; each phase is an `impl Bench` block in its own file.
 
 use std::{
     fmt::Write as _,
     path::PathBuf,
-    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -21,12 +20,13 @@ use lapin::{
 use tokio_postgres::{Client, NoTls};
 
 use crate::{
+    args::Args,
     consumer::Consumer,
-    relay_proc::{claim_stats, metric, RelayProc},
+    metrics::{claim_stats, metric},
+    relay::{RelayBinary, RelayProc},
     results::StopNoted,
     sysinfo::{clock_ticks, tcp_ports_to},
     util::redact,
-    Args,
 };
 
 mod app;
@@ -36,17 +36,15 @@ mod drain;
 mod growth;
 mod idle;
 mod keyed;
-mod machine;
+pub(crate) mod machine;
 mod pgbench;
 mod scale;
 mod steady;
 
-pub(crate) use machine::Machine;
-pub(crate) use pgbench::LoadRun;
-
 pub(crate) struct Bench {
     pub(crate) args: Args,
-    pub(crate) relay_bin: PathBuf,
+    /// The relay under test; every relay of every phase starts from it.
+    pub(crate) relay: RelayBinary,
     pub(crate) log_dir: PathBuf,
     db: Arc<Client>,
     /// The PostgreSQL backend serving `db`.
@@ -138,8 +136,8 @@ impl Bench {
         let log_dir = std::env::temp_dir().join(format!("outbox-bench-{}", std::process::id()));
         std::fs::create_dir_all(&log_dir)?;
         Ok(Self {
+            relay: RelayBinary::new(relay_bin, &args.amqp_url, log_dir.clone()),
             args,
-            relay_bin,
             log_dir,
             db: Arc::new(db),
             backend_pid,
@@ -209,39 +207,12 @@ impl Bench {
         Ok(())
     }
 
-    /// A command for the relay binary that sees only the settings given here.
-    pub(crate) fn relay_command(&self, database_url: &str) -> Command {
-        let mut cmd = Command::new(&self.relay_bin);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("OUTBOX_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env("OUTBOX_DATABASE_URL", database_url)
-            .env("OUTBOX_AMQP_URL", &self.args.amqp_url)
-            .env("OUTBOX_LOG", "warn")
-            .stdin(Stdio::null());
-        cmd
-    }
-
     /// Drops the schema if an earlier run left it, and migrates it afresh.
     async fn fresh_schema(&self, db: &Client, database_url: &str, schema: &str) -> Result<()> {
         db.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
             .await
             .with_context(|| format!("dropping schema {schema}"))?;
-        let out = self
-            .relay_command(database_url)
-            .args(["migrate", "--schema", schema])
-            .output()
-            .context("running outbox-relay migrate")?;
-        if !out.status.success() {
-            bail!(
-                "outbox-relay migrate --schema {schema} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        self.relay.migrate(database_url, schema)
     }
 
     async fn drop_schema(&self, schema: &str) {

@@ -3,9 +3,9 @@
 use std::fmt::Write as _;
 
 use crate::{
+    args::Args,
     results::{DrainRun, Results},
     util::thousands,
-    Args,
 };
 
 /// Appends the details section (per-run tables, then failures and notes).

@@ -1,6 +1,7 @@
-//! Results: what each phase's run measured.
+//! Results: what each phase's run measured. Plain data: nothing here reaches
+//! into the phases or the report.
 
-use crate::{bench::LoadRun, util::quantile};
+use crate::util::quantile;
 
 /// A phase's result that keeps how its relay stopped (see `Bench::conclude`).
 pub(crate) trait StopNoted {
@@ -17,6 +18,20 @@ macro_rules! stop_noted {
     )*};
 }
 stop_noted!(DrainRun, SteadyRun, KeyedRun, ColdDrain);
+
+/// What pgbench (the application's load) reported.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoadRun {
+    pub(crate) transactions: u64,
+    pub(crate) failed: u64,
+    /// Committed transactions per second, without connection time.
+    pub(crate) tps: f64,
+    /// Average transaction latency; with -R, measured from the scheduled start,
+    /// so it includes the schedule lag.
+    pub(crate) latency_ms: f64,
+    /// With -R: the average wait between the scheduled and the actual start.
+    pub(crate) schedule_lag_ms: Option<f64>,
+}
 
 #[derive(Debug, Clone)]
 pub(crate) struct CeilingRun {

@@ -15,7 +15,7 @@ use lapin::{
 };
 use uuid::Uuid;
 
-use crate::relay_proc::RelayProc;
+use crate::relay::RelayProc;
 
 struct Seen {
     first: HashMap<Uuid, SystemTime>,

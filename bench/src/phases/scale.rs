@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::Bench;
-use crate::{consumer::Consumer, relay_proc::RelayProc, results::ScaleRun};
+use crate::{consumer::Consumer, results::ScaleRun};
 
 /// A relay alone takes every partition; the others get their share within a
 /// few lease ttls (5 s each).
@@ -25,8 +25,7 @@ impl Bench {
         let r = async {
             self.purge().await?;
             for i in 0..relays {
-                procs.push(RelayProc::spawn(
-                    self,
+                procs.push(self.relay.spawn(
                     &self.args.database_url,
                     &schema,
                     &format!("scale-{relays}-{run}-{i}"),
@@ -53,7 +52,7 @@ impl Bench {
             for p in &procs {
                 let text = p.scrape().await.unwrap_or_default();
                 per_relay.push(
-                    crate::relay_proc::metric(&text, "outbox_relay_messages_published_total")
+                    crate::metrics::metric(&text, "outbox_relay_messages_published_total")
                         .unwrap_or(0.0) as u64,
                 );
             }

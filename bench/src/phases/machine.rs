@@ -67,7 +67,7 @@ impl Bench {
             postgres,
             postgres_settings: settings.join(", "),
             rabbitmq,
-            relay_defaults: relay_defaults(&self.relay_bin),
+            relay_defaults: relay_defaults(&self.relay.path),
             load_start: load_average(),
         }
     }

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use super::Bench;
 use crate::{
     consumer::Consumer,
-    relay_proc::{claim_stats, RelayProc},
+    metrics::claim_stats,
     results::{CpuUse, DrainRun},
     sysinfo::{cpu_seconds, CpuSnapshot},
 };
@@ -34,7 +34,7 @@ impl Bench {
         let consumer = Consumer::start(&self.args.amqp_url, &self.args.queue, n).await?;
         let before = CpuSnapshot::take(self.backend_pid);
         let t0 = Instant::now();
-        let mut relay = RelayProc::spawn(self, &self.args.database_url, schema, label)?;
+        let mut relay = self.relay.spawn(&self.args.database_url, schema, label)?;
         // The database side: when does it show no pending row?
         let db = self.db.clone();
         let sql = format!(

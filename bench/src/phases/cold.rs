@@ -12,7 +12,8 @@ use lapin::types::ShortString;
 use super::Bench;
 use crate::{
     consumer::Consumer,
-    relay_proc::{claim_stats, RelayProc},
+    metrics::claim_stats,
+    relay::RelayProc,
     results::{ColdDrain, ColdRun},
 };
 
@@ -109,7 +110,7 @@ impl Bench {
         };
         let label = format!("cold-{schema}");
         let t0 = Instant::now();
-        let mut relay = RelayProc::spawn(self, &self.args.database_url, schema, &label)?;
+        let mut relay = self.relay.spawn(&self.args.database_url, schema, &label)?;
         let measured = async {
             let zero_at = self.watch_drain(schema, &mut relay, n, &label).await?;
             let consumed_s = match &consumer {

@@ -14,7 +14,8 @@ use super::{
 };
 use crate::{
     consumer::Consumer,
-    relay_proc::{claim_stats, RelayProc},
+    metrics::claim_stats,
+    relay::RelayProc,
     results::{AppCompare, AppKind, AppSide, ClaimStats},
 };
 
@@ -69,7 +70,7 @@ impl Bench {
         };
         let mut out = Vec::new();
         let mut claims = None;
-        match RelayProc::spawn(self, &self.args.database_url, SCHEMA, "app") {
+        match self.relay.spawn(&self.args.database_url, SCHEMA, "app") {
             Err(e) => {
                 let e = format!("{e:#}");
                 out = kinds.iter().map(|&k| (k, Err(e.clone()))).collect();

@@ -1,6 +1,6 @@
 //! Conditions the SQL of the relay, the operator commands and the schema's
 //! functions share, spelled once. The files of `sql/` name them as
-//! placeholders (`{{pending}}`, `{{pending m}}`), filled in by `migrations`
+//! placeholders (`{{pending}}`, `{{pending m}}`), filled in by `store::migrations`
 //! when they are applied; the statements of `store` call the functions below.
 //!
 //! The partial indexes of migration 1 carry `pending`: a statement uses them

@@ -2,12 +2,7 @@
 --
 -- A relay given several nodes (a cluster) moves between them on connection
 -- loss; `outbox-relay status` shows where each one is now (NULL: connected to
--- none). The relay writes it only when it changes.
+-- none). The relay writes it, only when it changes, through
+-- sql/functions/relay_set_broker_node.sql.
 
 ALTER TABLE relays ADD COLUMN broker_node text;
-
-CREATE FUNCTION relay_set_broker_node(p_instance text, p_node text) RETURNS void
-LANGUAGE sql SET search_path FROM CURRENT AS $$
-    INSERT INTO relays (instance, broker_node) VALUES (p_instance, p_node)
-        ON CONFLICT (instance) DO UPDATE SET broker_node = EXCLUDED.broker_node;
-$$;

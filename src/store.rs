@@ -9,6 +9,7 @@ mod control;
 pub mod enqueue;
 mod housekeeping;
 pub mod migrations;
+pub mod predicates;
 mod session;
 mod tls;
 mod url;
@@ -382,8 +383,9 @@ impl Store {
                        payload, octet_length(payload) AS size, content_type, message_type, \
                        correlation_id, headers, octet_length(headers::text) AS header_size, \
                        created_at, attempts";
-        let pending = "published_at IS NULL AND dead_lettered_at IS NULL \
-                       AND available_at <= now() AND partition = ANY($1::smallint[])";
+        let is_pending = predicates::pending("");
+        let pending =
+            format!("{is_pending} AND available_at <= now() AND partition = ANY($1::smallint[])");
         // A row waits behind an earlier row of its key that is not due
         // (scheduled, or backing off). The not-due rows are read once per
         // claim into a map key -> first id, looked up per row: the cost stays
@@ -402,14 +404,15 @@ impl Store {
                    WHERE p.partition_key = m.partition_key
                      AND p.id + 0 > coalesce(($4::jsonb ->> m.partition_key)::bigint, 0)
                      AND p.id + 0 <= $2 AND p.id + 0 < m.id
-                     AND p.published_at IS NULL AND p.dead_lettered_at IS NULL))"
+                     AND {}))",
+            predicates::pending("p")
         );
         let claim = Sql::new(
             format!(
                 "WITH waiting AS MATERIALIZED (
                 SELECT coalesce(jsonb_object_agg(partition_key, first_id), '{{}}') AS first_ids
                   FROM (SELECT partition_key, min(id) AS first_id FROM {s}.messages
-                         WHERE published_at IS NULL AND dead_lettered_at IS NULL
+                         WHERE {is_pending}
                            AND available_at > now() AND partition_key IS NOT NULL
                            AND partition = ANY($1::smallint[])
                          GROUP BY partition_key) k),
@@ -481,8 +484,9 @@ impl Store {
                                             THEN now() END
                FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[])
                     AS f(id, error, delay_ms, park)
-              WHERE m.id = f.id AND m.published_at IS NULL AND m.dead_lettered_at IS NULL
-          RETURNING m.id, m.dead_lettered_at IS NOT NULL, m.attempts"
+              WHERE m.id = f.id AND {}
+          RETURNING m.id, m.dead_lettered_at IS NOT NULL, m.attempts",
+                predicates::pending("m")
             ),
             &[
                 Type::INT8_ARRAY,
@@ -498,7 +502,7 @@ impl Store {
         let park = Sql::new(
             format!(
                 "UPDATE {s}.messages SET dead_lettered_at = now(), last_error = $2
-              WHERE id = $1 AND published_at IS NULL AND dead_lettered_at IS NULL
+              WHERE id = $1 AND {is_pending}
           RETURNING id, attempts"
             ),
             &[Type::INT8, Type::TEXT],

@@ -407,11 +407,15 @@ mod tests {
         args("outbox_app", "outbox_relay", "outbox_operator")
     }
 
-    /// The names of the functions the migrations create, in order of first creation.
+    /// The names of the functions `migrate` creates, in order of first creation.
     fn created_functions() -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
-        for m in migrations::MIGRATIONS {
-            for line in m.sql.lines() {
+        let files = migrations::MIGRATIONS
+            .iter()
+            .map(|m| m.sql)
+            .chain(migrations::REPEATABLES.iter().map(|r| r.sql));
+        for sql in files {
+            for line in sql.lines() {
                 let line = line.trim_start();
                 let rest = line
                     .strip_prefix("CREATE OR REPLACE FUNCTION ")

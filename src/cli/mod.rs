@@ -66,8 +66,15 @@ pub async fn migrate(conn: &Connections, dry_run: bool) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Ok(applied) => {
-                for m in applied {
+                for m in &applied.migrations {
                     println!("applied {} to schema '{}'", m.name, conn.schema);
+                }
+                if applied.repeatables {
+                    println!(
+                        "applied the functions and triggers of sql/ ({} files) to schema '{}'",
+                        migrations::REPEATABLES.len(),
+                        conn.schema
+                    );
                 }
                 ExitCode::SUCCESS
             }

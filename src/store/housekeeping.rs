@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio_postgres::types::Type;
 
-use super::{bounded, check_schema, Session, Settings, Sql, StoreError};
+use super::{bounded, check_schema, predicates, Session, Settings, Sql, StoreError};
 
 #[derive(Debug, Clone, Default)]
 pub struct BacklogStats {
@@ -28,6 +28,7 @@ const OLDEST_LOOKAHEAD: i64 = 10_000;
 impl Housekeeping {
     pub async fn prepare(session: &Session, schema: &str) -> Result<Self, StoreError> {
         check_schema(&session.client, schema).await?;
+        let pending = predicates::pending("");
         Ok(Self {
             // Both counts walk partial indexes and stop at COUNT_CAP. The oldest
             // pending row is the first of the pending index that is due or has
@@ -36,11 +37,11 @@ impl Housekeeping {
             stats: Sql::new(
                 format!(
                     "SELECT (SELECT count(*) FROM (SELECT 1 FROM {schema}.messages
-                              WHERE published_at IS NULL AND dead_lettered_at IS NULL
+                              WHERE {pending}
                               LIMIT {COUNT_CAP}) p),
                             (SELECT created_at FROM (SELECT id, created_at, available_at, attempts
                                                        FROM {schema}.messages
-                                                      WHERE published_at IS NULL AND dead_lettered_at IS NULL
+                                                      WHERE {pending}
                                                       ORDER BY id LIMIT {OLDEST_LOOKAHEAD}) f
                               WHERE available_at <= now() OR attempts > 0
                               ORDER BY id LIMIT 1),

@@ -9,7 +9,7 @@ use tokio_postgres::{AsyncMessage, Client};
 
 use super::{
     connect_raw,
-    migrations::{self, MigrateError, Migration},
+    migrations::{self, Applied, MigrateError},
     StoreError,
 };
 
@@ -96,11 +96,9 @@ impl Session {
         migrations::pending_sql(&self.client, schema).await
     }
 
-    /// Applies the migrations the schema lacks; the ones applied, in order.
-    pub async fn apply_migrations(
-        &mut self,
-        schema: &str,
-    ) -> Result<Vec<&'static Migration>, MigrateError> {
+    /// Applies the migrations the schema lacks, then the functions and
+    /// triggers if their set changed; what was applied.
+    pub async fn apply_migrations(&mut self, schema: &str) -> Result<Applied, MigrateError> {
         migrations::apply(&mut self.client, schema).await
     }
 }

@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use tokio_postgres::IsolationLevel;
 
-use crate::store::{Session, StoreError};
+use crate::store::{predicates, Session, StoreError};
 
 #[derive(Debug, Clone, Default)]
 pub struct Backlog {
@@ -65,6 +65,8 @@ pub async fn status(session: &mut Session, schema: &str) -> Result<Status, Store
         .map_err(StoreError::query("starting the status snapshot"))?;
     // Pending and dead-lettered rows are counted through their partial indexes;
     // published rows are counted exactly (status is not on any hot path).
+    let pending = predicates::pending("");
+    let pending_m = predicates::pending("m");
     let row = tx
         .query_typed_one(
             &format!(
@@ -80,7 +82,7 @@ pub async fn status(session: &mut Session, schema: &str) -> Result<Status, Store
                                     AS oldest_created_at,
                                 min(available_at) FILTER (WHERE available_at > now()) AS next_at
                            FROM {s}.messages
-                          WHERE published_at IS NULL AND dead_lettered_at IS NULL) p,
+                          WHERE {pending}) p,
                         (SELECT count(*) AS dead_lettered FROM {s}.messages
                           WHERE dead_lettered_at IS NOT NULL) d,
                         (SELECT count(*) AS published, min(published_at) AS oldest_published_at
@@ -111,7 +113,7 @@ pub async fn status(session: &mut Session, schema: &str) -> Result<Status, Store
                         coalesce(array_agg(partition ORDER BY partition)
                                  FILTER (WHERE owner IS NULL OR expires_at <= now()), '{{}}'),
                         (SELECT count(*) FROM {s}.messages m
-                          WHERE m.published_at IS NULL AND m.dead_lettered_at IS NULL
+                          WHERE {pending_m}
                             AND m.available_at <= now()
                             AND m.partition IN (SELECT k.partition FROM {s}.leases k
                                                  WHERE k.owner IS NULL OR k.expires_at <= now()))

@@ -1,0 +1,20 @@
+-- outbox-relay migration 5: backlog() for a least-privilege application role.
+--
+-- It now runs with its owner's rights (SECURITY DEFINER, with the search_path
+-- fixed to this schema), so an application role that may call it needs no
+-- SELECT on other rows' columns: only id and message_id, for RETURNING. It
+-- takes no argument and returns two numbers. Like the relay's lag metric, it
+-- leaves out rows scheduled for later: a row due in an hour is pending, not
+-- late (the 10,000 oldest pending rows are searched).
+
+CREATE OR REPLACE FUNCTION backlog(OUT pending bigint, OUT oldest_pending_age interval)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT (SELECT count(*) FROM (SELECT 1 FROM messages
+             WHERE published_at IS NULL AND dead_lettered_at IS NULL LIMIT 1000000) p),
+           now() - (SELECT created_at
+                      FROM (SELECT id, created_at, available_at, attempts FROM messages
+                             WHERE published_at IS NULL AND dead_lettered_at IS NULL
+                             ORDER BY id LIMIT 10000) f
+                     WHERE available_at <= now() OR attempts > 0
+                     ORDER BY id LIMIT 1)
+$$;

@@ -25,15 +25,15 @@ demo: services build
 test: services
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		set -e; \
-		$(CARGO) test --doc --all-features; \
-		$(CARGO) nextest run --all-features --no-fail-fast; \
+		$(CARGO) test --workspace --doc --all-features; \
+		$(CARGO) nextest run --workspace --all-features --no-fail-fast; \
 	else \
-		$(CARGO) test --all-features; \
+		$(CARGO) test --workspace --all-features; \
 	fi
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets --all-features -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 # The benchmark (src/bin/outbox-bench): every figure with its scenario and target, written to bench/RESULTS.md.
 bench: services

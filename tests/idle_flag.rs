@@ -11,9 +11,7 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
-use common::*;
+use outbox_test_kit::*;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 
@@ -125,7 +123,7 @@ async fn no_relay_lives(env: &TestEnv) -> bool {
 /// A relay that drained its rows and waits for a NOTIFY, proven by an
 /// insert that notified and was published.
 async fn waiting_relay(env: &TestEnv, queue: &str, collector: &Collector) -> (Relay, Listener) {
-    let mut relay = Relay::start(env, &[]).await;
+    let mut relay = Launch::new().start(env).await;
     let waits = wait_until(ARRIVAL_TIMEOUT, async || {
         waits_and_lives(env, &relay.instance, "3 seconds").await
     })
@@ -147,15 +145,13 @@ async fn waiting_relay(env: &TestEnv, queue: &str, collector: &Collector) -> (Re
     collector
         .wait_for_ids(&ids_of(&rows), ARRIVAL_TIMEOUT)
         .await;
-    let waits = wait_until(ARRIVAL_TIMEOUT, async || {
-        waits_and_lives(env, &relay.instance, "3 seconds").await
-    })
-    .await;
-    assert!(
-        waits,
-        "the relay did not wait again\n{}",
-        relay.log_tail(100)
-    );
+    relay
+        .wait_for(
+            ARRIVAL_TIMEOUT,
+            "the relay did not wait again",
+            async || waits_and_lives(env, &relay.instance, "3 seconds").await,
+        )
+        .await;
     relay.assert_running();
     (relay, listener)
 }
@@ -263,27 +259,23 @@ async fn a_failed_idle_update_is_said_again_until_the_database_takes_it() {
         &[],
     )
     .await;
-    let mut relay = Relay::start(&env, &[]).await;
-    let tried = wait_until(ARRIVAL_TIMEOUT, async || {
-        relay.logs().contains("relay_set_idle refused by the test")
-    })
-    .await;
-    assert!(
-        tried,
-        "the relay never tried to flag itself idle\n{}",
-        relay.log_tail(100)
-    );
+    let mut relay = Launch::new().start(&env).await;
+    relay
+        .wait_for(
+            ARRIVAL_TIMEOUT,
+            "the relay never tried to flag itself idle",
+            async || relay.logs().contains("relay_set_idle refused by the test"),
+        )
+        .await;
     env.exec(&definition, &[]).await;
 
-    let waits = wait_until(ARRIVAL_TIMEOUT, async || {
-        waits_and_lives(&env, &relay.instance, "3 seconds").await
-    })
-    .await;
-    assert!(
-        waits,
-        "relay_set_idle works again, but the relay never said again that it waits\n{}",
-        relay.log_tail(100)
-    );
+    relay
+        .wait_for(
+            ARRIVAL_TIMEOUT,
+            "relay_set_idle works again, but the relay never said again that it waits",
+            async || waits_and_lives(&env, &relay.instance, "3 seconds").await,
+        )
+        .await;
     let mut listener = Listener::start(&env).await;
     let rows = env
         .insert_committed(&[NewRow::to_queue(&queue, "after the failure")])

@@ -11,17 +11,14 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::broker_user::*;
-use common::faults::*;
-use common::*;
 use lapin::options::ExchangeDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use outbox_test_kit::broker_user::*;
+use outbox_test_kit::*;
 
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -31,50 +28,6 @@ fn launch(user: &BrokerUser) -> Launch {
     Launch::new()
         .amqp_url(&user.url())
         .args(&["--max-attempts", "2", "--poll-interval", "200ms"])
-}
-
-/// Waits until every row in `ids` is marked published.
-async fn wait_marked(env: &TestEnv, ids: &[Inserted], relay: &Relay) {
-    let wanted: HashSet<i64> = ids.iter().map(|i| i.id).collect();
-    let marked = wait_until(ARRIVAL_TIMEOUT, async || {
-        let rows = env.rows().await;
-        rows.iter()
-            .filter(|r| wanted.contains(&r.id))
-            .all(|r| r.published_at.is_some())
-    })
-    .await;
-    assert!(
-        marked,
-        "rows not all marked published within {ARRIVAL_TIMEOUT:?}: {:?}\n{}",
-        env.rows()
-            .await
-            .iter()
-            .filter(|r| wanted.contains(&r.id) && r.published_at.is_none())
-            .collect::<Vec<_>>(),
-        relay.log_tail(100)
-    );
-}
-
-/// Waits until row `id` is dead-lettered; returns it.
-async fn wait_parked(env: &TestEnv, id: i64, relay: &Relay) -> RowState {
-    let parked = wait_until(ARRIVAL_TIMEOUT, async || {
-        let rows = env.rows().await;
-        rows.iter()
-            .any(|r| r.id == id && r.dead_lettered_at.is_some())
-    })
-    .await;
-    let row = env
-        .rows()
-        .await
-        .into_iter()
-        .find(|r| r.id == id)
-        .expect("the row exists");
-    assert!(
-        parked,
-        "row {id} not dead-lettered within {ARRIVAL_TIMEOUT:?}: {row:?}\n{}",
-        relay.log_tail(100)
-    );
-    row
 }
 
 /// A queue `exchange` routes the routing key "orders" to.
@@ -214,7 +167,7 @@ async fn publish_only_user_publishes_rows_to_the_exchanges_it_may_write() {
         .collect();
     rows.extend((1..=3).map(|i| NewRow::to_queue(&direct_queue, format!("d{i}"))));
     let ins = env.insert_committed(&rows).await;
-    let relay = Relay::start_with(&env, &launch(&user)).await;
+    let relay = launch(&user).start(&env).await;
 
     collector
         .wait_for_ids(&ids_of(&ins[..5]), ARRIVAL_TIMEOUT)
@@ -222,7 +175,7 @@ async fn publish_only_user_publishes_rows_to_the_exchanges_it_may_write() {
     direct
         .wait_for_ids(&ids_of(&ins[5..]), ARRIVAL_TIMEOUT)
         .await;
-    wait_marked(&env, &ins, &relay).await;
+    env.wait_published(&ins, &relay).await;
     for row in env.rows().await {
         assert_eq!(row.attempts, 0, "a row was charged: {row:?}");
     }
@@ -263,7 +216,7 @@ async fn row_to_an_exchange_the_user_may_not_write_is_charged_and_parked_others_
     let ins = env.insert_committed(&rows).await;
     let bad = ins[1];
     let good: Vec<Inserted> = ins.iter().copied().filter(|i| *i != bad).collect();
-    let relay = Relay::start_with(&env, &launch(&user)).await;
+    let relay = launch(&user).start(&env).await;
 
     let to_allowed: Vec<Inserted> = good[..5].to_vec();
     collector
@@ -272,8 +225,8 @@ async fn row_to_an_exchange_the_user_may_not_write_is_charged_and_parked_others_
     direct
         .wait_for_ids(&ids_of(&good[5..]), ARRIVAL_TIMEOUT)
         .await;
-    wait_marked(&env, &good, &relay).await;
-    let parked = wait_parked(&env, bad.id, &relay).await;
+    env.wait_published(&good, &relay).await;
+    let parked = env.wait_parked(bad.id, &relay).await;
 
     assert!(
         parked.published_at.is_none(),
@@ -330,13 +283,13 @@ async fn rows_to_the_default_exchange_need_write_on_amq_default() {
         to_exchange(&allowed, "orders", "x2"),
     ];
     let ins = env.insert_committed(&rows).await;
-    let relay = Relay::start_with(&env, &launch(&user)).await;
+    let relay = launch(&user).start(&env).await;
 
     collector
         .wait_for_ids(&ids_of(&ins[1..]), ARRIVAL_TIMEOUT)
         .await;
-    wait_marked(&env, &ins[1..], &relay).await;
-    let parked = wait_parked(&env, ins[0].id, &relay).await;
+    env.wait_published(&ins[1..], &relay).await;
+    let parked = env.wait_parked(ins[0].id, &relay).await;
     assert!(parked.published_at.is_none(), "{parked:?}");
     let err = parked.last_error.clone().unwrap_or_default();
     assert_says_all(&err, &["ACCESS_REFUSED", "amq.default"]);
@@ -355,7 +308,7 @@ async fn check_names_a_user_without_access_to_the_vhost() {
     rabbitmqctl(&["clear_permissions", "-p", &user.vhost, &user.name])
         .unwrap_or_else(|e| panic!("clear permissions of {}: {e}", user.name));
     let out = check_as(&env, &user).await;
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    out.assert_code(1);
     let broker_line = broker_line(&out);
     for needle in ["FAIL", "access to vhost", &user.name] {
         assert!(
@@ -417,15 +370,15 @@ async fn refused_rows_spread_through_a_backlog_are_each_parked_and_the_rest_flow
     let bad: Vec<Inserted> = bad.into_iter().map(|(_, r)| r).collect();
     let good: Vec<Inserted> = good.into_iter().map(|(_, r)| r).collect();
     let started = Instant::now();
-    let relay = Relay::start_with(&env, &launch(&user)).await;
+    let relay = launch(&user).start(&env).await;
 
     collector
         .wait_for_ids(&ids_of(&good), ARRIVAL_TIMEOUT)
         .await;
-    wait_marked(&env, &good, &relay).await;
+    env.wait_published(&good, &relay).await;
     let good_done = started.elapsed();
     for b in &bad {
-        wait_parked(&env, b.id, &relay).await;
+        env.wait_parked(b.id, &relay).await;
     }
     let all_parked = started.elapsed();
 

@@ -21,9 +21,6 @@ use uuid::Uuid;
 
 use crate::*;
 
-// Until every test imports it from the crate root.
-pub use crate::Launch;
-
 // ---------------------------------------------------------------------------
 // URLs
 // ---------------------------------------------------------------------------
@@ -464,6 +461,10 @@ impl Tally {
 
     pub fn len(&self) -> usize {
         self.state.lock().unwrap().arrivals.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn distinct(&self) -> usize {
@@ -965,4 +966,29 @@ fn rabbitmqctl(args: &[&str]) {
 
 pub fn ms(d: Duration) -> String {
     format!("{:.2}s", d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_pointed_at_a_proxy_keeping_credentials_and_path() {
+        assert_eq!(
+            url_via("amqp://u:p%40ss@db.example:5672/%2f?heartbeat=5", 4000),
+            "amqp://u:p%40ss@127.0.0.1:4000/%2f?heartbeat=5"
+        );
+        assert_eq!(
+            url_via("postgres://h/test", 1),
+            "postgres://127.0.0.1:1/test"
+        );
+        assert_eq!(
+            url_addr("amqp://guest:guest@127.0.0.1:5673/%2f", 5672),
+            SocketAddr::from(([127, 0, 0, 1], 5673))
+        );
+        assert_eq!(
+            url_addr("postgres://postgres@127.0.0.1/test", 5432),
+            SocketAddr::from(([127, 0, 0, 1], 5432))
+        );
+    }
 }

@@ -14,6 +14,9 @@
 //! Addresses come from `OUTBOX_TEST_DATABASE_URL` and `OUTBOX_TEST_AMQP_URL`;
 //! the relay binary from `OUTBOX_TEST_RELAY_BIN` (see [`relay_bin`]).
 
+// Tests time real processes and services: the real clock is what they need.
+#![allow(clippy::disallowed_types)]
+
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -123,7 +126,12 @@ where
 /// A command for the relay binary with no OUTBOX_* variable inherited from the
 /// developer's shell, so a test sees only the settings it passes.
 pub fn relay_command() -> Command {
-    let mut cmd = Command::new(relay_bin());
+    command_for(&relay_bin())
+}
+
+/// Like [`relay_command`] for another binary (an older release).
+pub fn command_for(bin: &Path) -> Command {
+    let mut cmd = Command::new(bin);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("OUTBOX_") {
             cmd.env_remove(&key);
@@ -151,6 +159,36 @@ impl CliOutput {
             "status: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
             self.status, self.stdout, self.stderr
         )
+    }
+
+    /// Asserts that the command exited with `code`; the message shows its
+    /// whole output.
+    #[track_caller]
+    pub fn assert_code(&self, code: i32) -> &CliOutput {
+        assert_eq!(self.code(), Some(code), "{}", self.describe());
+        self
+    }
+
+    /// Asserts that stdout contains `text`; the message shows the whole output.
+    #[track_caller]
+    pub fn assert_stdout_has(&self, text: &str) -> &CliOutput {
+        assert!(
+            self.stdout.contains(text),
+            "stdout lacks {text:?}\n{}",
+            self.describe()
+        );
+        self
+    }
+
+    /// Asserts that stderr contains `text`; the message shows the whole output.
+    #[track_caller]
+    pub fn assert_stderr_has(&self, text: &str) -> &CliOutput {
+        assert!(
+            self.stderr.contains(text),
+            "stderr lacks {text:?}\n{}",
+            self.describe()
+        );
+        self
     }
 }
 
@@ -196,11 +234,33 @@ pub async fn run_cli(args: &[&str], envs: &[(&str, &str)], timeout: Duration) ->
     }
 }
 
+/// Runs `outbox-relay <args> --database-url .. --schema ..`, plus
+/// `--amqp-url ..` for the subcommands that talk to the broker.
+async fn cli_for(
+    args: &[&str],
+    (db_url, amqp_url): (&str, &str),
+    schema: &str,
+    timeout: Duration,
+) -> CliOutput {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--database-url", db_url, "--schema", schema]);
+    if matches!(args.first(), Some(&("run" | "check" | "replay"))) {
+        all.extend(["--amqp-url", amqp_url]);
+    }
+    run_cli(&all, &[], timeout).await
+}
+
 /// A port on 127.0.0.1 that refuses every connection for as long as this
 /// lives: bound, so no other process can take it, but never listening.
 pub struct ClosedPort {
     _socket: tokio::net::TcpSocket,
     pub port: u16,
+}
+
+impl Default for ClosedPort {
+    fn default() -> ClosedPort {
+        ClosedPort::new()
+    }
 }
 
 impl ClosedPort {
@@ -274,6 +334,15 @@ impl TestEnv {
         env
     }
 
+    /// The opening of most delivery tests: `new(name)`, a queue `events`, and
+    /// a collector on it.
+    pub async fn with_events_queue(name: &str, ack: AckMode) -> (TestEnv, String, Collector) {
+        let env = TestEnv::new(name).await;
+        let queue = env.declare_queue("events").await;
+        let collector = env.consume(&queue, ack).await;
+        (env, queue, collector)
+    }
+
     /// Like `new` but without running the migrations.
     pub async fn new_unmigrated(name: &str) -> TestEnv {
         let suffix: u32 = rand::random();
@@ -338,12 +407,14 @@ impl TestEnv {
 
     /// Like `cli` for another schema name.
     pub async fn cli_on_schema(&self, args: &[&str], schema: &str, timeout: Duration) -> CliOutput {
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(["--database-url", &self.db_url, "--schema", schema]);
-        if matches!(args.first(), Some(&("run" | "check" | "replay"))) {
-            all.extend(["--amqp-url", &self.amqp_url]);
-        }
-        run_cli(&all, &[], timeout).await
+        let urls = (self.db_url.as_str(), self.amqp_url.as_str());
+        cli_for(args, urls, schema, timeout).await
+    }
+
+    /// Like `cli` with other database and broker URLs (a wrong password, a
+    /// port nothing listens on).
+    pub async fn cli_via(&self, args: &[&str], urls: (&str, &str), timeout: Duration) -> CliOutput {
+        cli_for(args, urls, &self.schema, timeout).await
     }
 
     /// Registers another schema this test creates, dropped with the env.
@@ -548,6 +619,52 @@ impl TestEnv {
             .collect()
     }
 
+    /// Waits until every row of `written` is marked published; panics with
+    /// the rows still unmarked and `relay`'s log otherwise.
+    pub async fn wait_published(&self, written: &[Inserted], relay: &Relay) {
+        let wanted: HashSet<i64> = written.iter().map(|i| i.id).collect();
+        let marked = wait_until(ARRIVAL_TIMEOUT, async || {
+            let rows = self.rows().await;
+            rows.iter()
+                .filter(|r| wanted.contains(&r.id))
+                .all(|r| r.published_at.is_some())
+        })
+        .await;
+        assert!(
+            marked,
+            "rows not all marked published within {ARRIVAL_TIMEOUT:?}: {:?}\n{}",
+            self.rows()
+                .await
+                .iter()
+                .filter(|r| wanted.contains(&r.id) && r.published_at.is_none())
+                .collect::<Vec<_>>(),
+            relay.log_tail(100)
+        );
+    }
+
+    /// Waits until row `id` is dead-lettered and returns it; panics with the
+    /// row and `relay`'s log otherwise.
+    pub async fn wait_parked(&self, id: i64, relay: &Relay) -> RowState {
+        let parked = wait_until(ARRIVAL_TIMEOUT, async || {
+            let rows = self.rows().await;
+            rows.iter()
+                .any(|r| r.id == id && r.dead_lettered_at.is_some())
+        })
+        .await;
+        let row = self
+            .rows()
+            .await
+            .into_iter()
+            .find(|r| r.id == id)
+            .expect("the row exists");
+        assert!(
+            parked,
+            "row {id} not dead-lettered within {ARRIVAL_TIMEOUT:?}: {row:?}\n{}",
+            relay.log_tail(100)
+        );
+        row
+    }
+
     /// Rows with `published_at` set.
     pub async fn published_count(&self) -> i64 {
         self.scalar_i64(&format!(
@@ -555,6 +672,16 @@ impl TestEnv {
             self.table()
         ))
         .await
+    }
+
+    /// The message ids of the rows marked published.
+    pub async fn published_message_ids(&self) -> HashSet<String> {
+        self.rows()
+            .await
+            .iter()
+            .filter(|r| r.published_at.is_some())
+            .map(|r| r.message_id.to_string())
+            .collect()
     }
 
     pub async fn pending_count(&self) -> i64 {
@@ -773,6 +900,14 @@ impl NewRow {
             headers: Value::Object(Default::default()),
             available_in_secs: None,
         }
+    }
+
+    /// `n` rows to `queue` through the default exchange, payloads `m0`,
+    /// `m1`, ... in that order.
+    pub fn numbered(queue: &str, n: usize) -> Vec<NewRow> {
+        (0..n)
+            .map(|i| NewRow::to_queue(queue, format!("m{i}")))
+            .collect()
     }
 
     pub fn key(mut self, partition_key: &str) -> NewRow {
@@ -1033,11 +1168,10 @@ impl Launch {
         let instance = format!("{}-relay-{n}", env.schema);
         // Port 0: the relay binds any free port and logs which.
         let addr = "127.0.0.1:0";
-        let mut cmd = relay_command();
-        if let Some(binary) = &self.binary {
-            cmd = Command::new(binary);
-            cmd.stdin(Stdio::null());
-        }
+        let mut cmd = match &self.binary {
+            Some(binary) => command_for(binary),
+            None => relay_command(),
+        };
         cmd.arg("run");
         match self.settings {
             Settings::Flags => {
@@ -1086,57 +1220,16 @@ pub struct Relay {
 }
 
 impl Relay {
-    // -- the API before the kit, kept until every test uses Launch ----------
-
-    pub async fn start(env: &TestEnv, extra_args: &[&str]) -> Relay {
-        Launch::new().args(extra_args).start(env).await
-    }
-
-    pub async fn start_configured(
-        env: &TestEnv,
-        extra_args: &[&str],
-        envs: &[(&str, &str)],
-        settings: Settings,
-    ) -> Relay {
-        Launch::new()
-            .args(extra_args)
-            .envs(envs)
-            .settings(settings)
-            .start(env)
-            .await
-    }
-
-    pub fn spawn_on_urls(
-        env: &TestEnv,
-        (db_url, amqp_url): (&str, &str),
-        extra_args: &[&str],
-        envs: &[(&str, &str)],
-    ) -> Relay {
-        Launch::new()
-            .db_url(db_url)
-            .amqp_url(amqp_url)
-            .args(extra_args)
-            .envs(envs)
-            .spawn(env)
-    }
-
-    pub fn spawn_with(env: &TestEnv, launch: &Launch) -> Relay {
-        launch.spawn(env)
-    }
-
-    pub async fn start_with(env: &TestEnv, launch: &Launch) -> Relay {
-        launch.start(env).await
-    }
-
     /// Starts `cmd`, an `outbox-relay run` the caller set up (with
-    /// `relay_command`), its stdout and stderr going to `log`.
+    /// `relay_command`), its stdout and stderr going to `log`. [`Launch`] is
+    /// the way to start a relay; this is what it runs underneath.
     pub fn spawn_command(mut cmd: Command, log: PathBuf, instance: &str) -> Relay {
         let file = File::create(&log).expect("create relay log");
         cmd.stdout(file.try_clone().expect("clone log file"))
             .stderr(file);
         let child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", relay_bin().display()));
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
         Relay {
             pid: child.id(),
             child: Some(child),
@@ -1243,6 +1336,26 @@ impl Relay {
     pub async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         self.signal("TERM");
         self.wait_exit(timeout, "SIGTERM").await
+    }
+
+    /// [`wait_until`] `condition` holds; panics otherwise, saying `what`
+    /// did not happen within `timeout`, with the relay's log.
+    pub async fn wait_for<F>(&self, timeout: Duration, what: &str, condition: F)
+    where
+        F: AsyncFnMut() -> bool,
+    {
+        let held = wait_until(timeout, condition).await;
+        assert!(held, "{what} (waited {timeout:?})\n{}", self.log_tail(100));
+    }
+
+    /// `terminate`, then asserts the relay exited 0 (the message shows its log).
+    pub async fn terminate_cleanly(&mut self, timeout: Duration) {
+        let status = self.terminate(timeout).await;
+        assert!(
+            status.success(),
+            "relay exited with {status:?} after SIGTERM\n{}",
+            self.log_tail(100)
+        );
     }
 
     /// Sends SIGINT and waits like `terminate`.
@@ -1756,3 +1869,102 @@ pub mod faults;
 pub mod frame_tap;
 pub mod private_pg;
 pub mod proxy;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_metrics_address_is_read_from_the_text_or_json_start_line() {
+        let text =
+            "2026-12-03T10:00:00Z INFO outbox relay started schema=s metrics_addr=127.0.0.1:37625";
+        assert_eq!(
+            started_metrics_addr(text),
+            Some(SocketAddr::from(([127, 0, 0, 1], 37625)))
+        );
+        let json = r#"{"fields":{"message":"outbox relay started","metrics_addr":"127.0.0.1:9"}}"#;
+        assert_eq!(
+            started_metrics_addr(json),
+            Some(SocketAddr::from(([127, 0, 0, 1], 9)))
+        );
+        assert_eq!(started_metrics_addr("metrics_addr=127.0.0.1:1"), None);
+    }
+
+    #[test]
+    fn metric_values_add_up_every_label_set_of_exactly_that_name() {
+        let text = "# TYPE a counter\na{x=\"1\"} 2\na{x=\"2\"} 3.5\na_total 100\nab 7\n";
+        assert_eq!(metric_value(text, "a"), Some(5.5));
+        assert_eq!(metric_value(text, "a_total"), Some(100.0));
+        assert_eq!(metric_value(text, "missing"), None);
+        assert!(has_metric(text, "a"));
+        assert!(!has_metric(text, "b"));
+    }
+
+    #[test]
+    fn chunked_bodies_are_joined_and_bad_ones_refused() {
+        assert_eq!(
+            dechunk(b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").unwrap(),
+            b"abcde"
+        );
+        assert!(dechunk(b"5\r\nabc\r\n").is_err());
+        assert!(dechunk(b"zz\r\n").is_err());
+    }
+
+    #[test]
+    fn only_first_arrivals_out_of_id_order_per_key_are_violations() {
+        let rows: HashMap<String, (Option<String>, i64)> = [
+            ("m1", Some("k"), 1),
+            ("m2", Some("k"), 2),
+            ("m3", None, 3),
+            ("m4", Some("j"), 4),
+        ]
+        .into_iter()
+        .map(|(m, k, id)| (m.to_string(), (k.map(str::to_string), id)))
+        .collect();
+        let in_order = [
+            Some("m1"),
+            Some("m3"),
+            Some("m2"),
+            Some("m1"),
+            None,
+            Some("m4"),
+        ];
+        assert!(order_violations(in_order, &rows).is_empty());
+        let v = order_violations([Some("m2"), Some("m1"), Some("m4")], &rows);
+        assert_eq!(
+            v,
+            vec!["key k: id 1 arrived (delivery #1) after id 2".to_string()]
+        );
+    }
+
+    #[test]
+    fn launch_collects_what_the_relay_is_started_with() {
+        let launch = Launch::new()
+            .args(&["--poll-interval", "200ms"])
+            .envs(&[("A", "1"), ("B_FILE", "/f")])
+            .env("C", "3")
+            .settings(Settings::Environment)
+            .amqp_url("amqp://x");
+        assert_eq!(launch.args, ["--poll-interval", "200ms"]);
+        assert_eq!(
+            launch.envs,
+            [("A", "1"), ("B_FILE", "/f"), ("C", "3")].map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        assert_eq!(launch.settings, Settings::Environment);
+        assert_eq!(launch.amqp_url.as_deref(), Some("amqp://x"));
+        assert_eq!(launch.db_url, None);
+        assert_eq!(Launch::new().settings, Settings::Flags);
+    }
+
+    #[test]
+    fn the_tests_dir_is_in_cargos_target_tmp_or_where_the_variable_says() {
+        let dir = tests_dir();
+        if std::env::var_os("OUTBOX_TEST_DIR").is_none() {
+            assert!(dir.ends_with("tmp/outbox-relay-tests"), "{}", dir.display());
+        }
+        assert!(workspace_root().join("Cargo.toml").is_file());
+        assert!(workspace_root()
+            .join("crates/test-kit/Cargo.toml")
+            .is_file());
+    }
+}

@@ -579,14 +579,8 @@ async fn attempts_at_the_integer_limit_park_their_row_without_stopping_the_other
         .await;
     }
     // A row at the limit that can be published simply is.
-    env.exec(
-        &format!(
-            "UPDATE {} SET attempts = 2147483647 WHERE id = $1",
-            env.table()
-        ),
-        &[&inserted[0].id],
-    )
-    .await;
+    env.update_row(inserted[0].id, "attempts = 2147483647")
+        .await;
     let good: Vec<Inserted> = inserted
         .iter()
         .filter(|r| !failing.contains(&r.id))

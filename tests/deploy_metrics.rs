@@ -194,7 +194,7 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     rows.push(bad);
     let inserted = env.insert_committed(&rows).await;
     let good = &inserted[..inserted.len() - 1];
-    collector.wait_for_ids(&ids_of(good), ARRIVAL_TIMEOUT).await;
+    collector.wait_for_rows(good).await;
     // Rows are counted once marked, a moment after they arrive.
     let mut text = String::new();
     let counted = wait_until(ARRIVAL_TIMEOUT, async || {

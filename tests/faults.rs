@@ -753,9 +753,7 @@ async fn missing_exchange_row_is_dead_lettered_with_its_reason_others_flow() {
         .args(&["--max-attempts", "2", "--poll-interval", "200ms"])
         .start(&env)
         .await;
-    collector
-        .wait_for_ids(&ids_of(&good), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&good).await;
     let parked = wait_parked(&env, &bad, ARRIVAL_TIMEOUT, &relay).await;
 
     assert_eq!(parked.attempts, 2, "attempts of the parked row: {parked:?}");
@@ -815,9 +813,7 @@ async fn unroutable_row_is_retried_then_dead_lettered() {
         .args(&["--max-attempts", "3", "--poll-interval", "200ms"])
         .start(&env)
         .await;
-    collector
-        .wait_for_ids(&ids_of(&good), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&good).await;
     let parked = wait_parked(&env, &bad, ARRIVAL_TIMEOUT, &relay).await;
 
     assert_eq!(parked.attempts, 3, "attempts of the parked row: {parked:?}");
@@ -939,9 +935,7 @@ async fn routing_key_over_255_bytes_and_headers_not_an_object_are_parked_at_once
         .args(&["--poll-interval", "200ms"])
         .start(&env)
         .await;
-    collector
-        .wait_for_ids(&ids_of(&good), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&good).await;
     let a = wait_parked(&env, &long_key, ARRIVAL_TIMEOUT, &relay).await;
     let b = wait_parked(&env, &not_object, ARRIVAL_TIMEOUT, &relay).await;
     for (row, needle) in [(&a, "255"), (&b, "JSON object")] {
@@ -1035,9 +1029,7 @@ async fn oversized_body_closes_the_channel_but_only_that_row_is_charged() {
         ])
         .start(&env)
         .await;
-    collector
-        .wait_for_ids(&ids_of(&good), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&good).await;
     let parked = wait_parked(&env, &big, Duration::from_secs(180), &relay).await;
     assert_eq!(
         parked.attempts, 2,
@@ -1112,9 +1104,7 @@ async fn one_bad_row_does_not_stop_other_keys() {
         others.extend(env.insert_committed(&batch).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    collector
-        .wait_for_ids(&ids_of(&others), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&others).await;
     let state = row_of(&env.rows().await, &bad);
     assert!(
         state.published_at.is_none() && state.dead_lettered_at.is_none() && state.attempts >= 1,

@@ -124,15 +124,13 @@ async fn no_relay_lives(env: &TestEnv) -> bool {
 /// insert that notified and was published.
 async fn waiting_relay(env: &TestEnv, queue: &str, collector: &Collector) -> (Relay, Listener) {
     let mut relay = Launch::new().start(env).await;
-    let waits = wait_until(ARRIVAL_TIMEOUT, async || {
-        waits_and_lives(env, &relay.instance, "3 seconds").await
-    })
-    .await;
-    assert!(
-        waits,
-        "the relay never flagged itself idle\n{}",
-        relay.log_tail(100)
-    );
+    relay
+        .wait_for(
+            ARRIVAL_TIMEOUT,
+            "the relay never flagged itself idle",
+            async || waits_and_lives(env, &relay.instance, "3 seconds").await,
+        )
+        .await;
     let mut listener = Listener::start(env).await;
     let rows = env
         .insert_committed(&[NewRow::to_queue(queue, "while the relay waits")])
@@ -142,9 +140,7 @@ async fn waiting_relay(env: &TestEnv, queue: &str, collector: &Collector) -> (Re
         "an insert while a live relay waits sent no NOTIFY\n{}",
         relay.log_tail(100)
     );
-    collector
-        .wait_for_ids(&ids_of(&rows), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&rows).await;
     relay
         .wait_for(
             ARRIVAL_TIMEOUT,
@@ -204,18 +200,14 @@ async fn a_relay_frozen_past_its_lease_is_not_notified_then_waits_again() {
 
     // Running again: it publishes what came meanwhile, waits again, and is
     // woken again.
-    collector
-        .wait_for_ids(&ids_of(&frozen), ARRIVAL_TIMEOUT)
+    collector.wait_for_rows(&frozen).await;
+    relay
+        .wait_for(
+            ARRIVAL_TIMEOUT,
+            "the relay did not wait again after it was continued",
+            async || waits_and_lives(&env, &relay.instance, "2 seconds").await,
+        )
         .await;
-    let waits = wait_until(ARRIVAL_TIMEOUT, async || {
-        waits_and_lives(&env, &relay.instance, "2 seconds").await
-    })
-    .await;
-    assert!(
-        waits,
-        "the relay did not wait again after it was continued\n{}",
-        relay.log_tail(100)
-    );
     let after = env
         .insert_committed(&[NewRow::to_queue(&queue, "after the freeze")])
         .await;
@@ -224,9 +216,7 @@ async fn a_relay_frozen_past_its_lease_is_not_notified_then_waits_again() {
         "the relay waits again but an insert sent no NOTIFY\n{}",
         relay.log_tail(100)
     );
-    collector
-        .wait_for_ids(&ids_of(&after), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&after).await;
     relay.assert_running();
 }
 
@@ -281,9 +271,7 @@ async fn a_failed_idle_update_is_said_again_until_the_database_takes_it() {
         .insert_committed(&[NewRow::to_queue(&queue, "after the failure")])
         .await;
     assert!(listener.insert_notified().await, "{}", relay.log_tail(100));
-    collector
-        .wait_for_ids(&ids_of(&rows), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&rows).await;
     relay.assert_running();
 }
 

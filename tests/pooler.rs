@@ -131,9 +131,7 @@ async fn pooled_relay_publishes_and_marks_every_row_in_key_order() {
     let relay = Launch::new().args(POOLED).start(&env).await;
 
     let inserted = env.insert_bulk(&queue, 2_000, 20).await;
-    collector
-        .wait_for_ids(&ids_of(&inserted), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&inserted).await;
     wait_all_marked(&env, inserted.len() as i64, &[&relay]).await;
     assert_in_key_order(&collector, &keyed(&inserted, 20));
     assert_no_pooler_errors(&relay);
@@ -158,7 +156,7 @@ async fn pooled_replica_takes_over_from_a_killed_relay_in_key_order() {
     let second = env.insert_bulk(&queue, 1_500, 30).await;
 
     let all: Vec<Inserted> = first.iter().chain(&second).copied().collect();
-    collector.wait_for_ids(&ids_of(&all), ARRIVAL_TIMEOUT).await;
+    collector.wait_for_rows(&all).await;
     wait_all_marked(&env, all.len() as i64, &[&survivor]).await;
     // Both batches used keys k0..k29 in id order.
     let mut rows = keyed(&first, 30);
@@ -186,9 +184,7 @@ async fn pooled_failures_are_dead_lettered_listed_and_retried() {
     let good = NewRow::to_queue(&queue, "fine");
     let inserted = env.insert_committed(&[bad, good]).await;
     let parked = inserted[0];
-    collector
-        .wait_for_ids(&ids_of(&inserted[1..]), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&inserted[1..]).await;
     let dead = wait_until(ARRIVAL_TIMEOUT, async || {
         env.scalar_i64(&format!(
             "SELECT count(*) FROM {} WHERE dead_lettered_at IS NOT NULL",
@@ -215,9 +211,7 @@ async fn pooled_failures_are_dead_lettered_listed_and_retried() {
         .cli(&["dead-letters", "retry", "--all"], CLI_TIMEOUT)
         .await;
     assert_eq!(out.code(), Some(0), "{}", out.describe());
-    collector
-        .wait_for_ids(&ids_of(&inserted[..1]), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&inserted[..1]).await;
     wait_all_marked(&env, 2, &[&relay]).await;
     assert_no_pooler_errors(&relay);
 }
@@ -232,9 +226,7 @@ async fn pooled_operator_commands_status_replay_and_check_work() {
     let collector = env.consume(&queue, AckMode::Manual).await;
     let relay = Launch::new().args(POOLED).start(&env).await;
     let inserted = env.insert_bulk(&queue, 50, 5).await;
-    collector
-        .wait_for_ids(&ids_of(&inserted), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&inserted).await;
     wait_all_marked(&env, 50, &[&relay]).await;
 
     let out = env.cli(&["status", "--json"], CLI_TIMEOUT).await;
@@ -286,9 +278,7 @@ async fn pooled_retention_deletes_published_rows() {
     args.extend(["--retention", "1s"]);
     let relay = Launch::new().args(&args).start(&env).await;
     let inserted = env.insert_bulk(&queue, 200, 0).await;
-    collector
-        .wait_for_ids(&ids_of(&inserted), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&inserted).await;
     let table = env.table();
     let gone = wait_until(ARRIVAL_TIMEOUT, async || {
         env.scalar_i64(&format!("SELECT count(*) FROM {table}"))
@@ -314,9 +304,7 @@ async fn session_pooled_relay_with_listen_publishes_every_row() {
     let collector = env.consume(&queue, AckMode::Manual).await;
     let relay = Launch::new().start(&env).await;
     let inserted = env.insert_bulk(&queue, 500, 10).await;
-    collector
-        .wait_for_ids(&ids_of(&inserted), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&inserted).await;
     wait_all_marked(&env, 500, &[&relay]).await;
     assert_in_key_order(&collector, &keyed(&inserted, 10));
     assert_no_pooler_errors(&relay);

@@ -409,9 +409,7 @@ async fn publish_one(env: &TestEnv, queue: &str, collector: &Collector) {
     let sent = env
         .insert_committed(&[NewRow::to_queue(queue, "nudge")])
         .await;
-    collector
-        .wait_for_ids(&ids_of(&sent), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&sent).await;
 }
 
 /// Lag: a row two hours late while a healthy relay runs. Both lag alerts fire,
@@ -426,9 +424,7 @@ async fn lag(prom: &Prometheus) {
     let sent = env
         .insert_committed(&[NewRow::to_queue(&queue, "on time")])
         .await;
-    collector
-        .wait_for_ids(&ids_of(&sent), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&sent).await;
     // Every panel has data once a publish and a minute's rate window exist.
     prom.wait_for(
         &format!("outbox_relay_last_publish_timestamp_seconds{{job=\"{JOB}\"}} > 0"),
@@ -843,9 +839,7 @@ async fn handoff_with_a_healthy_replica(prom: &Prometheus) {
         .map(|i| NewRow::to_queue(&queue, format!("during-cut-{i}")).key(&format!("k{i}")))
         .collect();
     let sent = env.insert_committed(&rows).await;
-    collector
-        .wait_for_ids(&ids_of(&sent), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&sent).await;
     prom.assert_quiet(
         &[
             "OutboxRelayLagHigh",

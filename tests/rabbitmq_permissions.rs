@@ -102,20 +102,25 @@ async fn check_passes_as_a_publish_only_user() {
         "broker line: {broker_line}\n{}",
         out.describe()
     );
-    assert!(
-        !out.stdout.contains(&user.password) && !out.stderr.contains(&user.password),
-        "check printed the password\n{}",
-        out.describe()
-    );
+    out.assert_never_printed(&user.password, "the broker user's password");
     println!("check as {}: {broker_line}", user.name);
+}
+
+/// A test env with a direct exchange `allowed`, a queue bound to it for
+/// `orders` and a queue `direct` reached through the default exchange:
+/// (env, exchange, bound queue, direct queue).
+async fn allowed_exchange_and_queues(name: &str) -> (TestEnv, String, String, String) {
+    let env = TestEnv::new(name).await;
+    let exchange = env.declare_exchange("allowed", ExchangeKind::Direct).await;
+    let queue = queue_bound_for_orders(&env, "events", &exchange).await;
+    let direct_queue = env.declare_queue("direct").await;
+    (env, exchange, queue, direct_queue)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_only_user_publishes_rows_to_the_exchanges_it_may_write() {
-    let env = TestEnv::new("amqp_perm_publish").await;
-    let exchange = env.declare_exchange("allowed", ExchangeKind::Direct).await;
-    let queue = queue_bound_for_orders(&env, "events", &exchange).await;
-    let direct_queue = env.declare_queue("direct").await;
+    let (env, exchange, queue, direct_queue) =
+        allowed_exchange_and_queues("amqp_perm_publish").await;
     let test = "publish_only_user_publishes_rows_to_the_exchanges_it_may_write";
     let Some(user) = BrokerUser::publish_only(&env, test, &["amq.default", &exchange]) else {
         return;
@@ -169,12 +174,8 @@ async fn publish_only_user_publishes_rows_to_the_exchanges_it_may_write() {
     let ins = env.insert_committed(&rows).await;
     let relay = launch(&user).start(&env).await;
 
-    collector
-        .wait_for_ids(&ids_of(&ins[..5]), ARRIVAL_TIMEOUT)
-        .await;
-    direct
-        .wait_for_ids(&ids_of(&ins[5..]), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&ins[..5]).await;
+    direct.wait_for_rows(&ins[5..]).await;
     env.wait_published(&ins, &relay).await;
     for row in env.rows().await {
         assert_eq!(row.attempts, 0, "a row was charged: {row:?}");
@@ -219,12 +220,8 @@ async fn row_to_an_exchange_the_user_may_not_write_is_charged_and_parked_others_
     let relay = launch(&user).start(&env).await;
 
     let to_allowed: Vec<Inserted> = good[..5].to_vec();
-    collector
-        .wait_for_ids(&ids_of(&to_allowed), ARRIVAL_TIMEOUT)
-        .await;
-    direct
-        .wait_for_ids(&ids_of(&good[5..]), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&to_allowed).await;
+    direct.wait_for_rows(&good[5..]).await;
     env.wait_published(&good, &relay).await;
     let parked = env.wait_parked(bad.id, &relay).await;
 
@@ -266,10 +263,8 @@ async fn row_to_an_exchange_the_user_may_not_write_is_charged_and_parked_others_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_to_the_default_exchange_need_write_on_amq_default() {
-    let env = TestEnv::new("amqp_perm_default").await;
-    let allowed = env.declare_exchange("allowed", ExchangeKind::Direct).await;
-    let queue = queue_bound_for_orders(&env, "events", &allowed).await;
-    let direct_queue = env.declare_queue("direct").await;
+    let (env, allowed, queue, direct_queue) =
+        allowed_exchange_and_queues("amqp_perm_default").await;
     // No amq.default: rows with an empty exchange are refused.
     let test = "rows_to_the_default_exchange_need_write_on_amq_default";
     let Some(user) = BrokerUser::publish_only(&env, test, &[&allowed]) else {
@@ -285,9 +280,7 @@ async fn rows_to_the_default_exchange_need_write_on_amq_default() {
     let ins = env.insert_committed(&rows).await;
     let relay = launch(&user).start(&env).await;
 
-    collector
-        .wait_for_ids(&ids_of(&ins[1..]), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&ins[1..]).await;
     env.wait_published(&ins[1..], &relay).await;
     let parked = env.wait_parked(ins[0].id, &relay).await;
     assert!(parked.published_at.is_none(), "{parked:?}");
@@ -372,9 +365,7 @@ async fn refused_rows_spread_through_a_backlog_are_each_parked_and_the_rest_flow
     let started = Instant::now();
     let relay = launch(&user).start(&env).await;
 
-    collector
-        .wait_for_ids(&ids_of(&good), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&good).await;
     env.wait_published(&good, &relay).await;
     let good_done = started.elapsed();
     for b in &bad {

@@ -509,9 +509,7 @@ async fn message_id_is_the_amqp_message_id() {
         );
     }
 
-    collector
-        .wait_for_ids(&ids_of(&written), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&written).await;
     let table: HashMap<Uuid, i64> = env
         .rows()
         .await
@@ -547,9 +545,7 @@ async fn replayed_rows_keep_their_message_id() {
 
     let rows = NewRow::numbered(&queue, 10);
     let written = env.insert_committed(&rows).await;
-    collector
-        .wait_for_ids(&ids_of(&written), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&written).await;
     let published_all =
         wait_until(ARRIVAL_TIMEOUT, async || env.published_count().await == 10).await;
     assert!(published_all, "rows not all marked published");
@@ -615,9 +611,7 @@ async fn rows_are_marked_published_only_after_delivery() {
     let routed = NewRow::numbered(&queue, 50);
     let routed = env.insert_committed(&routed).await;
 
-    collector
-        .wait_for_ids(&ids_of(&routed), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&routed).await;
     let bad_ids: HashSet<i64> = unroutable.iter().map(|r| r.id).collect();
     env.wait_published(&routed, &relay).await;
 
@@ -644,9 +638,7 @@ async fn rows_are_marked_published_only_after_delivery() {
         .map(|i| NewRow::to_queue(&queue, format!("later {i}")))
         .collect();
     let more = env.insert_committed(&more).await;
-    collector
-        .wait_for_ids(&ids_of(&more), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&more).await;
     relay.assert_running();
 
     let rows = env.rows().await;
@@ -789,14 +781,8 @@ async fn rows_scheduled_for_later_are_pending_but_not_lag() {
     };
     let written = env.insert_committed(&[later]).await;
     // Backdated, as if it had been written long ago for this hour.
-    env.exec(
-        &format!(
-            "UPDATE {} SET created_at = now() - interval '10 minutes' WHERE id = $1",
-            env.table()
-        ),
-        &[&written[0].id],
-    )
-    .await;
+    env.update_row(written[0].id, "created_at = now() - interval '10 minutes'")
+        .await;
     // Started after the insert: its first statistics see the row.
     let mut relay = Launch::new().start(&env).await;
     relay.wait_ready(SETUP_TIMEOUT).await;
@@ -822,14 +808,8 @@ async fn rows_scheduled_for_later_are_pending_but_not_lag() {
 
     // Once due and stuck (the relay stopped), it is late from its created_at.
     relay.terminate(Duration::from_secs(60)).await;
-    env.exec(
-        &format!(
-            "UPDATE {} SET available_at = now() - interval '1 second' WHERE id = $1",
-            env.table()
-        ),
-        &[&written[0].id],
-    )
-    .await;
+    env.update_row(written[0].id, "available_at = now() - interval '1 second'")
+        .await;
     let out = env
         .cli(&["status", "--json"], Duration::from_secs(60))
         .await;
@@ -852,7 +832,7 @@ async fn rows_behind_a_scheduled_row_of_their_key_wait_for_it() {
     let other = NewRow::to_queue(&queue, "other key").key("acct-2");
     let w = env.insert_committed(&[first, second, other]).await;
 
-    collector.wait_for_ids(&ids_of(&w), ARRIVAL_TIMEOUT).await;
+    collector.wait_for_rows(&w).await;
     let order: Vec<String> = collector.message_ids();
     let pos = |i: usize| {
         order
@@ -1124,9 +1104,7 @@ async fn metrics_endpoint_passes_promtool() {
     rows.push(NewRow::to_queue(&nowhere, "unroutable"));
     let written = env.insert_committed(&rows).await;
     let delivered = &written[..25];
-    collector
-        .wait_for_ids(&ids_of(delivered), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(delivered).await;
 
     let mut last = String::new();
     let settled = wait_until(ARRIVAL_TIMEOUT, async || {
@@ -1271,9 +1249,7 @@ async fn credentials_never_appear_in_logs_metrics_or_status() {
         .await;
     relay.wait_ready(SETUP_TIMEOUT).await;
     let written = env.insert_committed(&[NewRow::to_queue(&queue, "x")]).await;
-    collector
-        .wait_for_ids(&ids_of(&written), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&written).await;
 
     let metrics = relay.metrics().await;
     let ready = relay.get("/readyz").await.expect("readyz");
@@ -1484,9 +1460,7 @@ async fn a_missing_exchange_fails_only_its_own_row() {
         .args(&["--max-attempts", "1000"])
         .start(&env)
         .await;
-    collector
-        .wait_for_ids(&ids_of(&good), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&good).await;
     let tried = wait_until(ARRIVAL_TIMEOUT, async || {
         env.rows()
             .await
@@ -1549,7 +1523,7 @@ async fn retention_run(name: &str, retention: &str) -> (TestEnv, Collector, Rela
         .insert_committed(&[NewRow::to_queue(&env.unique("no-such-queue"), "stays")])
         .await;
     let w = env.insert_committed(&NewRow::numbered(&queue, 200)).await;
-    collector.wait_for_ids(&ids_of(&w), ARRIVAL_TIMEOUT).await;
+    collector.wait_for_rows(&w).await;
     (env, collector, relay, pending)
 }
 
@@ -1661,7 +1635,7 @@ async fn settings_come_from_environment_and_secret_files() {
         .await;
     relay.wait_ready(SETUP_TIMEOUT).await;
     let w = env.insert_committed(&NewRow::numbered(&queue, 30)).await;
-    collector.wait_for_ids(&ids_of(&w), ARRIVAL_TIMEOUT).await;
+    collector.wait_for_rows(&w).await;
 
     // OUTBOX_BATCH_SIZE=7 took effect: no batch larger than 7.
     let metrics = relay.metrics().await;
@@ -1702,7 +1676,7 @@ async fn listen_false_still_publishes_by_polling() {
             .insert_committed(&[NewRow::to_queue(&queue, format!("r{round}"))])
             .await;
         let start = Instant::now();
-        collector.wait_for_ids(&ids_of(&w), ARRIVAL_TIMEOUT).await;
+        collector.wait_for_rows(&w).await;
         // A poll every 300 ms: well under 3 s even on a busy machine.
         assert!(
             start.elapsed() < Duration::from_secs(3),

@@ -474,14 +474,7 @@ async fn operator_role_runs_status_dead_letters_and_replay() {
     cli_as_succeeds(&env, &operator, &["dead-letters", "retry", "--all"]).await;
     assert_eq!(state(4).await, (false, false));
     assert_eq!(state(5).await, (false, false));
-    env.exec(
-        &format!(
-            "UPDATE {} SET dead_lettered_at = now() WHERE id = $1",
-            env.table()
-        ),
-        &[&id(5)],
-    )
-    .await;
+    env.update_row(id(5), "dead_lettered_at = now()").await;
     cli_as_succeeds(&env, &operator, &["dead-letters", "discard", "--all"]).await;
     assert!(!exists(5).await, "row {} not discarded by --all", id(5));
 

@@ -1164,9 +1164,7 @@ async fn scale_retention_removes_old_published_rows_and_keeps_pending() {
         let kept = write_rows_retention_must_keep(&env, &queue).await;
         let started = Instant::now();
         let published = env.insert_bulk(&queue, 2500, 50).await;
-        collector
-            .wait_for_ids(&ids_of(&published), ARRIVAL_TIMEOUT)
-            .await;
+        collector.wait_for_rows(&published).await;
         wait_parked(&env, &kept, &relay).await;
         let marked = wait_until(Duration::from_secs(10), async || {
             count_where(&env, &published, "published_at IS NOT NULL").await
@@ -1266,9 +1264,7 @@ async fn scale_retention_removes_old_published_rows_and_keeps_pending() {
             .await;
         let kept = write_rows_retention_must_keep(&env, &queue).await;
         let published = env.insert_bulk(&queue, 2500, 50).await;
-        collector
-            .wait_for_ids(&ids_of(&published), ARRIVAL_TIMEOUT)
-            .await;
+        collector.wait_for_rows(&published).await;
         let delivered_at = Instant::now();
         let gone = wait_until(Duration::from_secs(10), async || {
             count_where(&env, &published, "true").await == 0

@@ -285,9 +285,7 @@ async fn relay_delivers(
         .map(|i| NewRow::to_queue(queue, format!("tls-{i}").into_bytes()))
         .collect();
     let inserted = env.insert_committed(&rows).await;
-    collector
-        .wait_for_ids(&ids_of(&inserted), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&inserted).await;
     let marked = wait_until(ARRIVAL_TIMEOUT, async || {
         env.published_count().await == n as i64
     })

@@ -252,12 +252,8 @@ impl Workload {
 
     /// Rows committed in [from, to).
     pub fn committed_between(&self, from: Instant, to: Instant) -> HashSet<String> {
-        self.log
-            .lock()
-            .unwrap()
-            .committed
+        self.written_between(from, to)
             .iter()
-            .filter(|w| w.committed_at >= from && w.committed_at < to)
             .map(|w| w.message_id.to_string())
             .collect()
     }

@@ -172,20 +172,32 @@ impl CliOutput {
     /// Asserts that stdout contains `text`; the message shows the whole output.
     #[track_caller]
     pub fn assert_stdout_has(&self, text: &str) -> &CliOutput {
-        assert!(
-            self.stdout.contains(text),
-            "stdout lacks {text:?}\n{}",
-            self.describe()
-        );
-        self
+        self.assert_has("stdout", &self.stdout, text)
     }
 
     /// Asserts that stderr contains `text`; the message shows the whole output.
     #[track_caller]
     pub fn assert_stderr_has(&self, text: &str) -> &CliOutput {
+        self.assert_has("stderr", &self.stderr, text)
+    }
+
+    /// Asserts that neither stdout nor stderr contains `secret`; `what`
+    /// names it in the message (never the secret itself).
+    #[track_caller]
+    pub fn assert_never_printed(&self, secret: &str, what: &str) -> &CliOutput {
         assert!(
-            self.stderr.contains(text),
-            "stderr lacks {text:?}\n{}",
+            !self.stdout.contains(secret) && !self.stderr.contains(secret),
+            "{what} leaked\n{}",
+            self.describe()
+        );
+        self
+    }
+
+    #[track_caller]
+    fn assert_has(&self, stream: &str, output: &str, text: &str) -> &CliOutput {
+        assert!(
+            output.contains(text),
+            "{stream} lacks {text:?}\n{}",
             self.describe()
         );
         self
@@ -215,18 +227,16 @@ pub async fn run_cli(args: &[&str], envs: &[(&str, &str)], timeout: Duration) ->
         let _ = err.read_to_end(&mut s);
         String::from_utf8_lossy(&s).into_owned()
     });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut status = None;
+    let exited = wait_until(timeout, async || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    })
+    .await;
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     CliOutput {
         status,
         stdout: out_reader.join().unwrap(),
@@ -521,6 +531,14 @@ impl TestEnv {
         pg.execute(sql, params)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// `UPDATE schema.messages SET <assignments> WHERE id = <id>` (backdating,
+    /// parking or charging one row by hand).
+    pub async fn update_row(&self, id: i64, assignments: &str) {
+        let sql = format!("UPDATE {} SET {assignments} WHERE id = $1", self.table());
+        let touched = self.exec(&sql, &[&id]).await;
+        assert_eq!(touched, 1, "{sql} with id {id} touched {touched} rows");
     }
 
     /// `schema.messages`, quoted.
@@ -1755,6 +1773,11 @@ impl Collector {
                 &missing[..missing.len().min(10)]
             );
         }
+    }
+
+    /// `wait_for_ids` for the rows `written`, within [`ARRIVAL_TIMEOUT`].
+    pub async fn wait_for_rows(&self, written: &[Inserted]) {
+        self.wait_for_ids(&ids_of(written), ARRIVAL_TIMEOUT).await;
     }
 
     pub async fn stop(self) -> Vec<Received> {

@@ -5,12 +5,10 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::*;
+use outbox_test_kit::*;
 use serde_json::{json, Value};
 
 /// A JSON object nested `depth` levels deep (jsonb takes it; serde_json's
@@ -36,9 +34,7 @@ struct BadRow {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_bad_row_is_parked_and_good_rows_on_its_key_flow_on() {
-    let env = TestEnv::new("bad_rows").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("bad_rows", AckMode::Manual).await;
     let max_payload = 64 * 1024;
 
     let bad = [
@@ -175,7 +171,10 @@ async fn every_kind_of_bad_row_is_parked_and_good_rows_on_its_key_flow_on() {
     }
 
     let max = max_payload.to_string();
-    let mut relay = Relay::start(&env, &["--max-payload-bytes", &max]).await;
+    let mut relay = Launch::new()
+        .args(&["--max-payload-bytes", &max])
+        .start(&env)
+        .await;
     let wanted: HashSet<String> = good.iter().map(|g| g.2.to_string()).collect();
     collector
         .wait_for_ids(&wanted, Duration::from_secs(60))
@@ -246,8 +245,7 @@ async fn every_kind_of_bad_row_is_parked_and_good_rows_on_its_key_flow_on() {
     );
     let lines = logs.lines().count();
     assert!(lines < 200, "{lines} log lines for {} bad rows", bad.len());
-    let status = relay.terminate(Duration::from_secs(20)).await;
-    assert!(status.success(), "exit status {status:?}");
+    relay.terminate_cleanly(Duration::from_secs(20)).await;
     collector.stop().await;
 }
 
@@ -255,9 +253,7 @@ async fn every_kind_of_bad_row_is_parked_and_good_rows_on_its_key_flow_on() {
 /// good row with headers of every JSON kind arrives with the same headers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_of_every_json_kind_arrive_as_written() {
-    let env = TestEnv::new("header_kinds").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("header_kinds", AckMode::Manual).await;
     let headers = json!({
         "s": "text", "i": -42, "f": 2.5, "t": true, "n": null,
         "a": [1, "two", [3.5]], "o": {"deep": {"deeper": "x"}},
@@ -266,7 +262,7 @@ async fn headers_of_every_json_kind_arrive_as_written() {
     let mut row = NewRow::to_queue(&queue, "p");
     row.headers = headers.clone();
     let inserted = env.insert_committed(&[row]).await;
-    let _relay = Relay::start(&env, &[]).await;
+    let _relay = Launch::new().start(&env).await;
     collector
         .wait_for_ids(&ids_of(&inserted), Duration::from_secs(30))
         .await;
@@ -284,6 +280,20 @@ fn peak_rss_bytes(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
         .expect("VmHWM in /proc/<pid>/status")
+}
+
+/// Prints the relay's peak RSS after `what` and asserts it stayed under the
+/// manifest's memory limit.
+fn assert_peak_rss_within_manifest(relay: &Relay, what: &str) {
+    let peak = peak_rss_bytes(relay.pid);
+    println!("relay peak RSS with {what}: {} KiB", peak / 1024);
+    let limit = manifest_memory_limit();
+    assert!(
+        peak < limit,
+        "peak RSS {} MiB is over the manifest's {} MiB limit",
+        peak / 1024 / 1024,
+        limit / 1024 / 1024
+    );
 }
 
 /// The memory limit the shipped Kubernetes manifest gives the relay.
@@ -304,9 +314,7 @@ fn manifest_memory_limit() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_rows_stay_within_the_manifest_memory_limit() {
-    let env = TestEnv::new("large_rows").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Auto).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("large_rows", AckMode::Auto).await;
     let (mut good, mut oversized) = (Vec::new(), Vec::new());
     {
         let mut pg = env.pg.lock().await;
@@ -341,7 +349,7 @@ async fn large_rows_stay_within_the_manifest_memory_limit() {
         }
         tx.commit().await.expect("commit");
     }
-    let mut relay = Relay::start(&env, &[]).await;
+    let mut relay = Launch::new().start(&env).await;
     collector
         .wait_for_ids(&ids_of(&good), Duration::from_secs(120))
         .await;
@@ -354,20 +362,8 @@ async fn large_rows_stay_within_the_manifest_memory_limit() {
     })
     .await;
     assert!(parked, "rows over max-payload-bytes were not parked");
-    let peak = peak_rss_bytes(relay.pid);
-    println!(
-        "relay peak RSS with 6 MiB and 24 MiB rows: {} KiB",
-        peak / 1024
-    );
-    let limit = manifest_memory_limit();
-    assert!(
-        peak < limit,
-        "peak RSS {} MiB is over the manifest's {} MiB limit",
-        peak / 1024 / 1024,
-        limit / 1024 / 1024
-    );
-    let status = relay.terminate(Duration::from_secs(20)).await;
-    assert!(status.success());
+    assert_peak_rss_within_manifest(&relay, "6 MiB and 24 MiB rows");
+    relay.terminate_cleanly(Duration::from_secs(20)).await;
     collector.stop().await;
 }
 
@@ -427,9 +423,8 @@ async fn wait_parked(env: &TestEnv, ids: &[i64], timeout: Duration) -> Vec<RowSt
 /// is published exactly once, on the one connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_too_big_for_a_frame_park_their_row_and_the_others_flow_once() {
-    let env = TestEnv::new("frame_headers").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) =
+        TestEnv::with_events_queue("frame_headers", AckMode::Manual).await;
     // Four keys of ten rows; on k0 a 200 KiB header (over the 128 KiB frame,
     // under max-header-bytes here), on k1 one of 5 MiB (over max-header-bytes).
     let mut plan = Vec::new();
@@ -451,7 +446,10 @@ async fn headers_too_big_for_a_frame_park_their_row_and_the_others_flow_once() {
         .cloned()
         .collect();
 
-    let mut relay = Relay::start(&env, &["--max-header-bytes", "1048576"]).await;
+    let mut relay = Launch::new()
+        .args(&["--max-header-bytes", "1048576"])
+        .start(&env)
+        .await;
     collector
         .wait_for_ids(&ids_of(&good), Duration::from_secs(90))
         .await;
@@ -509,8 +507,7 @@ async fn headers_too_big_for_a_frame_park_their_row_and_the_others_flow_once() {
         "{}",
         relay.log_tail(40)
     );
-    let status = relay.terminate(Duration::from_secs(20)).await;
-    assert!(status.success(), "exit status {status:?}");
+    relay.terminate_cleanly(Duration::from_secs(20)).await;
     collector.stop().await;
 }
 
@@ -519,15 +516,16 @@ async fn headers_too_big_for_a_frame_park_their_row_and_the_others_flow_once() {
 /// limit (the rows are parked: their frames are over frame_max).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_headers_count_in_the_claim_memory_budget() {
-    let env = TestEnv::new("header_budget").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Auto).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("header_budget", AckMode::Auto).await;
     let plan: Vec<(String, i32)> = (0..24)
         .map(|i| (format!("k{i}"), 3 * 1024 * 1024))
         .collect();
     let inserted = insert_with_header_sizes(&env, &queue, &plan).await;
     let ids: Vec<i64> = inserted.iter().map(|r| r.id).collect();
-    let mut relay = Relay::start(&env, &["--max-header-bytes", "4194304"]).await;
+    let mut relay = Launch::new()
+        .args(&["--max-header-bytes", "4194304"])
+        .start(&env)
+        .await;
     let parked = wait_parked(&env, &ids, Duration::from_secs(120)).await;
     assert!(parked
         .iter()
@@ -539,20 +537,11 @@ async fn large_headers_count_in_the_claim_memory_budget() {
         claims >= 8.0,
         "{claims} claims loaded 24 rows of 3 MiB headers:\n{metrics}"
     );
-    let peak = peak_rss_bytes(relay.pid);
-    println!(
-        "relay peak RSS with 24 rows of 3 MiB headers: {} KiB in {claims} claims",
-        peak / 1024
+    assert_peak_rss_within_manifest(
+        &relay,
+        &format!("24 rows of 3 MiB headers in {claims} claims"),
     );
-    let limit = manifest_memory_limit();
-    assert!(
-        peak < limit,
-        "peak RSS {} MiB is over the manifest's {} MiB limit",
-        peak / 1024 / 1024,
-        limit / 1024 / 1024
-    );
-    let status = relay.terminate(Duration::from_secs(20)).await;
-    assert!(status.success());
+    relay.terminate_cleanly(Duration::from_secs(20)).await;
     collector.stop().await;
 }
 
@@ -562,9 +551,8 @@ async fn large_headers_count_in_the_claim_memory_budget() {
 /// beside them are published or charged as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempts_at_the_integer_limit_park_their_row_without_stopping_the_others() {
-    let env = TestEnv::new("attempts_limit").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) =
+        TestEnv::with_events_queue("attempts_limit", AckMode::Manual).await;
     let missing = env.unique("no_such_exchange");
     let mut rows = Vec::new();
     for i in 0..30 {
@@ -591,21 +579,15 @@ async fn attempts_at_the_integer_limit_park_their_row_without_stopping_the_other
         .await;
     }
     // A row at the limit that can be published simply is.
-    env.exec(
-        &format!(
-            "UPDATE {} SET attempts = 2147483647 WHERE id = $1",
-            env.table()
-        ),
-        &[&inserted[0].id],
-    )
-    .await;
+    env.update_row(inserted[0].id, "attempts = 2147483647")
+        .await;
     let good: Vec<Inserted> = inserted
         .iter()
         .filter(|r| !failing.contains(&r.id))
         .copied()
         .collect();
 
-    let mut relay = Relay::start(&env, &[]).await;
+    let mut relay = Launch::new().start(&env).await;
     collector
         .wait_for_ids(&ids_of(&good), Duration::from_secs(60))
         .await;
@@ -633,8 +615,7 @@ async fn attempts_at_the_integer_limit_park_their_row_without_stopping_the_other
     );
     let lines = relay.logs().lines().count();
     assert!(lines < 100, "{lines} log lines:\n{}", relay.log_tail(40));
-    let status = relay.terminate(Duration::from_secs(20)).await;
-    assert!(status.success(), "exit status {status:?}");
+    relay.terminate_cleanly(Duration::from_secs(20)).await;
     collector.stop().await;
 }
 
@@ -644,9 +625,8 @@ async fn attempts_at_the_integer_limit_park_their_row_without_stopping_the_other
 /// same batch are charged their attempt as usual, and the good rows flow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_whose_failure_cannot_be_recorded_is_isolated_and_parked() {
-    let env = TestEnv::new("refused_failure").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) =
+        TestEnv::with_events_queue("refused_failure", AckMode::Manual).await;
     let missing = env.unique("no_such_exchange");
     let s = &env.schema;
     env.exec(
@@ -689,7 +669,7 @@ async fn a_row_whose_failure_cannot_be_recorded_is_isolated_and_parked() {
         .copied()
         .collect();
 
-    let mut relay = Relay::start(&env, &[]).await;
+    let mut relay = Launch::new().start(&env).await;
     collector
         .wait_for_ids(&ids_of(&good), Duration::from_secs(60))
         .await;
@@ -714,8 +694,7 @@ async fn a_row_whose_failure_cannot_be_recorded_is_isolated_and_parked() {
         .find(|r| r.id == neighbour_id)
         .expect("neighbour");
     assert!(charged && n.dead_lettered_at.is_none(), "{n:#?}");
-    let status = relay.terminate(Duration::from_secs(20)).await;
-    assert!(status.success(), "exit status {status:?}");
+    relay.terminate_cleanly(Duration::from_secs(20)).await;
     collector.stop().await;
 }
 
@@ -725,10 +704,8 @@ async fn a_row_whose_failure_cannot_be_recorded_is_isolated_and_parked() {
 /// metric; once the column is back, the backlog drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_claim_backs_off_and_the_backlog_drains_after_the_fix() {
-    let env = TestEnv::new("claim_backoff").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Auto).await;
-    let mut relay = Relay::start(&env, &[]).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("claim_backoff", AckMode::Auto).await;
+    let mut relay = Launch::new().start(&env).await;
     let first = env.insert_bulk(&queue, 10, 2).await;
     collector
         .wait_for_ids(&ids_of(&first), Duration::from_secs(60))
@@ -785,7 +762,6 @@ async fn a_failing_claim_backs_off_and_the_backlog_drains_after_the_fix() {
     collector
         .wait_for_ids(&ids_of(&backlog), Duration::from_secs(90))
         .await;
-    let status = relay.terminate(Duration::from_secs(20)).await;
-    assert!(status.success(), "exit status {status:?}");
+    relay.terminate_cleanly(Duration::from_secs(20)).await;
     collector.stop().await;
 }

@@ -16,14 +16,12 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::cluster::*;
-use common::faults::*;
-use common::*;
+use outbox_test_kit::cluster::*;
+use outbox_test_kit::faults::*;
+use outbox_test_kit::*;
 
 /// The node the consumer reads from; never stopped.
 const CONSUMER_NODE: u8 = 3;
@@ -51,8 +49,10 @@ async fn cluster_or_skip(test: &str) -> Option<Cluster> {
 }
 
 async fn start_relay(env: &TestEnv) -> Relay {
-    let mut relay =
-        Relay::start_with(env, &Launch::new().amqp_url(&Cluster::urls(&RELAY_NODES))).await;
+    let mut relay = Launch::new()
+        .amqp_url(&Cluster::urls(&RELAY_NODES))
+        .start(env)
+        .await;
     relay.wait_ready(SETUP_TIMEOUT).await;
     relay
 }

@@ -6,13 +6,11 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
 use lapin::ExchangeKind;
+use outbox_test_kit::*;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRng, TestRunner};
@@ -162,12 +160,12 @@ async fn arbitrary_rows_arrive_as_written_or_are_parked_with_a_reason() {
         cases.len()
     );
 
-    let mut relay = Relay::start(&env, &[]).await;
-    let settled = wait_until(Duration::from_secs(60), || async {
-        env.pending_count().await == 0
-    })
-    .await;
-    assert!(settled, "rows still pending:\n{}", relay.log_tail(30));
+    let mut relay = Launch::new().start(&env).await;
+    relay
+        .wait_for(Duration::from_secs(60), "rows still pending:", || async {
+            env.pending_count().await == 0
+        })
+        .await;
     let wanted = env
         .rows()
         .await

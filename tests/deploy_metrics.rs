@@ -7,12 +7,10 @@
 // The shared harness times real processes and services with the real clock.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use common::*;
+use outbox_test_kit::*;
 use serde_json::Value;
 
 const PREFIX: &str = "outbox_relay_";
@@ -176,11 +174,12 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
         assert!(used.contains_key(name), "{name} not found in {used:?}");
     }
 
-    let env = TestEnv::new("deploy_metrics").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Auto).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("deploy_metrics", AckMode::Auto).await;
     // One attempt: the row to a missing exchange is parked at its first failure.
-    let relay = Relay::start(&env, &["--max-attempts", "1", "--poll-interval", "200ms"]).await;
+    let relay = Launch::new()
+        .args(&["--max-attempts", "1", "--poll-interval", "200ms"])
+        .start(&env)
+        .await;
 
     // Published rows fill the counters and histograms the panels read; one row
     // to an exchange that does not exist fills the failure and dead-letter
@@ -195,7 +194,7 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     rows.push(bad);
     let inserted = env.insert_committed(&rows).await;
     let good = &inserted[..inserted.len() - 1];
-    collector.wait_for_ids(&ids_of(good), ARRIVAL_TIMEOUT).await;
+    collector.wait_for_rows(good).await;
     // Rows are counted once marked, a moment after they arrive.
     let mut text = String::new();
     let counted = wait_until(ARRIVAL_TIMEOUT, async || {

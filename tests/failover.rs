@@ -8,13 +8,11 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::faults::*;
-use common::proxy::FaultProxy;
-use common::*;
+use outbox_test_kit::faults::*;
+use outbox_test_kit::proxy::FaultProxy;
+use outbox_test_kit::*;
 
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -57,7 +55,7 @@ async fn failover_moves_to_the_next_node_and_back_losing_nothing() {
         url_via(&env.amqp_url, first.port()),
         url_via(&env.amqp_url, second.port())
     );
-    let mut relay = Relay::start_with(&env, &Launch::new().amqp_url(&urls)).await;
+    let mut relay = Launch::new().amqp_url(&urls).start(&env).await;
     let instance = relay.instance.clone();
     relay.wait_ready(RECOVERY_TIMEOUT).await;
 
@@ -174,7 +172,7 @@ async fn failover_starts_on_a_later_node_when_the_first_is_down() {
     let queue = env.declare_queue("events").await;
     let dead = ClosedPort::new();
     let urls = format!("{},{}", url_via(&env.amqp_url, dead.port), env.amqp_url);
-    let mut relay = Relay::start_with(&env, &Launch::new().amqp_url(&urls)).await;
+    let mut relay = Launch::new().amqp_url(&urls).start(&env).await;
     relay.wait_ready(RECOVERY_TIMEOUT).await;
     let rows = env
         .insert_committed(&[NewRow::to_queue(&queue, "one").key("k")])
@@ -219,13 +217,11 @@ async fn failover_nodes_come_from_a_secret_file() {
         &format!("{},\n{}\n", url_via(&env.amqp_url, dead.port), env.amqp_url),
     );
     let file = file.display().to_string();
-    let mut relay = Relay::start_configured(
-        &env,
-        &[],
-        &[("OUTBOX_AMQP_URL_FILE", &file)],
-        Settings::Environment,
-    )
-    .await;
+    let mut relay = Launch::new()
+        .envs(&[("OUTBOX_AMQP_URL_FILE", &file)])
+        .settings(Settings::Environment)
+        .start(&env)
+        .await;
     relay.wait_ready(RECOVERY_TIMEOUT).await;
     let rows = env
         .insert_committed(&[NewRow::to_queue(&queue, "via the second node")])

@@ -21,16 +21,14 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::faults::*;
-use common::private_pg::PrivatePostgres;
-use common::proxy::FaultProxy;
-use common::*;
 use lapin::ExchangeKind;
+use outbox_test_kit::faults::*;
+use outbox_test_kit::private_pg::PrivatePostgres;
+use outbox_test_kit::proxy::FaultProxy;
+use outbox_test_kit::*;
 use rand::Rng;
 use serde_json::json;
 
@@ -65,7 +63,7 @@ async fn fault_relay_kill9_at_random_moments_loses_nothing() {
     env.insert_bulk(&queue, 10_000, APP_KEYS as i64).await;
     let work = Workload::start(&env.db_url, &env.schema, &queue);
     let launch = Launch::new();
-    let mut relay = Relay::start_with(&env, &launch).await;
+    let mut relay = launch.start(&env).await;
 
     let kills = rand::rng().random_range(3..=5);
     let mut restarts: Vec<Instant> = Vec::new();
@@ -91,7 +89,7 @@ async fn fault_relay_kill9_at_random_moments_loses_nothing() {
             tally.len()
         ));
         restarts.push(Instant::now());
-        relay = Relay::start_with(&env, &launch).await;
+        relay = launch.start(&env).await;
     }
     work.wait_more(300, RECOVERY_TIMEOUT).await;
     let log = work.stop().await;
@@ -128,7 +126,7 @@ async fn fault_crash_between_confirm_and_mark() {
     // the database never hears of it. The panic aborts the process. (The
     // application keeps writing, so marks keep coming however they are batched.)
     let crashing = Launch::new().env("FAILPOINTS", "before_mark_published=3*off->panic");
-    let mut relay = Relay::spawn_with(&env, &crashing);
+    let mut relay = crashing.spawn(&env);
     let died = wait_until(RECOVERY_TIMEOUT, async || relay.has_exited()).await;
     assert!(
         died,
@@ -142,17 +140,11 @@ async fn fault_crash_between_confirm_and_mark() {
             .contains("failpoint before_mark_published panic"),
         "the relay died, but not at the failpoint"
     );
-    let marked_at_crash: HashSet<String> = env
-        .rows()
-        .await
-        .iter()
-        .filter(|r| r.published_at.is_some())
-        .map(|r| r.message_id.to_string())
-        .collect();
+    let marked_at_crash: HashSet<String> = env.published_message_ids().await;
     let received_at_crash = tally.distinct();
 
     let restart = Instant::now();
-    let relay2 = Relay::start_with(&env, &Launch::new()).await;
+    let relay2 = Launch::new().start(&env).await;
     let backlog = work.committed_before(restart);
     tally.wait_all(&backlog, RECOVERY_TIMEOUT).await;
     let caught_up = tally.caught_up_after(&backlog, restart);
@@ -196,7 +188,7 @@ async fn fault_broker_connection_cut_and_refused_loses_nothing() {
     let tally = Tally::start(&env.amqp_url, &queue).await;
     let proxy = FaultProxy::start(url_addr(&env.amqp_url, 5672)).await;
     let launch = Launch::new().amqp_url(&url_via(&env.amqp_url, proxy.port()));
-    let mut relay = Relay::start_with(&env, &launch).await;
+    let mut relay = launch.start(&env).await;
     relay.wait_ready(SETUP_TIMEOUT).await;
     let work = Workload::start(&env.db_url, &env.schema, &queue);
     wait_flowing(&tally, 300, &relay).await;
@@ -266,7 +258,7 @@ async fn fault_broker_stalled_then_resumed() {
     let tally = Tally::start(&env.amqp_url, &queue).await;
     let proxy = FaultProxy::start(url_addr(&env.amqp_url, 5672)).await;
     let launch = Launch::new().amqp_url(&url_via(&env.amqp_url, proxy.port()));
-    let mut relay = Relay::start_with(&env, &launch).await;
+    let mut relay = launch.start(&env).await;
     relay.wait_ready(SETUP_TIMEOUT).await;
     let work = Workload::start(&env.db_url, &env.schema, &queue);
     wait_flowing(&tally, 300, &relay).await;
@@ -316,7 +308,7 @@ async fn fault_broker_connection_blackholed_is_replaced() {
     let tally = Tally::start(&env.amqp_url, &queue).await;
     let proxy = FaultProxy::start(url_addr(&env.amqp_url, 5672)).await;
     let launch = Launch::new().amqp_url(&url_via(&env.amqp_url, proxy.port()));
-    let mut relay = Relay::start_with(&env, &launch).await;
+    let mut relay = launch.start(&env).await;
     relay.wait_ready(SETUP_TIMEOUT).await;
     let work = Workload::start(&env.db_url, &env.schema, &queue);
     wait_flowing(&tally, 300, &relay).await;
@@ -359,7 +351,7 @@ async fn fault_rabbitmq_restart_stop_app_start_app() {
     let env = TestEnv::new("fault_rabbitmq_restart").await;
     let queue = env.declare_queue("events").await;
     let tally = Tally::start(&env.amqp_url, &queue).await;
-    let mut relay = Relay::start_with(&env, &Launch::new()).await;
+    let mut relay = Launch::new().start(&env).await;
     relay.wait_ready(SETUP_TIMEOUT).await;
     let work = Workload::start(&env.db_url, &env.schema, &queue);
     wait_flowing(&tally, 300, &relay).await;
@@ -437,7 +429,7 @@ async fn fault_database_connection_cut_loses_nothing() {
     let launch = Launch::new()
         .db_url(&url_via(&env.db_url, proxy.port()))
         .args(&["--poll-interval", POLL]);
-    let mut relay = Relay::start_with(&env, &launch).await;
+    let mut relay = launch.start(&env).await;
     relay.wait_ready(SETUP_TIMEOUT).await;
     // The application writes to the database directly: only the relay's
     // connections go through the proxy.
@@ -526,7 +518,7 @@ async fn fault_database_connection_blackholed_is_replaced() {
     let tally = Tally::start(&env.amqp_url, &queue).await;
     let proxy = FaultProxy::start(url_addr(&env.db_url, 5432)).await;
     let launch = Launch::new().db_url(&url_via(&env.db_url, proxy.port()));
-    let mut relay = Relay::start_with(&env, &launch).await;
+    let mut relay = launch.start(&env).await;
     relay.wait_ready(SETUP_TIMEOUT).await;
     let work = Workload::start(&env.db_url, &env.schema, &queue);
     wait_flowing(&tally, 300, &relay).await;
@@ -570,7 +562,7 @@ async fn fault_database_restart_private_instance() {
     let env = TestEnv::new_on_database("fault_db_restart", &pg.url()).await;
     let queue = env.declare_queue("events").await;
     let tally = Tally::start(&env.amqp_url, &queue).await;
-    let mut relay = Relay::start_with(&env, &Launch::new()).await;
+    let mut relay = Launch::new().start(&env).await;
     relay.wait_ready(SETUP_TIMEOUT).await;
     let work = Workload::start(&env.db_url, &env.schema, &queue);
     wait_flowing(&tally, 300, &relay).await;
@@ -743,9 +735,8 @@ fn assert_key_waited(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_exchange_row_is_dead_lettered_with_its_reason_others_flow() {
-    let env = TestEnv::new("missing_exchange").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) =
+        TestEnv::with_events_queue("missing_exchange", AckMode::Manual).await;
     let missing = env.unique("no-such-exchange");
     let mut bad = NewRow::to_queue(&queue, "to nowhere").key("A");
     bad.exchange = missing.clone();
@@ -758,10 +749,11 @@ async fn missing_exchange_row_is_dead_lettered_with_its_reason_others_flow() {
     let mut good = vec![ins[0]];
     good.extend_from_slice(&ins[2..]);
 
-    let relay = Relay::start(&env, &["--max-attempts", "2", "--poll-interval", "200ms"]).await;
-    collector
-        .wait_for_ids(&ids_of(&good), ARRIVAL_TIMEOUT)
+    let relay = Launch::new()
+        .args(&["--max-attempts", "2", "--poll-interval", "200ms"])
+        .start(&env)
         .await;
+    collector.wait_for_rows(&good).await;
     let parked = wait_parked(&env, &bad, ARRIVAL_TIMEOUT, &relay).await;
 
     assert_eq!(parked.attempts, 2, "attempts of the parked row: {parked:?}");
@@ -804,9 +796,7 @@ async fn missing_exchange_row_is_dead_lettered_with_its_reason_others_flow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unroutable_row_is_retried_then_dead_lettered() {
-    let env = TestEnv::new("unroutable").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("unroutable", AckMode::Manual).await;
     let unbound = env.declare_exchange("unbound", ExchangeKind::Direct).await;
     let mut bad = NewRow::to_queue("nowhere", "unroutable").key("C");
     bad.exchange = unbound.clone();
@@ -819,10 +809,11 @@ async fn unroutable_row_is_retried_then_dead_lettered() {
     let mut good = vec![ins[0]];
     good.extend_from_slice(&ins[2..]);
 
-    let relay = Relay::start(&env, &["--max-attempts", "3", "--poll-interval", "200ms"]).await;
-    collector
-        .wait_for_ids(&ids_of(&good), ARRIVAL_TIMEOUT)
+    let relay = Launch::new()
+        .args(&["--max-attempts", "3", "--poll-interval", "200ms"])
+        .start(&env)
         .await;
+    collector.wait_for_rows(&good).await;
     let parked = wait_parked(&env, &bad, ARRIVAL_TIMEOUT, &relay).await;
 
     assert_eq!(parked.attempts, 3, "attempts of the parked row: {parked:?}");
@@ -863,9 +854,8 @@ async fn unroutable_row_is_retried_then_dead_lettered() {
 /// reach the consumer before the rows written after it in its key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unroutable_row_routed_on_a_retry_keeps_its_place_in_key_order() {
-    let env = TestEnv::new("unroutable_then_routed").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) =
+        TestEnv::with_events_queue("unroutable_then_routed", AckMode::Manual).await;
     let exchange = env
         .declare_exchange("bound-later", ExchangeKind::Direct)
         .await;
@@ -878,7 +868,10 @@ async fn unroutable_row_routed_on_a_retry_keeps_its_place_in_key_order() {
         NewRow::to_queue(&queue, "k4").key("K"),
     ];
     let ins = write_in_order(&env, &rows).await;
-    let relay = Relay::start(&env, &["--poll-interval", "200ms"]).await;
+    let relay = Launch::new()
+        .args(&["--poll-interval", "200ms"])
+        .start(&env)
+        .await;
     let failed = wait_until(ARRIVAL_TIMEOUT, async || {
         row_of(&env.rows().await, &ins[1]).attempts >= 1
     })
@@ -915,9 +908,7 @@ async fn unroutable_row_routed_on_a_retry_keeps_its_place_in_key_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_key_over_255_bytes_and_headers_not_an_object_are_parked_at_once() {
-    let env = TestEnv::new("invalid_rows").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("invalid_rows", AckMode::Manual).await;
     let long_key = NewRow::to_queue(&"r".repeat(300), "long routing key").key("E");
     let mut not_object = NewRow::to_queue(&queue, "headers are an array").key("F");
     not_object.headers = json!([1, 2]);
@@ -940,10 +931,11 @@ async fn routing_key_over_255_bytes_and_headers_not_an_object_are_parked_at_once
         .collect();
 
     // Default max-attempts (10): parked at the first attempt or not at all.
-    let relay = Relay::start(&env, &["--poll-interval", "200ms"]).await;
-    collector
-        .wait_for_ids(&ids_of(&good), ARRIVAL_TIMEOUT)
+    let relay = Launch::new()
+        .args(&["--poll-interval", "200ms"])
+        .start(&env)
         .await;
+    collector.wait_for_rows(&good).await;
     let a = wait_parked(&env, &long_key, ARRIVAL_TIMEOUT, &relay).await;
     let b = wait_parked(&env, &not_object, ARRIVAL_TIMEOUT, &relay).await;
     for (row, needle) in [(&a, "255"), (&b, "JSON object")] {
@@ -987,9 +979,7 @@ async fn routing_key_over_255_bytes_and_headers_not_an_object_are_parked_at_once
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_body_closes_the_channel_but_only_that_row_is_charged() {
     const BIG: i32 = 128 * 1024 * 1024 + 1024;
-    let env = TestEnv::new("oversized").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("oversized", AckMode::Manual).await;
     let mut ins = Vec::new();
     {
         let mut pg = env.pg.lock().await;
@@ -1028,21 +1018,18 @@ async fn oversized_body_closes_the_channel_but_only_that_row_is_charged() {
 
     // max-payload-bytes above the broker's own limit: the broker refuses the
     // row by closing the channel (below it, the relay parks it unread).
-    let relay = Relay::start(
-        &env,
-        &[
+    let relay = Launch::new()
+        .args(&[
             "--max-attempts",
             "2",
             "--poll-interval",
             "200ms",
             "--max-payload-bytes",
             "268435456",
-        ],
-    )
-    .await;
-    collector
-        .wait_for_ids(&ids_of(&good), ARRIVAL_TIMEOUT)
+        ])
+        .start(&env)
         .await;
+    collector.wait_for_rows(&good).await;
     let parked = wait_parked(&env, &big, Duration::from_secs(180), &relay).await;
     assert_eq!(
         parked.attempts, 2,
@@ -1078,16 +1065,17 @@ async fn oversized_body_closes_the_channel_but_only_that_row_is_charged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_bad_row_does_not_stop_other_keys() {
-    let env = TestEnv::new("one_bad_row").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("one_bad_row", AckMode::Manual).await;
     // The row's exchange appears only later: until then each attempt fails
     // (default max-attempts 10, so it stays pending with growing backoff).
     let late_exchange = env.unique("late-exchange");
     let mut bad = NewRow::to_queue(&queue, "stuck").key("stuck");
     bad.exchange = late_exchange.clone();
     let bad = env.insert_committed(&[bad]).await[0];
-    let relay = Relay::start(&env, &["--poll-interval", "200ms"]).await;
+    let relay = Launch::new()
+        .args(&["--poll-interval", "200ms"])
+        .start(&env)
+        .await;
     let failed = wait_until(ARRIVAL_TIMEOUT, async || {
         row_of(&env.rows().await, &bad).attempts >= 1
     })
@@ -1116,9 +1104,7 @@ async fn one_bad_row_does_not_stop_other_keys() {
         others.extend(env.insert_committed(&batch).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    collector
-        .wait_for_ids(&ids_of(&others), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&others).await;
     let state = row_of(&env.rows().await, &bad);
     assert!(
         state.published_at.is_none() && state.dead_lettered_at.is_none() && state.attempts >= 1,

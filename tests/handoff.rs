@@ -10,13 +10,11 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::faults::*;
-use common::proxy::FaultProxy;
-use common::*;
+use outbox_test_kit::faults::*;
+use outbox_test_kit::proxy::FaultProxy;
+use outbox_test_kit::*;
 
 const PARTITIONS: usize = 32;
 /// README, "Metrics and health": a relay that lost its RabbitMQ connection
@@ -56,8 +54,8 @@ async fn scale_a_relay_cut_from_rabbitmq_hands_its_partitions_to_one_that_can() 
     let tally = Tally::start(&env.amqp_url, &queue).await;
     let proxy = FaultProxy::start(url_addr(&env.amqp_url, 5672)).await;
     let cut_url = url_via(&env.amqp_url, proxy.port());
-    let mut a = Relay::start_with(&env, &Launch::new().amqp_url(&cut_url)).await;
-    let mut b = Relay::start_with(&env, &Launch::new()).await;
+    let mut a = Launch::new().amqp_url(&cut_url).start(&env).await;
+    let mut b = Launch::new().start(&env).await;
     a.wait_ready(WAIT).await;
     b.wait_ready(WAIT).await;
     let shared = wait_until(WAIT, async || {
@@ -188,11 +186,10 @@ async fn a_relay_that_cannot_reach_rabbitmq_takes_no_partitions_and_its_rows_wai
     let env = TestEnv::new("handoff_never").await;
     let queue = env.declare_queue("events").await;
     let dead = ClosedPort::new();
-    let mut a = Relay::start_with(
-        &env,
-        &Launch::new().amqp_url(&url_via(&env.amqp_url, dead.port)),
-    )
-    .await;
+    let mut a = Launch::new()
+        .amqp_url(&url_via(&env.amqp_url, dead.port))
+        .start(&env)
+        .await;
     let rows = env
         .insert_committed(&[NewRow::to_queue(&queue, "waits").key("k")])
         .await;
@@ -225,7 +222,7 @@ async fn a_relay_that_cannot_reach_rabbitmq_takes_no_partitions_and_its_rows_wai
 
     // A relay that can publish comes: it takes every partition and the row goes.
     let got = env.consume(&queue, AckMode::Auto).await;
-    let mut b = Relay::start_with(&env, &Launch::new()).await;
+    let mut b = Launch::new().start(&env).await;
     b.wait_ready(WAIT).await;
     got.wait_for_ids(&ids_of(&rows), WAIT).await;
     let all = wait_until(WAIT, async || {
@@ -250,7 +247,7 @@ async fn a_relay_that_lost_its_database_exports_no_backlog_and_owns_no_partition
     let mut later = NewRow::to_queue(&queue, "later");
     later.available_in_secs = Some(3600.0);
     env.insert_committed(&[later]).await;
-    let mut relay = Relay::start_with(&env, &Launch::new().db_url(&db_url)).await;
+    let mut relay = Launch::new().db_url(&db_url).start(&env).await;
     relay.wait_ready(WAIT).await;
 
     let exported = async |relay: &Relay| {

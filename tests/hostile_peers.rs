@@ -6,15 +6,13 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::broker_user::BrokerUser;
-use common::proxy::FaultProxy;
-use common::{run_cli, wait_until, ClosedPort, Relay, TestEnv, SETUP_TIMEOUT};
+use outbox_test_kit::broker_user::BrokerUser;
+use outbox_test_kit::proxy::FaultProxy;
+use outbox_test_kit::{run_cli, wait_until, ClosedPort, Launch, Relay, TestEnv, SETUP_TIMEOUT};
 
 /// Open descriptors of process `pid`.
 fn open_fds(pid: u32) -> usize {
@@ -49,7 +47,10 @@ const FD_BOUND_ABOVE_BASELINE: usize = 64 + 24;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_http_clients_neither_pile_up_nor_delay_shutdown() {
     let env = TestEnv::new("slow_http").await;
-    let mut relay = Relay::start(&env, &["--shutdown-timeout", "1s"]).await;
+    let mut relay = Launch::new()
+        .args(&["--shutdown-timeout", "1s"])
+        .start(&env)
+        .await;
     relay.wait_ready(SETUP_TIMEOUT).await;
     let addr = relay.metrics_addr();
     let baseline = open_fds(relay.pid);
@@ -175,7 +176,7 @@ async fn a_silent_broker_costs_one_bounded_attempt_and_no_thread_or_descriptor()
     assert!(took < Duration::from_secs(25), "check took {took:?}");
 
     // `run` keeps trying; every attempt ends, with its thread and socket.
-    let mut relay = Relay::spawn_on_urls(&env, (&env.db_url, &silent), &[], &[]);
+    let mut relay = Launch::new().amqp_url(&silent).spawn(&env);
     relay.wait_started(SETUP_TIMEOUT).await;
     // From the second abandoned attempt on: the first one starts a helper
     // thread of lapin's runtime glue (with its epoll and event descriptors)
@@ -227,7 +228,7 @@ async fn a_silent_database_costs_one_bounded_attempt_and_no_descriptor() {
 
     // Three tasks connect to the database (hot path, control, housekeeping):
     // at most three attempts are in flight at any time.
-    let mut relay = Relay::spawn_on_urls(&env, (&silent, &env.amqp_url), &[], &[]);
+    let mut relay = Launch::new().db_url(&silent).spawn(&env);
     relay.wait_started(SETUP_TIMEOUT).await;
     let (_, fds_early) = usage_at_attempt(&mut relay, &peer, 4).await;
     let (_, fds_late) = usage_at_attempt(&mut relay, &peer, 13).await;
@@ -315,8 +316,10 @@ async fn no_log_level_prints_the_broker_password() {
     let url = user.url();
     assert_eq!(base64(b"\0guest\0guest"), "AGd1ZXN0AGd1ZXN0");
 
-    let mut relay =
-        Relay::spawn_on_urls(&env, (&env.db_url, &url), &[], &[("OUTBOX_LOG", "trace")]);
+    let mut relay = Launch::new()
+        .amqp_url(&url)
+        .env("OUTBOX_LOG", "trace")
+        .spawn(&env);
     relay.wait_started(SETUP_TIMEOUT).await;
     let connected = wait_until(SETUP_TIMEOUT, async || {
         relay.has_exited() || relay.logs().contains("connected to RabbitMQ")
@@ -359,7 +362,11 @@ async fn run_warns_about_unverified_connections_off_this_machine() {
     // TEST-NET-1: off this machine, never answers. Only the start matters.
     let db = "postgres://postgres:pgSecret9@192.0.2.1:5432/test";
     let amqp = "amqp://guest:mqSecret9@192.0.2.1:5672/%2f";
-    let mut relay = Relay::spawn_on_urls(&env, (db, amqp), &["--shutdown-timeout", "1s"], &[]);
+    let mut relay = Launch::new()
+        .db_url(db)
+        .amqp_url(amqp)
+        .args(&["--shutdown-timeout", "1s"])
+        .spawn(&env);
     relay.wait_started(SETUP_TIMEOUT).await;
     let expected = [
         "insecure connection setting: sslmode=prefer (the default): the connection to 192.0.2.1 is encrypted only if the server offers TLS, and the server is never verified",

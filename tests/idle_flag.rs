@@ -11,9 +11,7 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
-use common::*;
+use outbox_test_kit::*;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 
@@ -125,16 +123,14 @@ async fn no_relay_lives(env: &TestEnv) -> bool {
 /// A relay that drained its rows and waits for a NOTIFY, proven by an
 /// insert that notified and was published.
 async fn waiting_relay(env: &TestEnv, queue: &str, collector: &Collector) -> (Relay, Listener) {
-    let mut relay = Relay::start(env, &[]).await;
-    let waits = wait_until(ARRIVAL_TIMEOUT, async || {
-        waits_and_lives(env, &relay.instance, "3 seconds").await
-    })
-    .await;
-    assert!(
-        waits,
-        "the relay never flagged itself idle\n{}",
-        relay.log_tail(100)
-    );
+    let mut relay = Launch::new().start(env).await;
+    relay
+        .wait_for(
+            ARRIVAL_TIMEOUT,
+            "the relay never flagged itself idle",
+            async || waits_and_lives(env, &relay.instance, "3 seconds").await,
+        )
+        .await;
     let mut listener = Listener::start(env).await;
     let rows = env
         .insert_committed(&[NewRow::to_queue(queue, "while the relay waits")])
@@ -144,18 +140,14 @@ async fn waiting_relay(env: &TestEnv, queue: &str, collector: &Collector) -> (Re
         "an insert while a live relay waits sent no NOTIFY\n{}",
         relay.log_tail(100)
     );
-    collector
-        .wait_for_ids(&ids_of(&rows), ARRIVAL_TIMEOUT)
+    collector.wait_for_rows(&rows).await;
+    relay
+        .wait_for(
+            ARRIVAL_TIMEOUT,
+            "the relay did not wait again",
+            async || waits_and_lives(env, &relay.instance, "3 seconds").await,
+        )
         .await;
-    let waits = wait_until(ARRIVAL_TIMEOUT, async || {
-        waits_and_lives(env, &relay.instance, "3 seconds").await
-    })
-    .await;
-    assert!(
-        waits,
-        "the relay did not wait again\n{}",
-        relay.log_tail(100)
-    );
     relay.assert_running();
     (relay, listener)
 }
@@ -208,18 +200,14 @@ async fn a_relay_frozen_past_its_lease_is_not_notified_then_waits_again() {
 
     // Running again: it publishes what came meanwhile, waits again, and is
     // woken again.
-    collector
-        .wait_for_ids(&ids_of(&frozen), ARRIVAL_TIMEOUT)
+    collector.wait_for_rows(&frozen).await;
+    relay
+        .wait_for(
+            ARRIVAL_TIMEOUT,
+            "the relay did not wait again after it was continued",
+            async || waits_and_lives(&env, &relay.instance, "2 seconds").await,
+        )
         .await;
-    let waits = wait_until(ARRIVAL_TIMEOUT, async || {
-        waits_and_lives(&env, &relay.instance, "2 seconds").await
-    })
-    .await;
-    assert!(
-        waits,
-        "the relay did not wait again after it was continued\n{}",
-        relay.log_tail(100)
-    );
     let after = env
         .insert_committed(&[NewRow::to_queue(&queue, "after the freeze")])
         .await;
@@ -228,9 +216,7 @@ async fn a_relay_frozen_past_its_lease_is_not_notified_then_waits_again() {
         "the relay waits again but an insert sent no NOTIFY\n{}",
         relay.log_tail(100)
     );
-    collector
-        .wait_for_ids(&ids_of(&after), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&after).await;
     relay.assert_running();
 }
 
@@ -263,35 +249,29 @@ async fn a_failed_idle_update_is_said_again_until_the_database_takes_it() {
         &[],
     )
     .await;
-    let mut relay = Relay::start(&env, &[]).await;
-    let tried = wait_until(ARRIVAL_TIMEOUT, async || {
-        relay.logs().contains("relay_set_idle refused by the test")
-    })
-    .await;
-    assert!(
-        tried,
-        "the relay never tried to flag itself idle\n{}",
-        relay.log_tail(100)
-    );
+    let mut relay = Launch::new().start(&env).await;
+    relay
+        .wait_for(
+            ARRIVAL_TIMEOUT,
+            "the relay never tried to flag itself idle",
+            async || relay.logs().contains("relay_set_idle refused by the test"),
+        )
+        .await;
     env.exec(&definition, &[]).await;
 
-    let waits = wait_until(ARRIVAL_TIMEOUT, async || {
-        waits_and_lives(&env, &relay.instance, "3 seconds").await
-    })
-    .await;
-    assert!(
-        waits,
-        "relay_set_idle works again, but the relay never said again that it waits\n{}",
-        relay.log_tail(100)
-    );
+    relay
+        .wait_for(
+            ARRIVAL_TIMEOUT,
+            "relay_set_idle works again, but the relay never said again that it waits",
+            async || waits_and_lives(&env, &relay.instance, "3 seconds").await,
+        )
+        .await;
     let mut listener = Listener::start(&env).await;
     let rows = env
         .insert_committed(&[NewRow::to_queue(&queue, "after the failure")])
         .await;
     assert!(listener.insert_notified().await, "{}", relay.log_tail(100));
-    collector
-        .wait_for_ids(&ids_of(&rows), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&rows).await;
     relay.assert_running();
 }
 

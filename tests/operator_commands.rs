@@ -6,12 +6,10 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::*;
+use outbox_test_kit::*;
 use serde_json::Value;
 
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
@@ -38,7 +36,10 @@ async fn insert(env: &TestEnv, queue: &str, key: Option<&str>, payloads: &[&str]
 /// Waits until `wanted` arrived and nothing is pending any more, then stops
 /// the relay; panics with the relay's log otherwise.
 async fn publish_until_done(env: &TestEnv, collector: &Collector, wanted: &HashSet<String>) {
-    let relay = Relay::start(env, &["--poll-interval", "200ms"]).await;
+    let relay = Launch::new()
+        .args(&["--poll-interval", "200ms"])
+        .start(env)
+        .await;
     let arrived = wait_until(ARRIVAL_TIMEOUT, async || {
         collector.has_all(wanted) && env.pending_count().await == 0
     })
@@ -147,7 +148,7 @@ fn line_starting<'a>(text: &'a str, verdict: &str, what: &str) -> Option<&'a str
 async fn check_reports_missing_schema_and_exits_1() {
     let env = TestEnv::new_unmigrated("ops_check_missing").await;
     let out = env.cli(&["check"], CLI_TIMEOUT).await;
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    out.assert_code(1);
     let schema = line_starting(&out.stdout, "FAIL", "schema")
         .unwrap_or_else(|| panic!("no FAIL schema line\n{}", out.describe()));
     assert!(
@@ -174,7 +175,7 @@ async fn check_reports_missing_schema_and_exits_1() {
 async fn check_passes_on_a_migrated_schema() {
     let env = TestEnv::new("ops_check_ok").await;
     let out = env.cli(&["check"], CLI_TIMEOUT).await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    out.assert_code(0);
     for what in ["database", "schema", "privileges", "broker"] {
         assert!(
             line_starting(&out.stdout, "ok", what).is_some(),
@@ -183,11 +184,7 @@ async fn check_passes_on_a_migrated_schema() {
         );
     }
     assert!(!out.stdout.contains("FAIL"), "{}", out.describe());
-    assert!(
-        out.stdout.contains("all checks passed"),
-        "{}",
-        out.describe()
-    );
+    out.assert_stdout_has("all checks passed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,7 +226,7 @@ async fn check_names_missing_privileges_with_the_grant_that_fixes_them() {
             .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
             .await;
     }
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    out.assert_code(1);
     let fails: Vec<&str> = out
         .stdout
         .lines()
@@ -269,21 +266,10 @@ async fn check_names_the_unreachable_side_without_password() {
     let closed = ClosedPort::new();
     let port = closed.port;
     let bad_db = format!("postgres://postgres:{pg_secret}@127.0.0.1:{port}/test");
-    let out = run_cli(
-        &[
-            "check",
-            "--database-url",
-            &bad_db,
-            "--amqp-url",
-            &env.amqp_url,
-            "--schema",
-            &env.schema,
-        ],
-        &[],
-        CLI_TIMEOUT,
-    )
-    .await;
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    let out = env
+        .cli_via(&["check"], (&bad_db, &env.amqp_url), CLI_TIMEOUT)
+        .await;
+    out.assert_code(1);
     let db_line = line_starting(&out.stdout, "FAIL", "database")
         .unwrap_or_else(|| panic!("no FAIL database line\n{}", out.describe()));
     assert!(db_line.contains(&format!("127.0.0.1:{port}")), "{db_line}");
@@ -292,29 +278,14 @@ async fn check_names_the_unreachable_side_without_password() {
         "{}",
         out.describe()
     );
-    assert!(
-        !out.stdout.contains(pg_secret) && !out.stderr.contains(pg_secret),
-        "the database password leaked\n{}",
-        out.describe()
-    );
+    out.assert_never_printed(pg_secret, "the database password");
 
     // The broker side: wrong password.
     let bad_amqp = with_password(&env.amqp_url, amqp_secret);
-    let out = run_cli(
-        &[
-            "check",
-            "--database-url",
-            &env.db_url,
-            "--amqp-url",
-            &bad_amqp,
-            "--schema",
-            &env.schema,
-        ],
-        &[],
-        CLI_TIMEOUT,
-    )
-    .await;
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    let out = env
+        .cli_via(&["check"], (&env.db_url, &bad_amqp), CLI_TIMEOUT)
+        .await;
+    out.assert_code(1);
     let broker = line_starting(&out.stdout, "FAIL", "broker")
         .unwrap_or_else(|| panic!("no FAIL broker line\n{}", out.describe()));
     assert!(broker.contains("RabbitMQ"), "{broker}");
@@ -323,11 +294,7 @@ async fn check_names_the_unreachable_side_without_password() {
         "{}",
         out.describe()
     );
-    assert!(
-        !out.stdout.contains(amqp_secret) && !out.stderr.contains(amqp_secret),
-        "the broker password leaked\n{}",
-        out.describe()
-    );
+    out.assert_never_printed(amqp_secret, "the broker password");
 }
 
 // ---------------------------------------------------------------------------
@@ -372,12 +339,12 @@ async fn status_json_reports_backlog_and_leases() {
 
     let out = env.cli(&["status", "--json"], CLI_TIMEOUT).await;
     // A parked row and a relay gone quiet need a person: exit 1, each named.
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    out.assert_code(1);
     for said in [
         "problem: 1 row parked as dead letters",
         "problem: relay relay-b has not renewed its leases",
     ] {
-        assert!(out.stderr.contains(said), "{said}\n{}", out.describe());
+        out.assert_stderr_has(said);
     }
     let j = json_of(&out);
     assert_eq!(
@@ -449,12 +416,8 @@ async fn status_json_reports_backlog_and_leases() {
     assert!(b["lease_expires_in_seconds"].is_null());
 
     let text = env.cli(&["status"], CLI_TIMEOUT).await;
-    assert_eq!(text.code(), Some(1), "{}", text.describe());
-    assert!(
-        text.stdout.contains("no live owner: 10-31"),
-        "{}",
-        text.describe()
-    );
+    text.assert_code(1);
+    text.assert_stdout_has("no live owner: 10-31");
     let a_line = text
         .stdout
         .lines()
@@ -468,14 +431,14 @@ async fn status_json_reports_backlog_and_leases() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_exits_1_when_no_live_relay_publishes_due_rows() {
-    let env = TestEnv::new("ops_status_exit").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Auto).await;
-    let mut relay = Relay::start(&env, &["--poll-interval", "200ms"]).await;
-    let sent = insert(&env, &queue, None, &["a", "b", "c"]).await;
-    collector
-        .wait_for_ids(&ids_of(&sent), ARRIVAL_TIMEOUT)
+    let (env, queue, collector) =
+        TestEnv::with_events_queue("ops_status_exit", AckMode::Auto).await;
+    let mut relay = Launch::new()
+        .args(&["--poll-interval", "200ms"])
+        .start(&env)
         .await;
+    let sent = insert(&env, &queue, None, &["a", "b", "c"]).await;
+    collector.wait_for_rows(&sent).await;
     // Delivered, the relay live and owning every partition: nothing to do.
     let mut out = env.cli(&["status"], CLI_TIMEOUT).await;
     let settled = wait_until(ARRIVAL_TIMEOUT, async || {
@@ -495,12 +458,12 @@ async fn status_exits_1_when_no_live_relay_publishes_due_rows() {
     relay.terminate(SETUP_TIMEOUT).await;
     insert(&env, &queue, None, &["stranded"]).await;
     let out = env.cli(&["status"], CLI_TIMEOUT).await;
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    out.assert_code(1);
     for said in [
         "problem: no live relay",
         "problem: 1 due row in partitions with no live owner (0-31)",
     ] {
-        assert!(out.stderr.contains(said), "{said}\n{}", out.describe());
+        out.assert_stderr_has(said);
     }
     collector.stop().await;
 }
@@ -509,7 +472,7 @@ async fn status_exits_1_when_no_live_relay_publishes_due_rows() {
 async fn a_usage_error_names_the_missing_options() {
     for action in ["retry", "discard"] {
         let out = run_cli(&["dead-letters", action], &[], CLI_TIMEOUT).await;
-        assert_eq!(out.code(), Some(2), "{}", out.describe());
+        out.assert_code(2);
         let lines: Vec<&str> = out.stderr.lines().collect();
         assert_eq!(lines.len(), 1, "one line\n{}", out.describe());
         assert!(
@@ -521,7 +484,7 @@ async fn a_usage_error_names_the_missing_options() {
         );
     }
     let help = run_cli(&["dead-letters", "--help"], &[], CLI_TIMEOUT).await;
-    assert_eq!(help.code(), Some(0), "{}", help.describe());
+    help.assert_code(0);
     for (name, about) in [
         ("list", "Show parked rows"),
         ("retry", "Make rows pending again"),
@@ -560,7 +523,7 @@ async fn dead_letters_retry_makes_rows_pending_again() {
     let out = env
         .cli(&["dead-letters", "list", "--json"], CLI_TIMEOUT)
         .await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    out.assert_code(0);
     let j = json_of(&out);
     assert_eq!(j["total"], 3, "{j:#}");
     let rows = j["rows"].as_array().expect("rows");
@@ -575,7 +538,7 @@ async fn dead_letters_retry_makes_rows_pending_again() {
     let out = env
         .cli(&["dead-letters", "list", "--limit", "2"], CLI_TIMEOUT)
         .await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    out.assert_code(0);
     let d1_line =
         table_row(&out.stdout, d1).unwrap_or_else(|| panic!("no row {d1}\n{}", out.describe()));
     assert!(
@@ -592,7 +555,7 @@ async fn dead_letters_retry_makes_rows_pending_again() {
         "--limit 2 shows two rows\n{}",
         out.describe()
     );
-    assert!(out.stdout.contains("2 of 3"), "{}", out.describe());
+    out.assert_stdout_has("2 of 3");
 
     // retry one id
     let out = env
@@ -601,12 +564,8 @@ async fn dead_letters_retry_makes_rows_pending_again() {
             CLI_TIMEOUT,
         )
         .await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
-    assert!(
-        out.stdout.contains("retried 1 dead-lettered row"),
-        "{}",
-        out.describe()
-    );
+    out.assert_code(0);
+    out.assert_stdout_has("retried 1 dead-lettered row");
     let r = row(&env, d1).await.expect("row d1");
     assert!(
         r.dead_lettered_at.is_none() && r.published_at.is_none(),
@@ -634,18 +593,9 @@ async fn dead_letters_retry_makes_rows_pending_again() {
             CLI_TIMEOUT,
         )
         .await;
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
-    assert!(
-        out.stdout.contains("retried 1 dead-lettered row"),
-        "{}",
-        out.describe()
-    );
-    assert!(
-        out.stderr
-            .contains(&format!("row {p1} not retried: published")),
-        "{}",
-        out.describe()
-    );
+    out.assert_code(1);
+    out.assert_stdout_has("retried 1 dead-lettered row");
+    out.assert_stderr_has(&format!("row {p1} not retried: published"));
     assert!(row(&env, d2).await.expect("d2").dead_lettered_at.is_none());
     assert!(
         row(&env, p1).await.expect("p1").published_at.is_some(),
@@ -656,21 +606,13 @@ async fn dead_letters_retry_makes_rows_pending_again() {
     let out = env
         .cli(&["dead-letters", "retry", "--all"], CLI_TIMEOUT)
         .await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
-    assert!(
-        out.stdout.contains("retried 1 dead-lettered row"),
-        "{}",
-        out.describe()
-    );
+    out.assert_code(0);
+    out.assert_stdout_has("retried 1 dead-lettered row");
     let out = env
         .cli(&["dead-letters", "retry", "--all"], CLI_TIMEOUT)
         .await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
-    assert!(
-        out.stdout.contains("nothing to retry"),
-        "{}",
-        out.describe()
-    );
+    out.assert_code(0);
+    out.assert_stdout_has("nothing to retry");
     let j = json_of(
         &env.cli(&["dead-letters", "list", "--json"], CLI_TIMEOUT)
             .await,
@@ -724,24 +666,10 @@ async fn dead_letters_discard_only_touches_dead_letters() {
             CLI_TIMEOUT,
         )
         .await;
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
-    assert!(
-        out.stdout.contains("discarded 1 dead-lettered row"),
-        "{}",
-        out.describe()
-    );
-    assert!(
-        out.stderr
-            .contains(&format!("row {pen} not discarded: pending")),
-        "{}",
-        out.describe()
-    );
-    assert!(
-        out.stderr
-            .contains(&format!("row {nowhere} not discarded: no such row")),
-        "{}",
-        out.describe()
-    );
+    out.assert_code(1);
+    out.assert_stdout_has("discarded 1 dead-lettered row");
+    out.assert_stderr_has(&format!("row {pen} not discarded: pending"));
+    out.assert_stderr_has(&format!("row {nowhere} not discarded: no such row"));
     assert!(row(&env, d1).await.is_none(), "d1 deleted");
     assert!(row(&env, pen).await.is_some(), "pending row kept");
 
@@ -751,24 +679,15 @@ async fn dead_letters_discard_only_touches_dead_letters() {
             CLI_TIMEOUT,
         )
         .await;
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
-    assert!(
-        out.stdout.contains("discarded 0 dead-lettered rows"),
-        "{}",
-        out.describe()
-    );
+    out.assert_code(1);
+    out.assert_stdout_has("discarded 0 dead-lettered rows");
     assert!(row(&env, p1).await.is_some(), "published row kept");
 
     let out = env
         .cli(&["dead-letters", "discard", "--all"], CLI_TIMEOUT)
         .await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
-    assert!(
-        out.stdout
-            .contains(&format!("discarded {} dead-lettered rows", bulk + 1)),
-        "{}",
-        out.describe()
-    );
+    out.assert_code(0);
+    out.assert_stdout_has(&format!("discarded {} dead-lettered rows", bulk + 1));
     let left: Vec<i64> = env.rows().await.iter().map(|r| r.id).collect();
     assert_eq!(
         left,
@@ -812,8 +731,8 @@ async fn replay_from_id_range_republishes_only_that_range() {
     let out = env
         .cli(&["replay", "--from-id", &beyond], CLI_TIMEOUT)
         .await;
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
-    assert!(out.stderr.contains("retention"), "{}", out.describe());
+    out.assert_code(1);
+    out.assert_stderr_has("retention");
 
     let out = env
         .cli(
@@ -827,13 +746,8 @@ async fn replay_from_id_range_republishes_only_that_range() {
             CLI_TIMEOUT,
         )
         .await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
-    assert!(
-        out.stdout
-            .contains(&format!("replayed 3 published rows (ids {from} to {to})")),
-        "{}",
-        out.describe()
-    );
+    out.assert_code(0);
+    out.assert_stdout_has(&format!("replayed 3 published rows (ids {from} to {to})"));
     let now = env.db_now().await;
     for r in env.rows().await {
         let in_range = range.iter().any(|i| i.id == r.id);
@@ -880,12 +794,8 @@ async fn replay_since_replays_rows_published_from_then_on() {
             .get(0)
     };
     let out = env.cli(&["replay", "--since", &since], CLI_TIMEOUT).await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
-    assert!(
-        out.stdout.contains("replayed 2 published rows"),
-        "{}",
-        out.describe()
-    );
+    out.assert_code(0);
+    out.assert_stdout_has("replayed 2 published rows");
     assert!(row(&env, old[0].id).await.unwrap().published_at.is_some());
     for r in &recent {
         assert!(row(&env, r.id).await.unwrap().published_at.is_none());
@@ -895,12 +805,8 @@ async fn replay_since_replays_rows_published_from_then_on() {
     let out = env
         .cli(&["replay", "--since", "tomorrow"], CLI_TIMEOUT)
         .await;
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
-    assert!(
-        out.stderr.contains("only published rows still kept"),
-        "{}",
-        out.describe()
-    );
+    out.assert_code(1);
+    out.assert_stderr_has("only published rows still kept");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -911,7 +817,7 @@ async fn replay_since_bad_time_exits_2() {
     let out = env
         .cli(&["replay", "--since", "last tuesday-ish"], CLI_TIMEOUT)
         .await;
-    assert_eq!(out.code(), Some(2), "{}", out.describe());
+    out.assert_code(2);
     let lines: Vec<&str> = out
         .stderr
         .lines()
@@ -931,6 +837,6 @@ async fn replay_since_bad_time_exits_2() {
     let out = env
         .cli(&["replay", "--from-id", "10", "--to-id", "5"], CLI_TIMEOUT)
         .await;
-    assert_eq!(out.code(), Some(2), "{}", out.describe());
-    assert!(out.stderr.contains("--to-id"), "{}", out.describe());
+    out.assert_code(2);
+    out.assert_stderr_has("--to-id");
 }

@@ -6,12 +6,10 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::*;
+use outbox_test_kit::*;
 use rand::Rng;
 
 /// Writers that update their aggregate's row in the same transaction as the
@@ -21,9 +19,8 @@ async fn rows_of_serialized_transactions_arrive_in_id_order_per_key() {
     const WRITERS: usize = 8;
     const TX_PER_WRITER: usize = 60;
     const AGGREGATES: i64 = 30;
-    let env = TestEnv::new("serialized_order").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) =
+        TestEnv::with_events_queue("serialized_order", AckMode::Manual).await;
     {
         let pg = env.pg.lock().await;
         pg.batch_execute(&format!(
@@ -34,7 +31,7 @@ async fn rows_of_serialized_transactions_arrive_in_id_order_per_key() {
         .await
         .expect("aggregate table");
     }
-    let _relay = Relay::start(&env, &[]).await;
+    let _relay = Launch::new().start(&env).await;
 
     let mut writers = Vec::new();
     for w in 0..WRITERS {
@@ -104,10 +101,9 @@ async fn rows_of_serialized_transactions_arrive_in_id_order_per_key() {
 /// (lower id) is delivered right after it commits, not held back or lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unserialized_transactions_on_one_key_arrive_in_visibility_order() {
-    let env = TestEnv::new("unserialized_order").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
-    let _relay = Relay::start(&env, &[]).await;
+    let (env, queue, collector) =
+        TestEnv::with_events_queue("unserialized_order", AckMode::Manual).await;
+    let _relay = Launch::new().start(&env).await;
 
     let mut early_client = env.connect_db().await;
     let early = early_client.transaction().await.expect("begin");

@@ -9,14 +9,13 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
 use lapin::ExchangeKind;
+use outbox_test_kit::*;
 
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -129,12 +128,10 @@ async fn pooled_relay_publishes_and_marks_every_row_in_key_order() {
     };
     let queue = env.declare_queue("events").await;
     let collector = env.consume(&queue, AckMode::Manual).await;
-    let relay = Relay::start(&env, POOLED).await;
+    let relay = Launch::new().args(POOLED).start(&env).await;
 
     let inserted = env.insert_bulk(&queue, 2_000, 20).await;
-    collector
-        .wait_for_ids(&ids_of(&inserted), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&inserted).await;
     wait_all_marked(&env, inserted.len() as i64, &[&relay]).await;
     assert_in_key_order(&collector, &keyed(&inserted, 20));
     assert_no_pooler_errors(&relay);
@@ -148,8 +145,8 @@ async fn pooled_replica_takes_over_from_a_killed_relay_in_key_order() {
     };
     let queue = env.declare_queue("events").await;
     let collector = env.consume(&queue, AckMode::Manual).await;
-    let mut doomed = Relay::start(&env, POOLED).await;
-    let survivor = Relay::start(&env, POOLED).await;
+    let mut doomed = Launch::new().args(POOLED).start(&env).await;
+    let survivor = Launch::new().args(POOLED).start(&env).await;
 
     let first = env.insert_bulk(&queue, 1_500, 30).await;
     // Kill -9 while it publishes: its leases lapse and the survivor takes them.
@@ -159,7 +156,7 @@ async fn pooled_replica_takes_over_from_a_killed_relay_in_key_order() {
     let second = env.insert_bulk(&queue, 1_500, 30).await;
 
     let all: Vec<Inserted> = first.iter().chain(&second).copied().collect();
-    collector.wait_for_ids(&ids_of(&all), ARRIVAL_TIMEOUT).await;
+    collector.wait_for_rows(&all).await;
     wait_all_marked(&env, all.len() as i64, &[&survivor]).await;
     // Both batches used keys k0..k29 in id order.
     let mut rows = keyed(&first, 30);
@@ -178,7 +175,7 @@ async fn pooled_failures_are_dead_lettered_listed_and_retried() {
     let collector = env.consume(&queue, AckMode::Manual).await;
     let mut args = POOLED.to_vec();
     args.extend(["--max-attempts", "1"]);
-    let relay = Relay::start(&env, &args).await;
+    let relay = Launch::new().args(&args).start(&env).await;
 
     // One row to an exchange that does not exist yet: parked at its first failure.
     let missing = env.unique("later");
@@ -187,9 +184,7 @@ async fn pooled_failures_are_dead_lettered_listed_and_retried() {
     let good = NewRow::to_queue(&queue, "fine");
     let inserted = env.insert_committed(&[bad, good]).await;
     let parked = inserted[0];
-    collector
-        .wait_for_ids(&ids_of(&inserted[1..]), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&inserted[1..]).await;
     let dead = wait_until(ARRIVAL_TIMEOUT, async || {
         env.scalar_i64(&format!(
             "SELECT count(*) FROM {} WHERE dead_lettered_at IS NOT NULL",
@@ -216,9 +211,7 @@ async fn pooled_failures_are_dead_lettered_listed_and_retried() {
         .cli(&["dead-letters", "retry", "--all"], CLI_TIMEOUT)
         .await;
     assert_eq!(out.code(), Some(0), "{}", out.describe());
-    collector
-        .wait_for_ids(&ids_of(&inserted[..1]), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&inserted[..1]).await;
     wait_all_marked(&env, 2, &[&relay]).await;
     assert_no_pooler_errors(&relay);
 }
@@ -231,11 +224,9 @@ async fn pooled_operator_commands_status_replay_and_check_work() {
     };
     let queue = env.declare_queue("events").await;
     let collector = env.consume(&queue, AckMode::Manual).await;
-    let relay = Relay::start(&env, POOLED).await;
+    let relay = Launch::new().args(POOLED).start(&env).await;
     let inserted = env.insert_bulk(&queue, 50, 5).await;
-    collector
-        .wait_for_ids(&ids_of(&inserted), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&inserted).await;
     wait_all_marked(&env, 50, &[&relay]).await;
 
     let out = env.cli(&["status", "--json"], CLI_TIMEOUT).await;
@@ -285,11 +276,9 @@ async fn pooled_retention_deletes_published_rows() {
     let collector = env.consume(&queue, AckMode::Manual).await;
     let mut args = POOLED.to_vec();
     args.extend(["--retention", "1s"]);
-    let relay = Relay::start(&env, &args).await;
+    let relay = Launch::new().args(&args).start(&env).await;
     let inserted = env.insert_bulk(&queue, 200, 0).await;
-    collector
-        .wait_for_ids(&ids_of(&inserted), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&inserted).await;
     let table = env.table();
     let gone = wait_until(ARRIVAL_TIMEOUT, async || {
         env.scalar_i64(&format!("SELECT count(*) FROM {table}"))
@@ -313,11 +302,9 @@ async fn session_pooled_relay_with_listen_publishes_every_row() {
     };
     let queue = env.declare_queue("events").await;
     let collector = env.consume(&queue, AckMode::Manual).await;
-    let relay = Relay::start(&env, &[]).await;
+    let relay = Launch::new().start(&env).await;
     let inserted = env.insert_bulk(&queue, 500, 10).await;
-    collector
-        .wait_for_ids(&ids_of(&inserted), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&inserted).await;
     wait_all_marked(&env, 500, &[&relay]).await;
     assert_in_key_order(&collector, &keyed(&inserted, 10));
     assert_no_pooler_errors(&relay);
@@ -344,15 +331,20 @@ async fn figures_drain_direct_vs_pooled_and_idle_statements() {
     let Some(pooled) = pooler_url(test, "transaction") else {
         return;
     };
-    let mut runs: Vec<(&str, String, String, Vec<&str>)> = Vec::new();
-    if let Ok(bin) = std::env::var("POOLER_FIGURES_BASELINE_BIN") {
-        runs.push(("direct, baseline binary", database_url(), bin, vec![]));
+    let mut runs: Vec<(&str, String, PathBuf, Vec<&str>)> = Vec::new();
+    if let Some(bin) = std::env::var_os("POOLER_FIGURES_BASELINE_BIN") {
+        runs.push((
+            "direct, baseline binary",
+            database_url(),
+            bin.into(),
+            vec![],
+        ));
     }
-    runs.push(("direct", database_url(), BIN.to_string(), vec![]));
+    runs.push(("direct", database_url(), relay_bin(), vec![]));
     runs.push((
         "pooled (transaction mode)",
         pooled.clone(),
-        BIN.to_string(),
+        relay_bin(),
         POOLED.to_vec(),
     ));
     for (label, url, bin, extra) in runs {
@@ -360,16 +352,12 @@ async fn figures_drain_direct_vs_pooled_and_idle_statements() {
         env.db_url = url;
         let queue = env.declare_queue("events").await;
         env.insert_bulk(&queue, ROWS, 100).await;
-        let mut cmd = Command::new(&bin);
-        cmd.arg("run")
-            .args(["--database-url", &env.db_url])
-            .args(["--amqp-url", &env.amqp_url])
-            .args(["--schema", &env.schema])
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(extra);
-        let log = env.dir.join("relay-figures.log");
-        let mut relay = Relay::spawn_command(cmd, log, "figures");
-        relay.wait_healthy().await;
+        let mut relay = Launch::new()
+            .binary(bin)
+            .args(&extra)
+            .log(env.dir.join("relay-figures.log"))
+            .start(&env)
+            .await;
         let started = std::time::Instant::now();
         let drained = wait_until(Duration::from_secs(600), async || {
             env.published_count().await == ROWS

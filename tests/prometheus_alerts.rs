@@ -13,17 +13,16 @@
 // The shared harness times real processes and services with the real clock.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::faults::{url_addr, url_via, Launch};
-use common::proxy::FaultProxy;
-use common::*;
+use outbox_test_kit::faults::{url_addr, url_via};
+use outbox_test_kit::proxy::FaultProxy;
+use outbox_test_kit::Launch;
+use outbox_test_kit::*;
 use serde_json::{json, Value};
 
 /// What every rule's `for:` becomes here.
@@ -410,9 +409,7 @@ async fn publish_one(env: &TestEnv, queue: &str, collector: &Collector) {
     let sent = env
         .insert_committed(&[NewRow::to_queue(queue, "nudge")])
         .await;
-    collector
-        .wait_for_ids(&ids_of(&sent), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&sent).await;
 }
 
 /// Lag: a row two hours late while a healthy relay runs. Both lag alerts fire,
@@ -420,18 +417,14 @@ async fn publish_one(env: &TestEnv, queue: &str, collector: &Collector) {
 /// evaluated here, once the relay has published.
 async fn lag(prom: &Prometheus) {
     const JOB: &str = "lag";
-    let env = TestEnv::new("prom_lag").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Auto).await;
-    let relay = Relay::start(&env, &[]).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("prom_lag", AckMode::Auto).await;
+    let relay = Launch::new().start(&env).await;
     prom.set_targets(JOB, &[relay.metrics_addr()]);
     wait_scraped(prom, JOB, &relay).await;
     let sent = env
         .insert_committed(&[NewRow::to_queue(&queue, "on time")])
         .await;
-    collector
-        .wait_for_ids(&ids_of(&sent), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&sent).await;
     // Every panel has data once a publish and a minute's rate window exist.
     prom.wait_for(
         &format!("outbox_relay_last_publish_timestamp_seconds{{job=\"{JOB}\"}} > 0"),
@@ -504,10 +497,11 @@ async fn lag(prom: &Prometheus) {
 /// parked, and resolves once it is discarded.
 async fn parked(prom: &Prometheus) {
     const JOB: &str = "parked";
-    let env = TestEnv::new("prom_parked").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Auto).await;
-    let relay = Relay::start(&env, &["--max-attempts", "1"]).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("prom_parked", AckMode::Auto).await;
+    let relay = Launch::new()
+        .args(&["--max-attempts", "1"])
+        .start(&env)
+        .await;
     prom.set_targets(JOB, &[relay.metrics_addr()]);
     wait_scraped(prom, JOB, &relay).await;
 
@@ -565,7 +559,7 @@ async fn every_relay_gone(prom: &Prometheus) {
     // The job the shipped rules name in absent() and OutboxRelayDown.
     const JOB: &str = "outbox-relay";
     let env = TestEnv::new("prom_gone").await;
-    let mut relay = Relay::start(&env, &[]).await;
+    let mut relay = Launch::new().start(&env).await;
     prom.set_targets(JOB, &[relay.metrics_addr()]);
     wait_scraped(prom, JOB, &relay).await;
     // Pending since Prometheus started with no relay (absent()): it clears.
@@ -594,7 +588,7 @@ async fn every_relay_gone(prom: &Prometheus) {
         .await;
 
     let over = Instant::now();
-    let back = Relay::start(&env, &[]).await;
+    let back = Launch::new().start(&env).await;
     prom.set_targets(JOB, &[back.metrics_addr()]);
     let no_owner_gone = prom
         .wait_resolved("OutboxRelayNoPartitionsOwned", JOB, None, over)
@@ -618,18 +612,16 @@ async fn every_relay_gone(prom: &Prometheus) {
 async fn database_cut(prom: &Prometheus) {
     const JOB: &str = "dbcut";
     let env = TestEnv::new("prom_dbcut").await;
-    let healthy = Relay::start(&env, &[]).await;
+    let healthy = Launch::new().start(&env).await;
     let proxy = FaultProxy::start(url_addr(&env.db_url, 5432)).await;
-    let cut = Relay::start_with(
-        &env,
-        &Launch::new().db_url(&url_via(&env.db_url, proxy.port())),
-    )
-    .await;
+    let cut = Launch::new()
+        .db_url(&url_via(&env.db_url, proxy.port()))
+        .start(&env)
+        .await;
     let closed = ClosedPort::new();
-    let mut without = Relay::spawn_with(
-        &env,
-        &Launch::new().db_url(&url_via(&env.db_url, closed.port)),
-    );
+    let mut without = Launch::new()
+        .db_url(&url_via(&env.db_url, closed.port))
+        .spawn(&env);
     without.wait_started(SETUP_TIMEOUT).await;
     prom.set_targets(
         JOB,
@@ -715,13 +707,12 @@ async fn database_cut(prom: &Prometheus) {
 async fn broker_cut(prom: &Prometheus) {
     const JOB: &str = "brokercut";
     let env = TestEnv::new("prom_brokercut").await;
-    let healthy = Relay::start(&env, &[]).await;
+    let healthy = Launch::new().start(&env).await;
     let proxy = FaultProxy::start(url_addr(&env.amqp_url, 5672)).await;
-    let mut cut = Relay::start_with(
-        &env,
-        &Launch::new().amqp_url(&url_via(&env.amqp_url, proxy.port())),
-    )
-    .await;
+    let mut cut = Launch::new()
+        .amqp_url(&url_via(&env.amqp_url, proxy.port()))
+        .start(&env)
+        .await;
     cut.wait_ready(SETUP_TIMEOUT).await;
     prom.set_targets(JOB, &[healthy.metrics_addr(), cut.metrics_addr()]);
     wait_scraped(prom, JOB, &healthy).await;
@@ -820,16 +811,13 @@ async fn a_relay_cut_from_rabbitmq_hands_its_partitions_over_and_no_lag_alert_fi
 
 async fn handoff_with_a_healthy_replica(prom: &Prometheus) {
     const JOB: &str = "handoff";
-    let env = TestEnv::new("prom_handoff").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Auto).await;
-    let healthy = Relay::start(&env, &[]).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("prom_handoff", AckMode::Auto).await;
+    let healthy = Launch::new().start(&env).await;
     let proxy = FaultProxy::start(url_addr(&env.amqp_url, 5672)).await;
-    let mut cut = Relay::start_with(
-        &env,
-        &Launch::new().amqp_url(&url_via(&env.amqp_url, proxy.port())),
-    )
-    .await;
+    let mut cut = Launch::new()
+        .amqp_url(&url_via(&env.amqp_url, proxy.port()))
+        .start(&env)
+        .await;
     cut.wait_ready(SETUP_TIMEOUT).await;
     prom.set_targets(JOB, &[healthy.metrics_addr(), cut.metrics_addr()]);
     wait_scraped(prom, JOB, &healthy).await;
@@ -851,9 +839,7 @@ async fn handoff_with_a_healthy_replica(prom: &Prometheus) {
         .map(|i| NewRow::to_queue(&queue, format!("during-cut-{i}")).key(&format!("k{i}")))
         .collect();
     let sent = env.insert_committed(&rows).await;
-    collector
-        .wait_for_ids(&ids_of(&sent), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&sent).await;
     prom.assert_quiet(
         &[
             "OutboxRelayLagHigh",
@@ -874,11 +860,10 @@ async fn only_relay_cut(prom: &Prometheus) {
     let env = TestEnv::new("prom_onlycut").await;
     let queue = env.declare_queue("events").await;
     let proxy = FaultProxy::start(url_addr(&env.amqp_url, 5672)).await;
-    let mut relay = Relay::start_with(
-        &env,
-        &Launch::new().amqp_url(&url_via(&env.amqp_url, proxy.port())),
-    )
-    .await;
+    let mut relay = Launch::new()
+        .amqp_url(&url_via(&env.amqp_url, proxy.port()))
+        .start(&env)
+        .await;
     relay.wait_ready(SETUP_TIMEOUT).await;
     prom.set_targets(JOB, &[relay.metrics_addr()]);
     wait_scraped(prom, JOB, &relay).await;

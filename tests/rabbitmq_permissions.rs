@@ -11,17 +11,14 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::broker_user::*;
-use common::faults::*;
-use common::*;
 use lapin::options::ExchangeDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use outbox_test_kit::broker_user::*;
+use outbox_test_kit::*;
 
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -31,50 +28,6 @@ fn launch(user: &BrokerUser) -> Launch {
     Launch::new()
         .amqp_url(&user.url())
         .args(&["--max-attempts", "2", "--poll-interval", "200ms"])
-}
-
-/// Waits until every row in `ids` is marked published.
-async fn wait_marked(env: &TestEnv, ids: &[Inserted], relay: &Relay) {
-    let wanted: HashSet<i64> = ids.iter().map(|i| i.id).collect();
-    let marked = wait_until(ARRIVAL_TIMEOUT, async || {
-        let rows = env.rows().await;
-        rows.iter()
-            .filter(|r| wanted.contains(&r.id))
-            .all(|r| r.published_at.is_some())
-    })
-    .await;
-    assert!(
-        marked,
-        "rows not all marked published within {ARRIVAL_TIMEOUT:?}: {:?}\n{}",
-        env.rows()
-            .await
-            .iter()
-            .filter(|r| wanted.contains(&r.id) && r.published_at.is_none())
-            .collect::<Vec<_>>(),
-        relay.log_tail(100)
-    );
-}
-
-/// Waits until row `id` is dead-lettered; returns it.
-async fn wait_parked(env: &TestEnv, id: i64, relay: &Relay) -> RowState {
-    let parked = wait_until(ARRIVAL_TIMEOUT, async || {
-        let rows = env.rows().await;
-        rows.iter()
-            .any(|r| r.id == id && r.dead_lettered_at.is_some())
-    })
-    .await;
-    let row = env
-        .rows()
-        .await
-        .into_iter()
-        .find(|r| r.id == id)
-        .expect("the row exists");
-    assert!(
-        parked,
-        "row {id} not dead-lettered within {ARRIVAL_TIMEOUT:?}: {row:?}\n{}",
-        relay.log_tail(100)
-    );
-    row
 }
 
 /// A queue `exchange` routes the routing key "orders" to.
@@ -149,20 +102,25 @@ async fn check_passes_as_a_publish_only_user() {
         "broker line: {broker_line}\n{}",
         out.describe()
     );
-    assert!(
-        !out.stdout.contains(&user.password) && !out.stderr.contains(&user.password),
-        "check printed the password\n{}",
-        out.describe()
-    );
+    out.assert_never_printed(&user.password, "the broker user's password");
     println!("check as {}: {broker_line}", user.name);
+}
+
+/// A test env with a direct exchange `allowed`, a queue bound to it for
+/// `orders` and a queue `direct` reached through the default exchange:
+/// (env, exchange, bound queue, direct queue).
+async fn allowed_exchange_and_queues(name: &str) -> (TestEnv, String, String, String) {
+    let env = TestEnv::new(name).await;
+    let exchange = env.declare_exchange("allowed", ExchangeKind::Direct).await;
+    let queue = queue_bound_for_orders(&env, "events", &exchange).await;
+    let direct_queue = env.declare_queue("direct").await;
+    (env, exchange, queue, direct_queue)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_only_user_publishes_rows_to_the_exchanges_it_may_write() {
-    let env = TestEnv::new("amqp_perm_publish").await;
-    let exchange = env.declare_exchange("allowed", ExchangeKind::Direct).await;
-    let queue = queue_bound_for_orders(&env, "events", &exchange).await;
-    let direct_queue = env.declare_queue("direct").await;
+    let (env, exchange, queue, direct_queue) =
+        allowed_exchange_and_queues("amqp_perm_publish").await;
     let test = "publish_only_user_publishes_rows_to_the_exchanges_it_may_write";
     let Some(user) = BrokerUser::publish_only(&env, test, &["amq.default", &exchange]) else {
         return;
@@ -214,15 +172,11 @@ async fn publish_only_user_publishes_rows_to_the_exchanges_it_may_write() {
         .collect();
     rows.extend((1..=3).map(|i| NewRow::to_queue(&direct_queue, format!("d{i}"))));
     let ins = env.insert_committed(&rows).await;
-    let relay = Relay::start_with(&env, &launch(&user)).await;
+    let relay = launch(&user).start(&env).await;
 
-    collector
-        .wait_for_ids(&ids_of(&ins[..5]), ARRIVAL_TIMEOUT)
-        .await;
-    direct
-        .wait_for_ids(&ids_of(&ins[5..]), ARRIVAL_TIMEOUT)
-        .await;
-    wait_marked(&env, &ins, &relay).await;
+    collector.wait_for_rows(&ins[..5]).await;
+    direct.wait_for_rows(&ins[5..]).await;
+    env.wait_published(&ins, &relay).await;
     for row in env.rows().await {
         assert_eq!(row.attempts, 0, "a row was charged: {row:?}");
     }
@@ -263,17 +217,13 @@ async fn row_to_an_exchange_the_user_may_not_write_is_charged_and_parked_others_
     let ins = env.insert_committed(&rows).await;
     let bad = ins[1];
     let good: Vec<Inserted> = ins.iter().copied().filter(|i| *i != bad).collect();
-    let relay = Relay::start_with(&env, &launch(&user)).await;
+    let relay = launch(&user).start(&env).await;
 
     let to_allowed: Vec<Inserted> = good[..5].to_vec();
-    collector
-        .wait_for_ids(&ids_of(&to_allowed), ARRIVAL_TIMEOUT)
-        .await;
-    direct
-        .wait_for_ids(&ids_of(&good[5..]), ARRIVAL_TIMEOUT)
-        .await;
-    wait_marked(&env, &good, &relay).await;
-    let parked = wait_parked(&env, bad.id, &relay).await;
+    collector.wait_for_rows(&to_allowed).await;
+    direct.wait_for_rows(&good[5..]).await;
+    env.wait_published(&good, &relay).await;
+    let parked = env.wait_parked(bad.id, &relay).await;
 
     assert!(
         parked.published_at.is_none(),
@@ -313,10 +263,8 @@ async fn row_to_an_exchange_the_user_may_not_write_is_charged_and_parked_others_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_to_the_default_exchange_need_write_on_amq_default() {
-    let env = TestEnv::new("amqp_perm_default").await;
-    let allowed = env.declare_exchange("allowed", ExchangeKind::Direct).await;
-    let queue = queue_bound_for_orders(&env, "events", &allowed).await;
-    let direct_queue = env.declare_queue("direct").await;
+    let (env, allowed, queue, direct_queue) =
+        allowed_exchange_and_queues("amqp_perm_default").await;
     // No amq.default: rows with an empty exchange are refused.
     let test = "rows_to_the_default_exchange_need_write_on_amq_default";
     let Some(user) = BrokerUser::publish_only(&env, test, &[&allowed]) else {
@@ -330,13 +278,11 @@ async fn rows_to_the_default_exchange_need_write_on_amq_default() {
         to_exchange(&allowed, "orders", "x2"),
     ];
     let ins = env.insert_committed(&rows).await;
-    let relay = Relay::start_with(&env, &launch(&user)).await;
+    let relay = launch(&user).start(&env).await;
 
-    collector
-        .wait_for_ids(&ids_of(&ins[1..]), ARRIVAL_TIMEOUT)
-        .await;
-    wait_marked(&env, &ins[1..], &relay).await;
-    let parked = wait_parked(&env, ins[0].id, &relay).await;
+    collector.wait_for_rows(&ins[1..]).await;
+    env.wait_published(&ins[1..], &relay).await;
+    let parked = env.wait_parked(ins[0].id, &relay).await;
     assert!(parked.published_at.is_none(), "{parked:?}");
     let err = parked.last_error.clone().unwrap_or_default();
     assert_says_all(&err, &["ACCESS_REFUSED", "amq.default"]);
@@ -355,7 +301,7 @@ async fn check_names_a_user_without_access_to_the_vhost() {
     rabbitmqctl(&["clear_permissions", "-p", &user.vhost, &user.name])
         .unwrap_or_else(|e| panic!("clear permissions of {}: {e}", user.name));
     let out = check_as(&env, &user).await;
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    out.assert_code(1);
     let broker_line = broker_line(&out);
     for needle in ["FAIL", "access to vhost", &user.name] {
         assert!(
@@ -417,15 +363,13 @@ async fn refused_rows_spread_through_a_backlog_are_each_parked_and_the_rest_flow
     let bad: Vec<Inserted> = bad.into_iter().map(|(_, r)| r).collect();
     let good: Vec<Inserted> = good.into_iter().map(|(_, r)| r).collect();
     let started = Instant::now();
-    let relay = Relay::start_with(&env, &launch(&user)).await;
+    let relay = launch(&user).start(&env).await;
 
-    collector
-        .wait_for_ids(&ids_of(&good), ARRIVAL_TIMEOUT)
-        .await;
-    wait_marked(&env, &good, &relay).await;
+    collector.wait_for_rows(&good).await;
+    env.wait_published(&good, &relay).await;
     let good_done = started.elapsed();
     for b in &bad {
-        wait_parked(&env, b.id, &relay).await;
+        env.wait_parked(b.id, &relay).await;
     }
     let all_parked = started.elapsed();
 

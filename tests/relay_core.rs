@@ -6,14 +6,12 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
 use lapin::ExchangeKind;
+use outbox_test_kit::*;
 use rand::Rng;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -24,10 +22,11 @@ use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolled_back_rows_are_never_published() {
-    let env = TestEnv::new("rolled_back").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
-    let mut relay = Relay::start(&env, &["--poll-interval", "200ms"]).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("rolled_back", AckMode::Manual).await;
+    let mut relay = Launch::new()
+        .args(&["--poll-interval", "200ms"])
+        .start(&env)
+        .await;
 
     // A transaction that stays open, rows inserted, while the relay works
     // through everything else; it is rolled back at the very end.
@@ -177,10 +176,8 @@ async fn committed_rows_all_arrive_in_id_order_per_partition_key() {
     const ROWS_PER_WRITER: usize = 500;
     const KEYS: usize = 20;
 
-    let env = TestEnv::new("order").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
-    let mut relay = Relay::start(&env, &[]).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("order", AckMode::Manual).await;
+    let mut relay = Launch::new().start(&env).await;
 
     // Several writers share the keys. Like an application that locks the
     // aggregate it writes for, each transaction takes a per-key lock first, so
@@ -266,9 +263,7 @@ async fn committed_rows_all_arrive_in_id_order_per_partition_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_properties_and_headers_arrive_exactly_as_written() {
-    let env = TestEnv::new("fidelity").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("fidelity", AckMode::Manual).await;
 
     let headers = json!({
         "s": "text",
@@ -323,7 +318,7 @@ async fn body_properties_and_headers_arrive_exactly_as_written() {
         .await;
     let (json_id, text_id, bytes_id) = (enq[0].message_id, enq[1].message_id, enq[2].message_id);
 
-    let _relay = Relay::start(&env, &[]).await;
+    let _relay = Launch::new().start(&env).await;
     let wanted = ids_of(&[inserted.clone(), enq.clone()].concat());
     collector.wait_for_ids(&wanted, ARRIVAL_TIMEOUT).await;
 
@@ -480,7 +475,7 @@ async fn message_id_is_the_amqp_message_id() {
     let exchange = env.declare_exchange("orders", ExchangeKind::Direct).await;
     env.bind(&queue, &exchange, "order.created").await;
     let collector = env.consume(&queue, AckMode::Manual).await;
-    let _relay = Relay::start(&env, &[]).await;
+    let _relay = Launch::new().start(&env).await;
 
     // Ids the application chose, ids from the column default, ids from enqueue().
     let chosen: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
@@ -514,9 +509,7 @@ async fn message_id_is_the_amqp_message_id() {
         );
     }
 
-    collector
-        .wait_for_ids(&ids_of(&written), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&written).await;
     let table: HashMap<Uuid, i64> = env
         .rows()
         .await
@@ -547,18 +540,12 @@ async fn message_id_is_the_amqp_message_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_rows_keep_their_message_id() {
-    let env = TestEnv::new("replay").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
-    let _relay = Relay::start(&env, &[]).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("replay", AckMode::Manual).await;
+    let _relay = Launch::new().start(&env).await;
 
-    let rows: Vec<NewRow> = (0..10)
-        .map(|i| NewRow::to_queue(&queue, format!("m{i}")))
-        .collect();
+    let rows = NewRow::numbered(&queue, 10);
     let written = env.insert_committed(&rows).await;
-    collector
-        .wait_for_ids(&ids_of(&written), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&written).await;
     let published_all =
         wait_until(ARRIVAL_TIMEOUT, async || env.published_count().await == 10).await;
     assert!(published_all, "rows not all marked published");
@@ -607,11 +594,13 @@ async fn replayed_rows_keep_their_message_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_are_marked_published_only_after_delivery() {
-    let env = TestEnv::new("mark_after_delivery").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) =
+        TestEnv::with_events_queue("mark_after_delivery", AckMode::Manual).await;
     // Many attempts: unroutable rows must stay pending, not get parked, here.
-    let mut relay = Relay::start(&env, &["--max-attempts", "1000"]).await;
+    let mut relay = Launch::new()
+        .args(&["--max-attempts", "1000"])
+        .start(&env)
+        .await;
 
     // Unroutable: the default exchange, a routing key no queue has.
     let nowhere = env.unique("no-such-queue");
@@ -619,29 +608,12 @@ async fn rows_are_marked_published_only_after_delivery() {
         .map(|i| NewRow::to_queue(&nowhere, format!("lost {i}")))
         .collect();
     let unroutable = env.insert_committed(&unroutable).await;
-    let routed: Vec<NewRow> = (0..50)
-        .map(|i| NewRow::to_queue(&queue, format!("m{i}")))
-        .collect();
+    let routed = NewRow::numbered(&queue, 50);
     let routed = env.insert_committed(&routed).await;
 
-    collector
-        .wait_for_ids(&ids_of(&routed), ARRIVAL_TIMEOUT)
-        .await;
-    let routed_ids: HashSet<i64> = routed.iter().map(|r| r.id).collect();
+    collector.wait_for_rows(&routed).await;
     let bad_ids: HashSet<i64> = unroutable.iter().map(|r| r.id).collect();
-    let all_marked = wait_until(ARRIVAL_TIMEOUT, async || {
-        env.rows()
-            .await
-            .iter()
-            .filter(|r| routed_ids.contains(&r.id))
-            .all(|r| r.published_at.is_some())
-    })
-    .await;
-    assert!(
-        all_marked,
-        "delivered rows not all marked published: {:?}",
-        env.rows().await
-    );
+    env.wait_published(&routed, &relay).await;
 
     // The relay tried the unroutable rows and counted the failures.
     let tried = wait_until(ARRIVAL_TIMEOUT, async || {
@@ -666,9 +638,7 @@ async fn rows_are_marked_published_only_after_delivery() {
         .map(|i| NewRow::to_queue(&queue, format!("later {i}")))
         .collect();
     let more = env.insert_committed(&more).await;
-    collector
-        .wait_for_ids(&ids_of(&more), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&more).await;
     relay.assert_running();
 
     let rows = env.rows().await;
@@ -721,10 +691,8 @@ async fn rows_are_marked_published_only_after_delivery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduled_rows_wait_for_available_at() {
-    let env = TestEnv::new("scheduled").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
-    let mut relay = Relay::start(&env, &[]).await; // default poll interval
+    let (env, queue, collector) = TestEnv::with_events_queue("scheduled", AckMode::Manual).await;
+    let mut relay = Launch::new().start(&env).await; // default poll interval
 
     // Same transaction: one row now, one 3 s later (database clock), one via
     // enqueue(available_at => ..).
@@ -747,6 +715,9 @@ async fn scheduled_rows_wait_for_available_at() {
         .await;
     collector.wait_for_ids(&scheduled, ARRIVAL_TIMEOUT).await;
     relay.assert_running();
+    // A delivery can reach the consumer before the relay marks its row
+    // (it marks after the broker's confirm): wait for the marks.
+    env.wait_published(&[inserted[1], enq[0]], &relay).await;
 
     let rows: HashMap<String, RowState> = env
         .rows()
@@ -810,16 +781,10 @@ async fn rows_scheduled_for_later_are_pending_but_not_lag() {
     };
     let written = env.insert_committed(&[later]).await;
     // Backdated, as if it had been written long ago for this hour.
-    env.exec(
-        &format!(
-            "UPDATE {} SET created_at = now() - interval '10 minutes' WHERE id = $1",
-            env.table()
-        ),
-        &[&written[0].id],
-    )
-    .await;
+    env.update_row(written[0].id, "created_at = now() - interval '10 minutes'")
+        .await;
     // Started after the insert: its first statistics see the row.
-    let mut relay = Relay::start(&env, &[]).await;
+    let mut relay = Launch::new().start(&env).await;
     relay.wait_ready(SETUP_TIMEOUT).await;
     let mut last = String::new();
     let seen = wait_until(ARRIVAL_TIMEOUT, async || {
@@ -836,21 +801,15 @@ async fn rows_scheduled_for_later_are_pending_but_not_lag() {
     let out = env
         .cli(&["status", "--json"], Duration::from_secs(60))
         .await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    out.assert_code(0);
     let j: serde_json::Value = serde_json::from_str(&out.stdout).expect("status JSON");
     assert_eq!(j["pending"], 1, "{j:#}");
     assert!(j["oldest_pending_age_seconds"].is_null(), "{j:#}");
 
     // Once due and stuck (the relay stopped), it is late from its created_at.
     relay.terminate(Duration::from_secs(60)).await;
-    env.exec(
-        &format!(
-            "UPDATE {} SET available_at = now() - interval '1 second' WHERE id = $1",
-            env.table()
-        ),
-        &[&written[0].id],
-    )
-    .await;
+    env.update_row(written[0].id, "available_at = now() - interval '1 second'")
+        .await;
     let out = env
         .cli(&["status", "--json"], Duration::from_secs(60))
         .await;
@@ -861,10 +820,9 @@ async fn rows_scheduled_for_later_are_pending_but_not_lag() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_behind_a_scheduled_row_of_their_key_wait_for_it() {
-    let env = TestEnv::new("scheduled_order").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
-    let _relay = Relay::start(&env, &[]).await;
+    let (env, queue, collector) =
+        TestEnv::with_events_queue("scheduled_order", AckMode::Manual).await;
+    let _relay = Launch::new().start(&env).await;
 
     let first = NewRow {
         available_in_secs: Some(2.0),
@@ -874,7 +832,7 @@ async fn rows_behind_a_scheduled_row_of_their_key_wait_for_it() {
     let other = NewRow::to_queue(&queue, "other key").key("acct-2");
     let w = env.insert_committed(&[first, second, other]).await;
 
-    collector.wait_for_ids(&ids_of(&w), ARRIVAL_TIMEOUT).await;
+    collector.wait_for_rows(&w).await;
     let order: Vec<String> = collector.message_ids();
     let pos = |i: usize| {
         order
@@ -903,9 +861,8 @@ async fn rows_behind_a_scheduled_row_of_their_key_wait_for_it() {
 async fn graceful_shutdown_loses_nothing_and_exits_zero() {
     const BACKLOG: i64 = 20_000;
     const KEYS: i64 = 50;
-    let env = TestEnv::new("graceful_shutdown").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) =
+        TestEnv::with_events_queue("graceful_shutdown", AckMode::Manual).await;
     let written = env.insert_bulk(&queue, BACKLOG, KEYS).await;
     let all = ids_of(&written);
     let rows_by_mid: HashMap<String, (Option<String>, i64)> = env
@@ -915,7 +872,10 @@ async fn graceful_shutdown_loses_nothing_and_exits_zero() {
         .map(|r| (r.message_id.to_string(), (r.partition_key, r.id)))
         .collect();
 
-    let mut relay = Relay::start(&env, &["--shutdown-timeout", "10s"]).await;
+    let mut relay = Launch::new()
+        .args(&["--shutdown-timeout", "10s"])
+        .start(&env)
+        .await;
     let started = wait_until(ARRIVAL_TIMEOUT, async || collector.len() >= 1000).await;
     assert!(
         started,
@@ -940,13 +900,7 @@ async fn graceful_shutdown_loses_nothing_and_exits_zero() {
 
     // Every row marked published was really received: the broker has it, so
     // the consumer gets it.
-    let marked: HashSet<String> = env
-        .rows()
-        .await
-        .iter()
-        .filter(|r| r.published_at.is_some())
-        .map(|r| r.message_id.to_string())
-        .collect();
+    let marked: HashSet<String> = env.published_message_ids().await;
     let pending = env.pending_count().await;
     eprintln!(
         "SIGTERM after {at_signal} deliveries; exit after {took:?}; {} rows marked published, {pending} pending",
@@ -968,7 +922,10 @@ async fn graceful_shutdown_loses_nothing_and_exits_zero() {
     }
 
     // A new relay finishes the job.
-    let mut relay2 = Relay::start(&env, &["--shutdown-timeout", "10s"]).await;
+    let mut relay2 = Launch::new()
+        .args(&["--shutdown-timeout", "10s"])
+        .start(&env)
+        .await;
     collector.wait_for_ids(&all, ARRIVAL_TIMEOUT).await;
     let done = wait_until(ARRIVAL_TIMEOUT, async || env.pending_count().await == 0).await;
     assert!(
@@ -1128,11 +1085,12 @@ async fn invalid_settings_exit_2_with_one_line_naming_the_setting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint_passes_promtool() {
-    let env = TestEnv::new("metrics").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("metrics", AckMode::Manual).await;
     // Many attempts: the unroutable row stays pending, visible in the gauges.
-    let mut relay = Relay::start(&env, &["--max-attempts", "1000"]).await;
+    let mut relay = Launch::new()
+        .args(&["--max-attempts", "1000"])
+        .start(&env)
+        .await;
     relay.wait_ready(SETUP_TIMEOUT).await;
     let health = relay.get("/healthz").await.expect("GET /healthz");
     assert_eq!(health.0, 200, "/healthz: {health:?}");
@@ -1146,9 +1104,7 @@ async fn metrics_endpoint_passes_promtool() {
     rows.push(NewRow::to_queue(&nowhere, "unroutable"));
     let written = env.insert_committed(&rows).await;
     let delivered = &written[..25];
-    collector
-        .wait_for_ids(&ids_of(delivered), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(delivered).await;
 
     let mut last = String::new();
     let settled = wait_until(ARRIVAL_TIMEOUT, async || {
@@ -1287,12 +1243,13 @@ async fn credentials_never_appear_in_logs_metrics_or_status() {
     env.db_url = with_secret.clone();
     let queue = env.declare_queue("events").await;
     let collector = env.consume(&queue, AckMode::Manual).await;
-    let mut relay = Relay::start(&env, &["--log-format", "json"]).await;
+    let mut relay = Launch::new()
+        .args(&["--log-format", "json"])
+        .start(&env)
+        .await;
     relay.wait_ready(SETUP_TIMEOUT).await;
     let written = env.insert_committed(&[NewRow::to_queue(&queue, "x")]).await;
-    collector
-        .wait_for_ids(&ids_of(&written), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&written).await;
 
     let metrics = relay.metrics().await;
     let ready = relay.get("/readyz").await.expect("readyz");
@@ -1421,10 +1378,11 @@ async fn migrate_is_idempotent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_row_is_dead_lettered_after_max_attempts_and_its_key_goes_on() {
-    let env = TestEnv::new("dead_letter").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
-    let _relay = Relay::start(&env, &["--max-attempts", "2"]).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("dead_letter", AckMode::Manual).await;
+    let _relay = Launch::new()
+        .args(&["--max-attempts", "2"])
+        .start(&env)
+        .await;
 
     let nowhere = env.unique("no-such-queue");
     let bad = NewRow::to_queue(&nowhere, "unroutable").key("acct-1");
@@ -1481,15 +1439,12 @@ async fn a_failing_row_is_dead_lettered_after_max_attempts_and_its_key_goes_on()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_exchange_fails_only_its_own_row() {
-    let env = TestEnv::new("missing_exchange").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) =
+        TestEnv::with_events_queue("missing_exchange", AckMode::Manual).await;
     let missing = env.unique("no-such-exchange");
     // The bad row sits in the middle of good ones published in the same
     // batches: the channel error it causes must not be charged to them.
-    let mut rows: Vec<NewRow> = (0..100)
-        .map(|i| NewRow::to_queue(&queue, format!("m{i}")))
-        .collect();
+    let mut rows = NewRow::numbered(&queue, 100);
     rows.insert(
         50,
         NewRow {
@@ -1501,10 +1456,11 @@ async fn a_missing_exchange_fails_only_its_own_row() {
     let bad = w[50];
     let good: Vec<Inserted> = w.iter().copied().filter(|i| i.id != bad.id).collect();
 
-    let mut relay = Relay::start(&env, &["--max-attempts", "1000"]).await;
-    collector
-        .wait_for_ids(&ids_of(&good), ARRIVAL_TIMEOUT)
+    let mut relay = Launch::new()
+        .args(&["--max-attempts", "1000"])
+        .start(&env)
         .await;
+    collector.wait_for_rows(&good).await;
     let tried = wait_until(ARRIVAL_TIMEOUT, async || {
         env.rows()
             .await
@@ -1553,29 +1509,27 @@ async fn a_missing_exchange_fails_only_its_own_row() {
 // Guarantee 9: retention
 // ---------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn published_rows_are_deleted_at_once_with_retention_zero() {
-    let env = TestEnv::new("retention_zero").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
-    let mut relay = Relay::start(&env, &["--retention", "0s", "--max-attempts", "1000"]).await;
+/// The start of both retention tests: a relay with `--retention <retention>`,
+/// one row that stays pending (its queue does not exist) and 200 rows that
+/// all arrived. Returns the env, the collector, the relay and the pending row.
+async fn retention_run(name: &str, retention: &str) -> (TestEnv, Collector, Relay, Vec<Inserted>) {
+    let (env, queue, collector) = TestEnv::with_events_queue(name, AckMode::Manual).await;
+    let relay = Launch::new()
+        .args(&["--retention", retention, "--max-attempts", "1000"])
+        .start(&env)
+        .await;
 
     let pending = env
         .insert_committed(&[NewRow::to_queue(&env.unique("no-such-queue"), "stays")])
         .await;
-    let rows: Vec<NewRow> = (0..200)
-        .map(|i| NewRow::to_queue(&queue, format!("m{i}")))
-        .collect();
-    let w = env.insert_committed(&rows).await;
-    collector.wait_for_ids(&ids_of(&w), ARRIVAL_TIMEOUT).await;
-    let emptied = wait_until(ARRIVAL_TIMEOUT, async || env.rows().await.len() == 1).await;
-    let left = env.rows().await;
-    assert!(
-        emptied,
-        "with --retention 0s, {} rows are left (want only the pending one)",
-        left.len()
-    );
-    assert_eq!(left[0].id, pending[0].id, "retention deleted a pending row");
+    let w = env.insert_committed(&NewRow::numbered(&queue, 200)).await;
+    collector.wait_for_rows(&w).await;
+    (env, collector, relay, pending)
+}
+
+/// The end of both retention tests: the 200 deleted rows are counted in
+/// `messages_deleted_total`, and the relay still runs.
+async fn assert_deleted_counted(mut relay: Relay, context: &str) {
     let counted = wait_until(Duration::from_secs(30), async || {
         metric_value(
             &relay.metrics().await,
@@ -1586,28 +1540,30 @@ async fn published_rows_are_deleted_at_once_with_retention_zero() {
     .await;
     assert!(
         counted,
-        "200 published rows were deleted but messages_deleted_total did not reach 200:\n{}",
+        "{context} messages_deleted_total did not reach 200:\n{}",
         relay.metrics().await
     );
     relay.assert_running();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_rows_are_deleted_at_once_with_retention_zero() {
+    let (env, _collector, relay, pending) = retention_run("retention_zero", "0s").await;
+    let emptied = wait_until(ARRIVAL_TIMEOUT, async || env.rows().await.len() == 1).await;
+    let left = env.rows().await;
+    assert!(
+        emptied,
+        "with --retention 0s, {} rows are left (want only the pending one)",
+        left.len()
+    );
+    assert_eq!(left[0].id, pending[0].id, "retention deleted a pending row");
+    assert_deleted_counted(relay, "200 published rows were deleted but").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_rows_are_deleted_after_retention() {
     const RETENTION_SECS: f64 = 2.0;
-    let env = TestEnv::new("retention").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
-    let mut relay = Relay::start(&env, &["--retention", "2s", "--max-attempts", "1000"]).await;
-
-    let pending = env
-        .insert_committed(&[NewRow::to_queue(&env.unique("no-such-queue"), "stays")])
-        .await;
-    let rows: Vec<NewRow> = (0..200)
-        .map(|i| NewRow::to_queue(&queue, format!("m{i}")))
-        .collect();
-    let w = env.insert_committed(&rows).await;
-    collector.wait_for_ids(&ids_of(&w), ARRIVAL_TIMEOUT).await;
+    let (env, _collector, relay, pending) = retention_run("retention", "2s").await;
 
     // Watch the rows go: none may go before published_at + retention.
     let mut known: HashMap<i64, Option<std::time::SystemTime>> = HashMap::new();
@@ -1648,20 +1604,7 @@ async fn published_rows_are_deleted_after_retention() {
         pending[0].id,
         "retention deleted a pending row"
     );
-    let counted = wait_until(Duration::from_secs(30), async || {
-        metric_value(
-            &relay.metrics().await,
-            "outbox_relay_messages_deleted_total",
-        )
-        .is_some_and(|v| v >= 200.0)
-    })
-    .await;
-    assert!(
-        counted,
-        "messages_deleted_total did not reach 200:\n{}",
-        relay.metrics().await
-    );
-    relay.assert_running();
+    assert_deleted_counted(relay, "").await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1670,9 +1613,7 @@ async fn published_rows_are_deleted_after_retention() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_come_from_environment_and_secret_files() {
-    let env = TestEnv::new("env_settings").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("env_settings", AckMode::Manual).await;
     // Secret files as mounted by Kubernetes or Docker: one line with a newline.
     let db_file = env.dir.join("database-url");
     let amqp_file = env.dir.join("amqp-url");
@@ -1682,27 +1623,19 @@ async fn settings_come_from_environment_and_secret_files() {
         db_file.display().to_string(),
         amqp_file.display().to_string(),
     );
-    let mut relay = Relay::start_configured(
-        &env,
-        &[],
-        &[
+    let mut relay = Launch::new()
+        .envs(&[
             ("OUTBOX_DATABASE_URL_FILE", &db_file),
             ("OUTBOX_AMQP_URL_FILE", &amqp_file),
             ("OUTBOX_BATCH_SIZE", "7"),
             ("OUTBOX_LOG_FORMAT", "json"),
-        ],
-        Settings::Environment,
-    )
-    .await;
-    relay.wait_ready(SETUP_TIMEOUT).await;
-    let w = env
-        .insert_committed(
-            &(0..30)
-                .map(|i| NewRow::to_queue(&queue, format!("m{i}")))
-                .collect::<Vec<_>>(),
-        )
+        ])
+        .settings(Settings::Environment)
+        .start(&env)
         .await;
-    collector.wait_for_ids(&ids_of(&w), ARRIVAL_TIMEOUT).await;
+    relay.wait_ready(SETUP_TIMEOUT).await;
+    let w = env.insert_committed(&NewRow::numbered(&queue, 30)).await;
+    collector.wait_for_rows(&w).await;
 
     // OUTBOX_BATCH_SIZE=7 took effect: no batch larger than 7.
     let metrics = relay.metrics().await;
@@ -1732,17 +1665,18 @@ async fn settings_come_from_environment_and_secret_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_false_still_publishes_by_polling() {
-    let env = TestEnv::new("poll_only").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Manual).await;
-    let mut relay = Relay::start(&env, &["--listen", "false", "--poll-interval", "300ms"]).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("poll_only", AckMode::Manual).await;
+    let mut relay = Launch::new()
+        .args(&["--listen", "false", "--poll-interval", "300ms"])
+        .start(&env)
+        .await;
     relay.wait_ready(SETUP_TIMEOUT).await;
     for round in 0..3 {
         let w = env
             .insert_committed(&[NewRow::to_queue(&queue, format!("r{round}"))])
             .await;
         let start = Instant::now();
-        collector.wait_for_ids(&ids_of(&w), ARRIVAL_TIMEOUT).await;
+        collector.wait_for_rows(&w).await;
         // A poll every 300 ms: well under 3 s even on a busy machine.
         assert!(
             start.elapsed() < Duration::from_secs(3),

@@ -10,13 +10,10 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::faults::*;
-use common::*;
+use outbox_test_kit::*;
 use serde_json::{json, Value};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
@@ -200,7 +197,7 @@ async fn cli_as(env: &TestEnv, url: &str, args: &[&str]) -> CliOutput {
 /// `cli_as`, asserting that the command exits 0.
 async fn cli_as_succeeds(env: &TestEnv, url: &str, args: &[&str]) -> CliOutput {
     let out = cli_as(env, url, args).await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    out.assert_code(0);
     out
 }
 
@@ -267,15 +264,11 @@ async fn relay_role_publishes_what_the_application_role_writes() {
         "check as the relay role\n{}",
         check.describe()
     );
-    assert!(
-        check.stdout.contains(&format!("as role '{}'", roles.relay)),
-        "{}",
-        check.describe()
-    );
+    check.assert_stdout_has(&format!("as role '{}'", roles.relay));
 
     let queue = env.declare_queue("roles").await;
     let collector = env.consume(&queue, AckMode::Auto).await;
-    let mut relay = Relay::start_with(&env, &Launch::new().db_url(&relay_url)).await;
+    let mut relay = Launch::new().db_url(&relay_url).start(&env).await;
     relay.wait_ready(SETUP_TIMEOUT).await;
 
     let mut app = connect_db(&roles.url(&roles.app)).await;
@@ -299,20 +292,21 @@ async fn relay_role_publishes_what_the_application_role_writes() {
         "SELECT (pg_sequence_last_value('\"{}\".relays_waiting') > date_part('epoch', now()) * 1000)::int::bigint",
         env.schema
     );
-    let idle = wait_until(ARRIVAL_TIMEOUT, async || env.scalar_i64(&waiting).await > 0).await;
-    assert!(
-        idle,
-        "the relay never flagged itself idle\n{}",
-        relay.log_tail(100)
-    );
+    relay
+        .wait_for(
+            ARRIVAL_TIMEOUT,
+            "the relay never flagged itself idle",
+            async || env.scalar_i64(&waiting).await > 0,
+        )
+        .await;
     let second = write_as_application(&mut app, &env.schema, &queue).await;
     collector.wait_for_ids(&second, ARRIVAL_TIMEOUT).await;
     let total = total + second.len() as i64;
-    let marked = wait_until(ARRIVAL_TIMEOUT, async || {
-        env.published_count().await == total
-    })
-    .await;
-    assert!(marked, "second batch not marked\n{}", relay.log_tail(100));
+    relay
+        .wait_for(ARRIVAL_TIMEOUT, "second batch not marked", async || {
+            env.published_count().await == total
+        })
+        .await;
 
     // backlog() as the application: nothing pending any more.
     let pending: i64 = app
@@ -332,8 +326,7 @@ async fn relay_role_publishes_what_the_application_role_writes() {
         relay.log_tail(200)
     );
     // A clean stop hands the leases back (relay_release as the relay role).
-    let status = relay.terminate(Duration::from_secs(60)).await;
-    assert!(status.success(), "{status:?}\n{}", relay.log_tail(100));
+    relay.terminate_cleanly(Duration::from_secs(60)).await;
     let held = env
         .scalar_i64(&format!(
             "SELECT count(*) FROM \"{}\".leases WHERE owner IS NOT NULL",
@@ -356,17 +349,17 @@ async fn relay_role_deletes_published_rows_when_nothing_is_kept() {
     let launch = Launch::new()
         .db_url(&roles.url(&roles.relay))
         .args(&["--retention", "0"]);
-    let mut relay = Relay::start_with(&env, &launch).await;
+    let mut relay = launch.start(&env).await;
     let mut app = connect_db(&roles.url(&roles.app)).await;
     let ids = write_as_application(&mut app, &env.schema, &queue).await;
     collector.wait_for_ids(&ids, ARRIVAL_TIMEOUT).await;
-    let gone = wait_until(ARRIVAL_TIMEOUT, async || {
-        env.scalar_i64(&format!("SELECT count(*) FROM {}", env.table()))
-            .await
-            == 0
-    })
-    .await;
-    assert!(gone, "published rows not deleted\n{}", relay.log_tail(100));
+    relay
+        .wait_for(ARRIVAL_TIMEOUT, "published rows not deleted", async || {
+            env.scalar_i64(&format!("SELECT count(*) FROM {}", env.table()))
+                .await
+                == 0
+        })
+        .await;
     relay.assert_running();
     assert!(
         !relay.logs().contains("permission denied"),
@@ -431,19 +424,14 @@ async fn operator_role_runs_status_dead_letters_and_replay() {
 
     // Parked rows (and no relay running) need a person: exit 1, the rest as usual.
     let out = cli_as(&env, &operator, &["status", "--json"]).await;
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
-    assert!(
-        out.stderr
-            .contains("problem: 4 rows parked as dead letters"),
-        "{}",
-        out.describe()
-    );
+    out.assert_code(1);
+    out.assert_stderr_has("problem: 4 rows parked as dead letters");
     let status: Value = serde_json::from_str(&out.stdout).expect("status --json");
     assert_eq!(status["dead_lettered"], 4, "{status:#}");
     assert_eq!(status["published_kept"], 2, "{status:#}");
     assert_eq!(status["partitions_total"], 32, "{status:#}");
     let out = cli_as(&env, &operator, &["status"]).await;
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    out.assert_code(1);
 
     let out = cli_as_succeeds(&env, &operator, &["dead-letters", "list", "--json"]).await;
     let list: Value = serde_json::from_str(&out.stdout).expect("dead-letters list --json");
@@ -480,24 +468,13 @@ async fn operator_role_runs_status_dead_letters_and_replay() {
         &["dead-letters", "retry", "--id", &published],
     )
     .await;
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
-    assert!(
-        out.stderr.contains("published, not dead-lettered"),
-        "{}",
-        out.describe()
-    );
+    out.assert_code(1);
+    out.assert_stderr_has("published, not dead-lettered");
 
     cli_as_succeeds(&env, &operator, &["dead-letters", "retry", "--all"]).await;
     assert_eq!(state(4).await, (false, false));
     assert_eq!(state(5).await, (false, false));
-    env.exec(
-        &format!(
-            "UPDATE {} SET dead_lettered_at = now() WHERE id = $1",
-            env.table()
-        ),
-        &[&id(5)],
-    )
-    .await;
+    env.update_row(id(5), "dead_lettered_at = now()").await;
     cli_as_succeeds(&env, &operator, &["dead-letters", "discard", "--all"]).await;
     assert!(!exists(5).await, "row {} not discarded by --all", id(5));
 
@@ -747,7 +724,7 @@ async fn grants_prints_sql_without_any_connection_setting() {
         CLI_TIMEOUT,
     )
     .await;
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    out.assert_code(0);
     assert!(out.stderr.is_empty(), "{}", out.describe());
     assert!(
         out.stdout
@@ -767,9 +744,9 @@ async fn grants_prints_sql_without_any_connection_setting() {
     );
 
     let out = run_cli(&["grants", "--app-role", "public"], &[], CLI_TIMEOUT).await;
-    assert_eq!(out.code(), Some(2), "{}", out.describe());
+    out.assert_code(2);
     assert!(out.stdout.is_empty(), "{}", out.describe());
-    assert!(out.stderr.contains("app-role"), "{}", out.describe());
+    out.assert_stderr_has("app-role");
 }
 
 /// The names of the schema's relations (tables, views, sequences) and their

@@ -18,15 +18,13 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::frame_tap::AmqpTap;
-use common::*;
+use outbox_test_kit::frame_tap::AmqpTap;
+use outbox_test_kit::*;
 use uuid::Uuid;
 
 const PARTITIONS: usize = 32;
@@ -470,7 +468,12 @@ async fn start_tapped_with(
     let tap = AmqpTap::start(&env.amqp_url);
     let mut all = vec![("OUTBOX_AMQP_URL", tap.url.as_str())];
     all.extend_from_slice(envs);
-    let relay = Relay::start_configured(env, args, &all, Settings::Environment).await;
+    let relay = Launch::new()
+        .args(args)
+        .envs(&all)
+        .settings(Settings::Environment)
+        .start(env)
+        .await;
     (relay, tap)
 }
 
@@ -1154,13 +1157,14 @@ async fn scale_retention_removes_old_published_rows_and_keeps_pending() {
         record_deletions(&env).await;
         let queue = env.declare_queue("events").await;
         let collector = env.consume(&queue, AckMode::Auto).await;
-        let mut relay = Relay::start(&env, &["--retention", "2s", "--max-attempts", "1"]).await;
+        let mut relay = Launch::new()
+            .args(&["--retention", "2s", "--max-attempts", "1"])
+            .start(&env)
+            .await;
         let kept = write_rows_retention_must_keep(&env, &queue).await;
         let started = Instant::now();
         let published = env.insert_bulk(&queue, 2500, 50).await;
-        collector
-            .wait_for_ids(&ids_of(&published), ARRIVAL_TIMEOUT)
-            .await;
+        collector.wait_for_rows(&published).await;
         wait_parked(&env, &kept, &relay).await;
         let marked = wait_until(Duration::from_secs(10), async || {
             count_where(&env, &published, "published_at IS NOT NULL").await
@@ -1254,12 +1258,13 @@ async fn scale_retention_removes_old_published_rows_and_keeps_pending() {
         record_deletions(&env).await;
         let queue = env.declare_queue("events").await;
         let collector = env.consume(&queue, AckMode::Auto).await;
-        let mut relay = Relay::start(&env, &["--retention", "0", "--max-attempts", "1"]).await;
+        let mut relay = Launch::new()
+            .args(&["--retention", "0", "--max-attempts", "1"])
+            .start(&env)
+            .await;
         let kept = write_rows_retention_must_keep(&env, &queue).await;
         let published = env.insert_bulk(&queue, 2500, 50).await;
-        collector
-            .wait_for_ids(&ids_of(&published), ARRIVAL_TIMEOUT)
-            .await;
+        collector.wait_for_rows(&published).await;
         let delivered_at = Instant::now();
         let gone = wait_until(Duration::from_secs(10), async || {
             count_where(&env, &published, "true").await == 0
@@ -1332,7 +1337,7 @@ async fn scale_throughput_with_one_two_three_relays() {
         let collector = env.consume(&queue, AckMode::Auto).await;
         let mut relays = Vec::new();
         for _ in 0..n {
-            relays.push(Relay::start(&env, &[]).await);
+            relays.push(Launch::new().start(&env).await);
         }
         // Measure the steady state: wait for the split first (a relay alone at
         // first takes everything, the others get their share after the ttl).
@@ -1422,10 +1427,8 @@ async fn scale_throughput_with_one_two_three_relays() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_key_order_holds_when_a_long_transaction_commits_below_the_claim_position() {
     const ROUNDS: usize = 8;
-    let env = TestEnv::new("scale_cursor").await;
-    let queue = env.declare_queue("events").await;
-    let collector = env.consume(&queue, AckMode::Auto).await;
-    let mut relay = Relay::start(&env, &[]).await;
+    let (env, queue, collector) = TestEnv::with_events_queue("scale_cursor", AckMode::Auto).await;
+    let mut relay = Launch::new().start(&env).await;
     let me = [relay.instance.as_str()];
     wait_for_leases(
         &env,

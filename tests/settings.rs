@@ -6,13 +6,10 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::{
-    database_url, http_get, relay_command, run_cli, wait_until, CliOutput, ClosedPort, Relay,
-    TestEnv,
+use outbox_test_kit::{
+    database_url, http_get, run_cli, wait_until, CliOutput, ClosedPort, Launch, Settings, TestEnv,
 };
 
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
@@ -48,17 +45,18 @@ fn with_credentials(url: &str, user: &str, password: &str, port: Option<u16>) ->
 /// Runs `outbox-relay run` for `for_how_long`, then kills it; returns what it
 /// printed and what `/metrics` served meanwhile (if it served).
 async fn run_relay_for(
+    env: &TestEnv,
     args: &[&str],
     envs: &[(&str, &str)],
     log: &std::path::Path,
     for_how_long: Duration,
 ) -> (String, Option<String>) {
-    let mut cmd = relay_command();
-    cmd.arg("run")
+    let mut relay = Launch::new()
+        .settings(Settings::Given)
         .args(args)
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .envs(envs.iter().copied());
-    let mut relay = Relay::spawn_command(cmd, log.to_path_buf(), "settings");
+        .envs(envs)
+        .log(log)
+        .spawn(env);
     let mut metrics = None;
     wait_until(for_how_long, async || {
         if let Some(addr) = relay.bound_metrics_addr() {
@@ -100,21 +98,8 @@ async fn passwords_with_url_syntax_never_appear_in_check_status_run_or_metrics()
     let db = with_credentials(&env.db_url, "postgres", "pgQz7/pgWx4?pgRt2#pgYu6", None);
     let amqp = with_credentials(&env.amqp_url, "guest", "mqKj5@mqHv8", None);
 
-    let check = run_cli(
-        &[
-            "check",
-            "--database-url",
-            &db,
-            "--amqp-url",
-            &amqp,
-            "--schema",
-            &env.schema,
-        ],
-        &[],
-        CLI_TIMEOUT,
-    )
-    .await;
-    assert_eq!(check.code(), Some(1), "{}", check.describe());
+    let check = env.cli_via(&["check"], (&db, &amqp), CLI_TIMEOUT).await;
+    check.assert_code(1);
     assert!(
         check.stdout.contains("postgres:***@"),
         "check should name the redacted URL\n{}",
@@ -122,27 +107,15 @@ async fn passwords_with_url_syntax_never_appear_in_check_status_run_or_metrics()
     );
     assert_no_secret(&cli_text(&check), "check");
 
-    let status = run_cli(
-        &["status", "--database-url", &db, "--schema", &env.schema],
-        &[],
-        CLI_TIMEOUT,
-    )
-    .await;
+    let status = env.cli_via(&["status"], (&db, &amqp), CLI_TIMEOUT).await;
     // No relay runs on this schema: status says so and exits 1.
-    assert_eq!(status.code(), Some(1), "{}", status.describe());
-    assert!(
-        status.stderr.contains("problem: no live relay"),
-        "{}",
-        status.describe()
-    );
-    assert!(
-        status.stdout.contains("postgres:***@"),
-        "{}",
-        status.describe()
-    );
+    status.assert_code(1);
+    status.assert_stderr_has("problem: no live relay");
+    status.assert_stdout_has("postgres:***@");
     assert_no_secret(&cli_text(&status), "status");
 
     let (output, metrics) = run_relay_for(
+        &env,
         &[
             "--database-url",
             &db,
@@ -186,14 +159,15 @@ async fn passwords_with_url_syntax_never_appear_in_check_status_run_or_metrics()
     ];
 
     let check = run_cli(&["check"], &envs, CLI_TIMEOUT).await;
-    assert_eq!(check.code(), Some(1), "{}", check.describe());
+    check.assert_code(1);
     assert_no_secret(&cli_text(&check), "check, nothing reachable");
 
     let status = run_cli(&["status"], &envs, CLI_TIMEOUT).await;
-    assert_eq!(status.code(), Some(1), "{}", status.describe());
+    status.assert_code(1);
     assert_no_secret(&cli_text(&status), "status, database unreachable");
 
     let (output, metrics) = run_relay_for(
+        &env,
         &[],
         &envs,
         &env.dir.join("relay-unreachable.log"),
@@ -352,7 +326,7 @@ async fn durations_beyond_their_bounds_stop_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_reserved_keyword_of_the_server_is_refused_as_schema_name() {
-    let db = common::connect_db(&database_url()).await;
+    let db = outbox_test_kit::connect_db(&database_url()).await;
     let words: Vec<String> = db
         .query(
             "SELECT word FROM pg_get_keywords() WHERE catcode IN ('R', 'T') ORDER BY word",
@@ -384,7 +358,7 @@ async fn every_reserved_keyword_of_the_server_is_refused_as_schema_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueue_refuses_a_schema_name_the_relay_would_refuse_before_any_sql() {
     let env = TestEnv::new("settings_enqueue").await;
-    let mut db = common::connect_db(&env.db_url).await;
+    let mut db = outbox_test_kit::connect_db(&env.db_url).await;
     let tx = db.transaction().await.expect("begin");
     let msg = outbox_relay::NewMessage::json("", "q", &serde_json::json!({"n": 1}));
     for bad in [
@@ -429,7 +403,7 @@ async fn a_database_password_with_a_raw_question_mark_keeps_its_sslmode() {
         with_credentials(&database_url(), "postgres", "pgQz7?pgWx4", None)
     );
     let out = run_cli(&["status", "--database-url", &db], &[], CLI_TIMEOUT).await;
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    out.assert_code(1);
     let text = cli_text(&out).to_lowercase();
     assert!(
         text.contains("tls handshake") || text.contains("root certificates"),

@@ -14,19 +14,17 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::faults::Launch;
-use common::private_pg::{PgOptions, PgSsl, PrivatePostgres};
-use common::*;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
+use outbox_test_kit::private_pg::{PgOptions, PgSsl, PrivatePostgres};
+use outbox_test_kit::Launch;
+use outbox_test_kit::*;
 
 const NODE_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rabbitmq-tls-node.sh");
 const RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
@@ -43,9 +41,9 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(60);
 // What the machine can run
 // ---------------------------------------------------------------------------
 
-/// `common::cannot_run`, with the test file's name.
+/// `outbox_test_kit::cannot_run`, with the test file's name.
 fn cannot_run(test: &str, why: &str) -> bool {
-    common::cannot_run(&format!("tls::{test}"), why)
+    outbox_test_kit::cannot_run(&format!("tls::{test}"), why)
 }
 
 fn node_dir() -> PathBuf {
@@ -282,14 +280,12 @@ async fn relay_delivers(
     collector: &Collector,
     n: usize,
 ) -> Relay {
-    let relay = Relay::start_with(env, launch).await;
+    let relay = launch.start(env).await;
     let rows: Vec<NewRow> = (0..n)
         .map(|i| NewRow::to_queue(queue, format!("tls-{i}").into_bytes()))
         .collect();
     let inserted = env.insert_committed(&rows).await;
-    collector
-        .wait_for_ids(&ids_of(&inserted), ARRIVAL_TIMEOUT)
-        .await;
+    collector.wait_for_rows(&inserted).await;
     let marked = wait_until(ARRIVAL_TIMEOUT, async || {
         env.published_count().await == n as i64
     })
@@ -304,7 +300,7 @@ async fn relay_delivers(
 
 /// Starts `run` with `launch` and waits until its log says `says`.
 async fn run_is_refused(env: &TestEnv, launch: &Launch, says: &str) -> String {
-    let relay = Relay::spawn_with(env, launch);
+    let relay = launch.spawn(env);
     let seen = wait_until(REFUSAL_TIMEOUT, async || relay.logs().contains(says)).await;
     assert!(
         seen,

@@ -12,13 +12,11 @@
 // Tests time real processes and services: the real clock is what they need.
 #![allow(clippy::disallowed_types)]
 
-mod common;
-
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::*;
+use outbox_test_kit::*;
 
 /// The released numbered files, in order: (version, file name, text).
 fn released_files() -> Vec<(i32, String, String)> {

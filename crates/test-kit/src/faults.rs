@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
-use super::*;
+use crate::*;
 
 // ---------------------------------------------------------------------------
 // URLs
@@ -76,66 +76,7 @@ impl TestEnv {
     }
 }
 
-/// How to start one relay: URLs (default: the env's), extra flags, extra
-/// environment variables (FAILPOINTS, OUTBOX_LOG, ...).
-#[derive(Clone, Debug, Default)]
-pub struct Launch {
-    pub db_url: Option<String>,
-    pub amqp_url: Option<String>,
-    pub args: Vec<String>,
-    pub envs: Vec<(String, String)>,
-}
-
-impl Launch {
-    pub fn new() -> Launch {
-        Launch::default()
-    }
-    pub fn db_url(mut self, url: &str) -> Launch {
-        self.db_url = Some(url.to_string());
-        self
-    }
-    pub fn amqp_url(mut self, url: &str) -> Launch {
-        self.amqp_url = Some(url.to_string());
-        self
-    }
-    pub fn args(mut self, args: &[&str]) -> Launch {
-        self.args.extend(args.iter().map(|a| a.to_string()));
-        self
-    }
-    pub fn env(mut self, key: &str, value: &str) -> Launch {
-        self.envs.push((key.to_string(), value.to_string()));
-        self
-    }
-}
-
 impl Relay {
-    /// `Relay::spawn` with the settings of `launch`.
-    pub fn spawn_with(env: &TestEnv, launch: &Launch) -> Relay {
-        let urls = (
-            launch.db_url.as_deref().unwrap_or(&env.db_url),
-            launch.amqp_url.as_deref().unwrap_or(&env.amqp_url),
-        );
-        let args: Vec<&str> = launch.args.iter().map(String::as_str).collect();
-        let mut envs: Vec<(&str, &str)> = launch
-            .envs
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        // Keep the developer's log level if set (OUTBOX_LOG=debug to dig).
-        let level = std::env::var("OUTBOX_TEST_RELAY_LOG").ok();
-        if let Some(level) = &level {
-            envs.push(("OUTBOX_LOG", level));
-        }
-        Relay::spawn_on(env, urls, &args, &envs, Settings::Flags)
-    }
-
-    /// `Relay::start` with the settings of `launch`: waits for /healthz 200.
-    pub async fn start_with(env: &TestEnv, launch: &Launch) -> Relay {
-        let mut relay = Relay::spawn_with(env, launch);
-        relay.wait_healthy().await;
-        relay
-    }
-
     /// Waits until `path` answers `status`; returns how long that took and the
     /// body, or None at the timeout.
     pub async fn wait_status(
@@ -311,12 +252,8 @@ impl Workload {
 
     /// Rows committed in [from, to).
     pub fn committed_between(&self, from: Instant, to: Instant) -> HashSet<String> {
-        self.log
-            .lock()
-            .unwrap()
-            .committed
+        self.written_between(from, to)
             .iter()
-            .filter(|w| w.committed_at >= from && w.committed_at < to)
             .map(|w| w.message_id.to_string())
             .collect()
     }
@@ -520,6 +457,10 @@ impl Tally {
 
     pub fn len(&self) -> usize {
         self.state.lock().unwrap().arrivals.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn distinct(&self) -> usize {
@@ -1021,4 +962,29 @@ fn rabbitmqctl(args: &[&str]) {
 
 pub fn ms(d: Duration) -> String {
     format!("{:.2}s", d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_pointed_at_a_proxy_keeping_credentials_and_path() {
+        assert_eq!(
+            url_via("amqp://u:p%40ss@db.example:5672/%2f?heartbeat=5", 4000),
+            "amqp://u:p%40ss@127.0.0.1:4000/%2f?heartbeat=5"
+        );
+        assert_eq!(
+            url_via("postgres://h/test", 1),
+            "postgres://127.0.0.1:1/test"
+        );
+        assert_eq!(
+            url_addr("amqp://guest:guest@127.0.0.1:5673/%2f", 5672),
+            SocketAddr::from(([127, 0, 0, 1], 5673))
+        );
+        assert_eq!(
+            url_addr("postgres://postgres@127.0.0.1/test", 5432),
+            SocketAddr::from(([127, 0, 0, 1], 5432))
+        );
+    }
 }

@@ -1,13 +1,21 @@
-//! Test harness for the relay's integration tests.
+//! The test kit of outbox-relay: every integration test in `tests/` (and
+//! later the benchmark) uses it, and nothing else, to set up and drive a relay.
 //!
-//! Every test gets its own PostgreSQL schema and its own queues and exchanges, so
-//! tests run in parallel against one PostgreSQL and one RabbitMQ. The relay runs
-//! as the real binary in a child process; its output goes to a file that is
-//! printed when a test fails. Nothing here sleeps a fixed time to wait for
-//! something that can be observed: `wait_until` polls a condition with a bound.
+//! - [`TestEnv`]: one test's own PostgreSQL schema, queues and exchanges, so
+//!   tests run in parallel against one PostgreSQL and one RabbitMQ.
+//! - [`Launch`]: the one way to start a relay, the real binary in a child
+//!   process: `Launch::new().args(..).start(&env)` waits until it is healthy,
+//!   `.spawn(&env)` does not wait. Its output goes to a file that is printed
+//!   when a test fails.
+//! - [`wait_until`]: the one way to wait for a condition. Nothing here sleeps
+//!   a fixed time to wait for something that can be observed: `wait_until`
+//!   polls a condition with a bound.
 //!
-//! Addresses come from `OUTBOX_TEST_DATABASE_URL` and `OUTBOX_TEST_AMQP_URL`.
-#![allow(dead_code)]
+//! Addresses come from `OUTBOX_TEST_DATABASE_URL` and `OUTBOX_TEST_AMQP_URL`;
+//! the relay binary from `OUTBOX_TEST_RELAY_BIN` (see [`relay_bin`]).
+
+// Tests time real processes and services: the real clock is what they need.
+#![allow(clippy::disallowed_types)]
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -32,7 +40,48 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Transaction};
 use uuid::Uuid;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
+/// The relay binary the tests run: `OUTBOX_TEST_RELAY_BIN` when set, else
+/// `outbox-relay` in the cargo profile directory of the running test binary
+/// (`target/debug/deps/<test>` -> `target/debug/outbox-relay`), which cargo
+/// builds before it runs any integration test of the root package.
+pub fn relay_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("OUTBOX_TEST_RELAY_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("the path of the running test binary");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap_or_else(|| panic!("{} has no profile directory", exe.display()));
+    let bin = profile_dir.join(format!("outbox-relay{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "no relay binary at {}: run the tests with cargo from the workspace, or set \
+         OUTBOX_TEST_RELAY_BIN to the outbox-relay binary",
+        bin.display()
+    );
+    bin
+}
+
+/// The repository's root (the workspace), for its scripts and files.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+/// Where tests keep their logs and other diagnostics: `OUTBOX_TEST_DIR` when
+/// set, else `tmp/outbox-relay-tests` in cargo's target directory (beside
+/// the profile directory of the running test binary).
+pub fn tests_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("OUTBOX_TEST_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("the path of the running test binary");
+    exe.ancestors()
+        .nth(3)
+        .map(|target| target.join("tmp"))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("outbox-relay-tests")
+}
 
 pub fn database_url() -> String {
     std::env::var("OUTBOX_TEST_DATABASE_URL")
@@ -77,7 +126,12 @@ where
 /// A command for the relay binary with no OUTBOX_* variable inherited from the
 /// developer's shell, so a test sees only the settings it passes.
 pub fn relay_command() -> Command {
-    let mut cmd = Command::new(BIN);
+    command_for(&relay_bin())
+}
+
+/// Like [`relay_command`] for another binary (an older release).
+pub fn command_for(bin: &Path) -> Command {
+    let mut cmd = Command::new(bin);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("OUTBOX_") {
             cmd.env_remove(&key);
@@ -106,6 +160,48 @@ impl CliOutput {
             self.status, self.stdout, self.stderr
         )
     }
+
+    /// Asserts that the command exited with `code`; the message shows its
+    /// whole output.
+    #[track_caller]
+    pub fn assert_code(&self, code: i32) -> &CliOutput {
+        assert_eq!(self.code(), Some(code), "{}", self.describe());
+        self
+    }
+
+    /// Asserts that stdout contains `text`; the message shows the whole output.
+    #[track_caller]
+    pub fn assert_stdout_has(&self, text: &str) -> &CliOutput {
+        self.assert_has("stdout", &self.stdout, text)
+    }
+
+    /// Asserts that stderr contains `text`; the message shows the whole output.
+    #[track_caller]
+    pub fn assert_stderr_has(&self, text: &str) -> &CliOutput {
+        self.assert_has("stderr", &self.stderr, text)
+    }
+
+    /// Asserts that neither stdout nor stderr contains `secret`; `what`
+    /// names it in the message (never the secret itself).
+    #[track_caller]
+    pub fn assert_never_printed(&self, secret: &str, what: &str) -> &CliOutput {
+        assert!(
+            !self.stdout.contains(secret) && !self.stderr.contains(secret),
+            "{what} leaked\n{}",
+            self.describe()
+        );
+        self
+    }
+
+    #[track_caller]
+    fn assert_has(&self, stream: &str, output: &str, text: &str) -> &CliOutput {
+        assert!(
+            output.contains(text),
+            "{stream} lacks {text:?}\n{}",
+            self.describe()
+        );
+        self
+    }
 }
 
 /// Runs the binary to completion with `args` and extra environment variables,
@@ -118,7 +214,7 @@ pub async fn run_cli(args: &[&str], envs: &[(&str, &str)], timeout: Duration) ->
     }
     let mut child = cmd
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", relay_bin().display()));
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let out_reader = std::thread::spawn(move || {
@@ -131,18 +227,16 @@ pub async fn run_cli(args: &[&str], envs: &[(&str, &str)], timeout: Duration) ->
         let _ = err.read_to_end(&mut s);
         String::from_utf8_lossy(&s).into_owned()
     });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut status = None;
+    let exited = wait_until(timeout, async || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    })
+    .await;
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     CliOutput {
         status,
         stdout: out_reader.join().unwrap(),
@@ -150,11 +244,33 @@ pub async fn run_cli(args: &[&str], envs: &[(&str, &str)], timeout: Duration) ->
     }
 }
 
+/// Runs `outbox-relay <args> --database-url .. --schema ..`, plus
+/// `--amqp-url ..` for the subcommands that talk to the broker.
+async fn cli_for(
+    args: &[&str],
+    (db_url, amqp_url): (&str, &str),
+    schema: &str,
+    timeout: Duration,
+) -> CliOutput {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--database-url", db_url, "--schema", schema]);
+    if matches!(args.first(), Some(&("run" | "check" | "replay"))) {
+        all.extend(["--amqp-url", amqp_url]);
+    }
+    run_cli(&all, &[], timeout).await
+}
+
 /// A port on 127.0.0.1 that refuses every connection for as long as this
 /// lives: bound, so no other process can take it, but never listening.
 pub struct ClosedPort {
     _socket: tokio::net::TcpSocket,
     pub port: u16,
+}
+
+impl Default for ClosedPort {
+    fn default() -> ClosedPort {
+        ClosedPort::new()
+    }
 }
 
 impl ClosedPort {
@@ -228,6 +344,15 @@ impl TestEnv {
         env
     }
 
+    /// The opening of most delivery tests: `new(name)`, a queue `events`, and
+    /// a collector on it.
+    pub async fn with_events_queue(name: &str, ack: AckMode) -> (TestEnv, String, Collector) {
+        let env = TestEnv::new(name).await;
+        let queue = env.declare_queue("events").await;
+        let collector = env.consume(&queue, ack).await;
+        (env, queue, collector)
+    }
+
     /// Like `new` but without running the migrations.
     pub async fn new_unmigrated(name: &str) -> TestEnv {
         let suffix: u32 = rand::random();
@@ -245,9 +370,7 @@ impl TestEnv {
         let schema = format!("t_{short}_{suffix:08x}");
         let db_url = database_url();
         let amqp_url = amqp_url();
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join("outbox-relay-tests")
-            .join(&schema);
+        let dir = tests_dir().join(&schema);
         fs::create_dir_all(&dir).expect("create test dir");
 
         let pg = connect_db(&db_url).await;
@@ -294,12 +417,14 @@ impl TestEnv {
 
     /// Like `cli` for another schema name.
     pub async fn cli_on_schema(&self, args: &[&str], schema: &str, timeout: Duration) -> CliOutput {
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(["--database-url", &self.db_url, "--schema", schema]);
-        if matches!(args.first(), Some(&("run" | "check" | "replay"))) {
-            all.extend(["--amqp-url", &self.amqp_url]);
-        }
-        run_cli(&all, &[], timeout).await
+        let urls = (self.db_url.as_str(), self.amqp_url.as_str());
+        cli_for(args, urls, schema, timeout).await
+    }
+
+    /// Like `cli` with other database and broker URLs (a wrong password, a
+    /// port nothing listens on).
+    pub async fn cli_via(&self, args: &[&str], urls: (&str, &str), timeout: Duration) -> CliOutput {
+        cli_for(args, urls, &self.schema, timeout).await
     }
 
     /// Registers another schema this test creates, dropped with the env.
@@ -408,6 +533,14 @@ impl TestEnv {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
+    /// `UPDATE schema.messages SET <assignments> WHERE id = <id>` (backdating,
+    /// parking or charging one row by hand).
+    pub async fn update_row(&self, id: i64, assignments: &str) {
+        let sql = format!("UPDATE {} SET {assignments} WHERE id = $1", self.table());
+        let touched = self.exec(&sql, &[&id]).await;
+        assert_eq!(touched, 1, "{sql} with id {id} touched {touched} rows");
+    }
+
     /// `schema.messages`, quoted.
     pub fn table(&self) -> String {
         format!("\"{}\".messages", self.schema)
@@ -504,6 +637,52 @@ impl TestEnv {
             .collect()
     }
 
+    /// Waits until every row of `written` is marked published; panics with
+    /// the rows still unmarked and `relay`'s log otherwise.
+    pub async fn wait_published(&self, written: &[Inserted], relay: &Relay) {
+        let wanted: HashSet<i64> = written.iter().map(|i| i.id).collect();
+        let marked = wait_until(ARRIVAL_TIMEOUT, async || {
+            let rows = self.rows().await;
+            rows.iter()
+                .filter(|r| wanted.contains(&r.id))
+                .all(|r| r.published_at.is_some())
+        })
+        .await;
+        assert!(
+            marked,
+            "rows not all marked published within {ARRIVAL_TIMEOUT:?}: {:?}\n{}",
+            self.rows()
+                .await
+                .iter()
+                .filter(|r| wanted.contains(&r.id) && r.published_at.is_none())
+                .collect::<Vec<_>>(),
+            relay.log_tail(100)
+        );
+    }
+
+    /// Waits until row `id` is dead-lettered and returns it; panics with the
+    /// row and `relay`'s log otherwise.
+    pub async fn wait_parked(&self, id: i64, relay: &Relay) -> RowState {
+        let parked = wait_until(ARRIVAL_TIMEOUT, async || {
+            let rows = self.rows().await;
+            rows.iter()
+                .any(|r| r.id == id && r.dead_lettered_at.is_some())
+        })
+        .await;
+        let row = self
+            .rows()
+            .await
+            .into_iter()
+            .find(|r| r.id == id)
+            .expect("the row exists");
+        assert!(
+            parked,
+            "row {id} not dead-lettered within {ARRIVAL_TIMEOUT:?}: {row:?}\n{}",
+            relay.log_tail(100)
+        );
+        row
+    }
+
     /// Rows with `published_at` set.
     pub async fn published_count(&self) -> i64 {
         self.scalar_i64(&format!(
@@ -511,6 +690,16 @@ impl TestEnv {
             self.table()
         ))
         .await
+    }
+
+    /// The message ids of the rows marked published.
+    pub async fn published_message_ids(&self) -> HashSet<String> {
+        self.rows()
+            .await
+            .iter()
+            .filter(|r| r.published_at.is_some())
+            .map(|r| r.message_id.to_string())
+            .collect()
     }
 
     pub async fn pending_count(&self) -> i64 {
@@ -731,6 +920,14 @@ impl NewRow {
         }
     }
 
+    /// `n` rows to `queue` through the default exchange, payloads `m0`,
+    /// `m1`, ... in that order.
+    pub fn numbered(queue: &str, n: usize) -> Vec<NewRow> {
+        (0..n)
+            .map(|i| NewRow::to_queue(queue, format!("m{i}")))
+            .collect()
+    }
+
     pub fn key(mut self, partition_key: &str) -> NewRow {
         self.partition_key = Some(partition_key.to_string());
         self
@@ -896,88 +1093,105 @@ pub fn unix_secs(t: SystemTime) -> f64 {
 // The relay under test
 // ---------------------------------------------------------------------------
 
-/// How `Relay::spawn_configured` passes the connection settings (database, broker,
-/// schema, metrics address, instance id).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a [`Launch`] passes the connection settings (database, broker,
+/// schema, metrics address 127.0.0.1:0, instance id).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Settings {
+    /// As flags of `outbox-relay run`.
+    #[default]
     Flags,
-    /// OUTBOX_* variables only; `envs` may add or override (e.g. *_FILE).
+    /// OUTBOX_* variables only; `Launch::env` may add or override (e.g. *_FILE).
     Environment,
+    /// None: the relay gets only `--metrics-addr 127.0.0.1:0` and what
+    /// `Launch::args` and `Launch::env` give (a test of the settings themselves).
+    Given,
 }
 
-pub struct Relay {
-    child: Option<Child>,
-    pub pid: u32,
-    /// Where the relay said it bound its metrics server (it is started on
-    /// port 0); read from its start line once that is logged.
-    metrics_addr: OnceLock<SocketAddr>,
-    pub log: PathBuf,
-    pub instance: String,
-    exit: Option<ExitStatus>,
+/// The one way to start a relay under test: `outbox-relay run` as a child
+/// process, for a [`TestEnv`]'s schema, with the env's URLs unless others are
+/// given, extra flags and extra environment variables (FAILPOINTS, ...).
+///
+/// `start` waits until the relay logged its metrics address and `/healthz`
+/// answers 200; `spawn` returns at once. `OUTBOX_TEST_RELAY_LOG=debug` in the
+/// developer's shell sets every relay's OUTBOX_LOG unless the test sets it.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    pub db_url: Option<String>,
+    pub amqp_url: Option<String>,
+    pub args: Vec<String>,
+    pub envs: Vec<(String, String)>,
+    pub settings: Settings,
+    /// Another binary than [`relay_bin`] (an older release, for figures).
+    pub binary: Option<PathBuf>,
+    /// The log file; default `relay-<n>.log` in the env's directory.
+    pub log: Option<PathBuf>,
 }
 
-impl Relay {
-    /// Starts `outbox-relay run` for `env` on metrics address 127.0.0.1:0 and
-    /// waits until it logged the address it bound and `/healthz` answers 200.
-    pub async fn start(env: &TestEnv, extra_args: &[&str]) -> Relay {
-        Relay::start_configured(env, extra_args, &[], Settings::Flags).await
+impl Launch {
+    pub fn new() -> Launch {
+        Launch::default()
+    }
+    pub fn db_url(mut self, url: &str) -> Launch {
+        self.db_url = Some(url.to_string());
+        self
+    }
+    pub fn amqp_url(mut self, url: &str) -> Launch {
+        self.amqp_url = Some(url.to_string());
+        self
+    }
+    pub fn args(mut self, args: &[&str]) -> Launch {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+    pub fn env(mut self, key: &str, value: &str) -> Launch {
+        self.envs.push((key.to_string(), value.to_string()));
+        self
+    }
+    pub fn envs(mut self, envs: &[(&str, &str)]) -> Launch {
+        for (key, value) in envs {
+            self = self.env(key, value);
+        }
+        self
+    }
+    pub fn settings(mut self, settings: Settings) -> Launch {
+        self.settings = settings;
+        self
+    }
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Launch {
+        self.binary = Some(path.into());
+        self
+    }
+    pub fn log(mut self, path: impl Into<PathBuf>) -> Launch {
+        self.log = Some(path.into());
+        self
     }
 
-    /// Like `start`, with extra environment variables, and the connection
-    /// settings passed as flags or only through the environment.
-    pub async fn start_configured(
-        env: &TestEnv,
-        extra_args: &[&str],
-        envs: &[(&str, &str)],
-        settings: Settings,
-    ) -> Relay {
-        let mut relay = Relay::spawn_configured(env, extra_args, envs, settings);
+    /// Starts the relay and waits until it logged the metrics address it
+    /// bound and `/healthz` answers 200 (panics, with its log, otherwise).
+    pub async fn start(&self, env: &TestEnv) -> Relay {
+        let mut relay = self.spawn(env);
         relay.wait_healthy().await;
         relay
     }
 
     /// Starts the relay without waiting for anything.
-    pub fn spawn(env: &TestEnv, extra_args: &[&str]) -> Relay {
-        Relay::spawn_configured(env, extra_args, &[], Settings::Flags)
-    }
-
-    pub fn spawn_configured(
-        env: &TestEnv,
-        extra_args: &[&str],
-        envs: &[(&str, &str)],
-        settings: Settings,
-    ) -> Relay {
-        let urls = (env.db_url.as_str(), env.amqp_url.as_str());
-        Relay::spawn_on(env, urls, extra_args, envs, settings)
-    }
-
-    /// Starts the relay on other database and broker URLs than `env`'s
-    /// (a proxy, a silent peer), without waiting for anything.
-    pub fn spawn_on_urls(
-        env: &TestEnv,
-        (db_url, amqp_url): (&str, &str),
-        extra_args: &[&str],
-        envs: &[(&str, &str)],
-    ) -> Relay {
-        Relay::spawn_on(env, (db_url, amqp_url), extra_args, envs, Settings::Flags)
-    }
-
-    /// `spawn_configured` with the database and broker URLs given.
-    fn spawn_on(
-        env: &TestEnv,
-        (db_url, amqp_url): (&str, &str),
-        extra_args: &[&str],
-        envs: &[(&str, &str)],
-        settings: Settings,
-    ) -> Relay {
+    pub fn spawn(&self, env: &TestEnv) -> Relay {
+        let db_url = self.db_url.as_deref().unwrap_or(&env.db_url);
+        let amqp_url = self.amqp_url.as_deref().unwrap_or(&env.amqp_url);
         let n = env.relay_seq.fetch_add(1, Ordering::Relaxed);
-        let log = env.dir.join(format!("relay-{n}.log"));
+        let log = self
+            .log
+            .clone()
+            .unwrap_or_else(|| env.dir.join(format!("relay-{n}.log")));
         let instance = format!("{}-relay-{n}", env.schema);
         // Port 0: the relay binds any free port and logs which.
         let addr = "127.0.0.1:0";
-        let mut cmd = relay_command();
+        let mut cmd = match &self.binary {
+            Some(binary) => command_for(binary),
+            None => relay_command(),
+        };
         cmd.arg("run");
-        match settings {
+        match self.settings {
             Settings::Flags => {
                 cmd.args(["--database-url", db_url])
                     .args(["--amqp-url", amqp_url])
@@ -992,27 +1206,48 @@ impl Relay {
                     .env("OUTBOX_METRICS_ADDR", addr)
                     .env("OUTBOX_INSTANCE_ID", &instance);
             }
+            Settings::Given => {
+                cmd.args(["--metrics-addr", addr]);
+            }
         }
-        for (key, value) in envs {
+        // Keep the developer's log level if set (OUTBOX_LOG=debug to dig).
+        if let Ok(level) = std::env::var("OUTBOX_TEST_RELAY_LOG") {
+            cmd.env("OUTBOX_LOG", level);
+        }
+        for (key, value) in &self.envs {
             // A secret file replaces the plain variable: never pass both.
             if let Some(plain) = key.strip_suffix("_FILE") {
                 cmd.env_remove(plain);
             }
             cmd.env(key, value);
         }
-        cmd.args(extra_args);
+        cmd.args(&self.args);
         Relay::spawn_command(cmd, log, &instance)
     }
+}
 
+pub struct Relay {
+    child: Option<Child>,
+    pub pid: u32,
+    /// Where the relay said it bound its metrics server (it is started on
+    /// port 0); read from its start line once that is logged.
+    metrics_addr: OnceLock<SocketAddr>,
+    pub log: PathBuf,
+    pub instance: String,
+    exit: Option<ExitStatus>,
+}
+
+impl Relay {
     /// Starts `cmd`, an `outbox-relay run` the caller set up (with
-    /// `relay_command`), its stdout and stderr going to `log`.
+    /// `relay_command`), its stdout and stderr going to `log`. [`Launch`] is
+    /// the way to start a relay; this is what it runs underneath.
     pub fn spawn_command(mut cmd: Command, log: PathBuf, instance: &str) -> Relay {
         let file = File::create(&log).expect("create relay log");
         cmd.stdout(file.try_clone().expect("clone log file"))
             .stderr(file);
         let child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
         Relay {
             pid: child.id(),
             child: Some(child),
@@ -1119,6 +1354,26 @@ impl Relay {
     pub async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         self.signal("TERM");
         self.wait_exit(timeout, "SIGTERM").await
+    }
+
+    /// [`wait_until`] `condition` holds; panics otherwise, saying `what`
+    /// did not happen within `timeout`, with the relay's log.
+    pub async fn wait_for<F>(&self, timeout: Duration, what: &str, condition: F)
+    where
+        F: AsyncFnMut() -> bool,
+    {
+        let held = wait_until(timeout, condition).await;
+        assert!(held, "{what} (waited {timeout:?})\n{}", self.log_tail(100));
+    }
+
+    /// `terminate`, then asserts the relay exited 0 (the message shows its log).
+    pub async fn terminate_cleanly(&mut self, timeout: Duration) {
+        let status = self.terminate(timeout).await;
+        assert!(
+            status.success(),
+            "relay exited with {status:?} after SIGTERM\n{}",
+            self.log_tail(100)
+        );
     }
 
     /// Sends SIGINT and waits like `terminate`.
@@ -1520,6 +1775,11 @@ impl Collector {
         }
     }
 
+    /// `wait_for_ids` for the rows `written`, within [`ARRIVAL_TIMEOUT`].
+    pub async fn wait_for_rows(&self, written: &[Inserted]) {
+        self.wait_for_ids(&ids_of(written), ARRIVAL_TIMEOUT).await;
+    }
+
     pub async fn stop(self) -> Vec<Received> {
         let _ = self
             .channel
@@ -1632,3 +1892,102 @@ pub mod faults;
 pub mod frame_tap;
 pub mod private_pg;
 pub mod proxy;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_metrics_address_is_read_from_the_text_or_json_start_line() {
+        let text =
+            "2026-12-03T10:00:00Z INFO outbox relay started schema=s metrics_addr=127.0.0.1:37625";
+        assert_eq!(
+            started_metrics_addr(text),
+            Some(SocketAddr::from(([127, 0, 0, 1], 37625)))
+        );
+        let json = r#"{"fields":{"message":"outbox relay started","metrics_addr":"127.0.0.1:9"}}"#;
+        assert_eq!(
+            started_metrics_addr(json),
+            Some(SocketAddr::from(([127, 0, 0, 1], 9)))
+        );
+        assert_eq!(started_metrics_addr("metrics_addr=127.0.0.1:1"), None);
+    }
+
+    #[test]
+    fn metric_values_add_up_every_label_set_of_exactly_that_name() {
+        let text = "# TYPE a counter\na{x=\"1\"} 2\na{x=\"2\"} 3.5\na_total 100\nab 7\n";
+        assert_eq!(metric_value(text, "a"), Some(5.5));
+        assert_eq!(metric_value(text, "a_total"), Some(100.0));
+        assert_eq!(metric_value(text, "missing"), None);
+        assert!(has_metric(text, "a"));
+        assert!(!has_metric(text, "b"));
+    }
+
+    #[test]
+    fn chunked_bodies_are_joined_and_bad_ones_refused() {
+        assert_eq!(
+            dechunk(b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").unwrap(),
+            b"abcde"
+        );
+        assert!(dechunk(b"5\r\nabc\r\n").is_err());
+        assert!(dechunk(b"zz\r\n").is_err());
+    }
+
+    #[test]
+    fn only_first_arrivals_out_of_id_order_per_key_are_violations() {
+        let rows: HashMap<String, (Option<String>, i64)> = [
+            ("m1", Some("k"), 1),
+            ("m2", Some("k"), 2),
+            ("m3", None, 3),
+            ("m4", Some("j"), 4),
+        ]
+        .into_iter()
+        .map(|(m, k, id)| (m.to_string(), (k.map(str::to_string), id)))
+        .collect();
+        let in_order = [
+            Some("m1"),
+            Some("m3"),
+            Some("m2"),
+            Some("m1"),
+            None,
+            Some("m4"),
+        ];
+        assert!(order_violations(in_order, &rows).is_empty());
+        let v = order_violations([Some("m2"), Some("m1"), Some("m4")], &rows);
+        assert_eq!(
+            v,
+            vec!["key k: id 1 arrived (delivery #1) after id 2".to_string()]
+        );
+    }
+
+    #[test]
+    fn launch_collects_what_the_relay_is_started_with() {
+        let launch = Launch::new()
+            .args(&["--poll-interval", "200ms"])
+            .envs(&[("A", "1"), ("B_FILE", "/f")])
+            .env("C", "3")
+            .settings(Settings::Environment)
+            .amqp_url("amqp://x");
+        assert_eq!(launch.args, ["--poll-interval", "200ms"]);
+        assert_eq!(
+            launch.envs,
+            [("A", "1"), ("B_FILE", "/f"), ("C", "3")].map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        assert_eq!(launch.settings, Settings::Environment);
+        assert_eq!(launch.amqp_url.as_deref(), Some("amqp://x"));
+        assert_eq!(launch.db_url, None);
+        assert_eq!(Launch::new().settings, Settings::Flags);
+    }
+
+    #[test]
+    fn the_tests_dir_is_in_cargos_target_tmp_or_where_the_variable_says() {
+        let dir = tests_dir();
+        if std::env::var_os("OUTBOX_TEST_DIR").is_none() {
+            assert!(dir.ends_with("tmp/outbox-relay-tests"), "{}", dir.display());
+        }
+        assert!(workspace_root().join("Cargo.toml").is_file());
+        assert!(workspace_root()
+            .join("crates/test-kit/Cargo.toml")
+            .is_file());
+    }
+}

@@ -17,8 +17,8 @@ use rand::Rng;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::faults::{app_connection, Workload, WriteLog, Written};
-use super::*;
+use crate::faults::{app_connection, Workload, WriteLog, Written};
+use crate::*;
 
 /// Exit status of the script when this machine cannot run the cluster.
 const EXIT_CANNOT: i32 = 3;
@@ -26,7 +26,7 @@ const EXIT_CANNOT: i32 = 3;
 pub const NODES: [u8; 3] = [1, 2, 3];
 
 fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/rabbitmq-cluster.sh")
+    workspace_root().join("scripts/rabbitmq-cluster.sh")
 }
 
 /// Runs the script with `args`; its status code and its output (stdout and
@@ -550,8 +550,9 @@ pub fn report_figures(test: &str, lines: &[String]) {
 
 /// `target/cluster-figures.txt` (beside `target/tmp`).
 pub fn figures_path() -> PathBuf {
-    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    tmp.parent().unwrap_or(&tmp).join("cluster-figures.txt")
+    let tests = tests_dir();
+    let tmp = tests.parent().unwrap_or(&tests);
+    tmp.parent().unwrap_or(tmp).join("cluster-figures.txt")
 }
 
 fn humantime_now() -> String {

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use super::faults::{url_addr, url_via};
-use super::unix_secs;
+use crate::faults::{url_addr, url_via};
+use crate::unix_secs;
 
 #[derive(Clone, Debug)]
 pub struct TappedPublish {

@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{cannot_run, TestEnv};
+use crate::{cannot_run, TestEnv};
 
 /// `rabbitmqctl` starts an Erlang VM per call: seconds on a busy machine.
 const RABBITMQCTL_TIMEOUT: Duration = Duration::from_secs(90);

@@ -23,6 +23,10 @@
 //!    age of the oldest pending row sampled every 100 ms;
 //! 10. cold: a just-filled keyed backlog drained, against the bare publisher
 //!     with the same routing keys, with and without a consumer.
+//! 11. backlog: a backlog written while the relay was down, on a table with
+//!     history, a snapshot held open, the application still writing: drain
+//!     rate, catch-up time, the application's rate and latency, claim p99, WAL
+//!     per row (`make bench PHASES=backlog`; sizes: `--backlog-*`).
 //!
 //! `cargo run --release -p outbox-bench -- --help` lists the knobs; `--phases`
 //! (`make bench PHASES=steady,idle`) runs a selection.
@@ -241,6 +245,17 @@ async fn run(args: Args) -> Result<bool> {
             progress!("cold: {r:?}");
             results.cold.push(r);
         }
+    }
+    if has(Phase::Backlog) {
+        progress!(
+            "backlog: {} rows written while the relay is down, on {} relayed rows, a snapshot held open, the application writing {} rows/s",
+            bench.args.backlog_rows,
+            bench.args.backlog_history_rows,
+            bench.args.backlog_app_rate
+        );
+        let r = bench.backlog_once().await;
+        report_run("backlog", 1, &r);
+        results.backlog.push(r.map_err(|e| format!("{e:#}")));
     }
     bench.cleanup().await;
 

@@ -453,6 +453,16 @@ pub(super) fn write(out: &mut String, args: &Args, r: &Results) {
             note(format!("cold backlog {with}: relay drain failed"), e);
         }
     }
+    for (i, b) in r.backlog.iter().enumerate() {
+        match b {
+            Err(e) => note(format!("backlog run {} failed", i + 1), e),
+            Ok(b) => {
+                if let Some(s) = &b.stop_note {
+                    note(format!("backlog run {}", i + 1), s);
+                }
+            }
+        }
+    }
     if !notes.is_empty() {
         let _ = writeln!(out, "\n### Failures and notes\n");
         for n in notes {

@@ -21,9 +21,10 @@ pub(crate) enum Phase {
     Keyed,
     Cold,
     Backlog,
+    BacklogPrivate,
 }
 
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     name = "outbox-bench",
     about = "Benchmarks outbox-relay against the local PostgreSQL and RabbitMQ and writes bench/RESULTS.md"
@@ -40,7 +41,7 @@ pub(crate) struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "ceiling,drain,steady,idle,growth,scale,app,keyed,cold,backlog"
+        default_value = "ceiling,drain,steady,idle,growth,scale,app,keyed,cold,backlog,backlog-private"
     )]
     pub(crate) phases: Vec<Phase>,
     /// Messages per ceiling, drain and growth run.

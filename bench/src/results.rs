@@ -362,6 +362,8 @@ pub(crate) struct Results {
     pub(crate) keyed: Vec<Result<KeyedRun, String>>,
     pub(crate) cold: Vec<ColdRun>,
     pub(crate) backlog: Vec<Result<BacklogRun, String>>,
+    /// The same on a private PostgreSQL with default settings.
+    pub(crate) backlog_private: Vec<Result<BacklogRun, String>>,
 }
 
 impl Results {
@@ -386,6 +388,7 @@ impl Results {
             })
             && self.cold.iter().all(|c| c.bare.is_ok() && c.drain.is_ok())
             && self.backlog.iter().all(Result::is_ok)
+            && self.backlog_private.iter().all(Result::is_ok)
     }
 }
 

@@ -453,12 +453,17 @@ pub(super) fn write(out: &mut String, args: &Args, r: &Results) {
             note(format!("cold backlog {with}: relay drain failed"), e);
         }
     }
-    for (i, b) in r.backlog.iter().enumerate() {
-        match b {
-            Err(e) => note(format!("backlog run {} failed", i + 1), e),
-            Ok(b) => {
-                if let Some(s) = &b.stop_note {
-                    note(format!("backlog run {}", i + 1), s);
+    for (phase, runs) in [
+        ("backlog", &r.backlog),
+        ("backlog-private", &r.backlog_private),
+    ] {
+        for (i, b) in runs.iter().enumerate() {
+            match b {
+                Err(e) => note(format!("{phase} run {} failed", i + 1), e),
+                Ok(b) => {
+                    if let Some(s) = &b.stop_note {
+                        note(format!("{phase} run {}", i + 1), s);
+                    }
                 }
             }
         }

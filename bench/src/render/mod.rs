@@ -103,6 +103,11 @@ pub(crate) fn render(bench: &Bench, machine: &Machine, r: &Results) -> String {
         ("keyed", r.keyed.len(), !r.keyed.is_empty()),
         ("cold", r.cold.len() / 2, !r.cold.is_empty()),
         ("backlog", r.backlog.len(), !r.backlog.is_empty()),
+        (
+            "backlog-private",
+            r.backlog_private.len(),
+            !r.backlog_private.is_empty(),
+        ),
     ] {
         if ran {
             runs.push(format!("{phase} {count}"));
@@ -195,7 +200,7 @@ pub(crate) fn render(bench: &Bench, machine: &Machine, r: &Results) -> String {
             args.ceiling_window
         );
     }
-    if !r.backlog.is_empty() {
+    if !r.backlog.is_empty() || !r.backlog_private.is_empty() {
         let _ = writeln!(
             out,
             "- Backlog after an outage: the bare publisher first sends {} messages to `{}` (routing keys `rk.1`…`rk.{}`, a consumer on \
@@ -208,7 +213,9 @@ pub(crate) fn render(bench: &Bench, machine: &Machine, r: &Results) -> String {
              Drain rate: the relay's `messages_published_total` at that moment over the time since its start. The application's \
              latency counts from each transaction's scheduled start. WAL: `pg_current_wal_lsn()` differences (the whole server's \
              WAL): the outage's inserts per row; during the drain, less the application's rows at the insert's bytes, per message \
-             published; then a relay with `--retention 1s` until no published row is left, per row deleted.",
+             published; then a relay with `--retention 1s` until no published row is left, per row deleted. `backlog-private` runs \
+             the same on a PostgreSQL cluster the bench makes with `initdb` (from `pg_config --bindir`, default settings, \
+             autovacuum on) on a free port of 127.0.0.1 and removes afterwards.",
             thousands(args.backlog_rows as f64),
             args.exchange,
             args.keyed_routing_keys,

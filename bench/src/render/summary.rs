@@ -8,8 +8,8 @@ use crate::targets::{
 use crate::{
     args::Args,
     results::{
-        AppCompare, AppKind, ClaimStats, DrainRun, HistQuantiles, KeyedLoad, Quantiles, Results,
-        ScaleRun, SteadyRun,
+        AppCompare, AppKind, BacklogRun, ClaimStats, DrainRun, HistQuantiles, KeyedLoad, Quantiles,
+        Results, ScaleRun, SteadyRun,
     },
     targets::{
         TARGET_APP_LATENCY_RATIO, TARGET_APP_TPS_RATIO, TARGET_CLAIM_P99_MS, TARGET_COLD_RATIO,
@@ -321,17 +321,24 @@ pub(super) fn rows(args: &Args, r: &Results) -> Vec<Row> {
     app_rows(args, r, &mut rows);
     keyed_rows(args, r, &mut rows);
     cold_rows(args, r, &mut rows);
-    backlog_rows(args, r, &mut rows);
+    if let Some(run) = r.backlog.first() {
+        backlog_rows(args, run, "11. Backlog", &mut rows);
+    }
+    if let Some(run) = r.backlog_private.first() {
+        backlog_rows(
+            args,
+            run,
+            "12. Backlog on a private PostgreSQL (initdb defaults, autovacuum on)",
+            &mut rows,
+        );
+    }
     rows
 }
 
-/// 11. A backlog after an outage (one run).
-fn backlog_rows(args: &Args, r: &Results, rows: &mut Vec<Row>) {
-    let Some(run) = r.backlog.first() else {
-        return;
-    };
+/// 11 and 12. A backlog after an outage (one run).
+fn backlog_rows(args: &Args, run: &Result<BacklogRun, String>, title: &str, rows: &mut Vec<Row>) {
     let head = format!(
-        "11. Backlog after an outage ({} rows in {}-row transactions over {} keys, on {} relayed rows, a snapshot held open, the application writing {} rows/s)",
+        "{title} after an outage ({} rows in {}-row transactions over {} keys, on {} relayed rows, a snapshot held open, the application writing {} rows/s)",
         thousands(args.backlog_rows as f64),
         args.backlog_rows_per_tx,
         thousands(f64::from(args.backlog_partition_keys)),
@@ -365,7 +372,7 @@ fn backlog_rows(args: &Args, r: &Results, rows: &mut Vec<Row>) {
     });
     let bound = b.catch_up_target_s(TARGET_BACKLOG_CATCH_UP_FACTOR);
     rows.push(Row {
-        figure: "11. Backlog: relay start → the application's new rows current again (oldest pending ≤ 2 s)".into(),
+        figure: format!("{title}: relay start → the application's new rows current again (oldest pending ≤ 2 s)"),
         measured: format!("{:.1} s", b.catch_up_s),
         target: format!(
             "≤ {TARGET_BACKLOG_CATCH_UP_FACTOR} × backlog / (ceiling − application rate) = {}",
@@ -379,8 +386,7 @@ fn backlog_rows(args: &Args, r: &Results, rows: &mut Vec<Row>) {
     });
     let rate_held = b.app_draining.rate() / b.app_stopped.rate();
     rows.push(Row {
-        figure: "11. Backlog: the application's rate while the relay drains / with it stopped"
-            .into(),
+        figure: format!("{title}: the application's rate while the relay drains / with it stopped"),
         measured: format!(
             "{rate_held:.2} ({:.0} vs {:.0} rows/s; asked {:.0})",
             b.app_draining.rate(),
@@ -392,7 +398,7 @@ fn backlog_rows(args: &Args, r: &Results, rows: &mut Vec<Row>) {
     });
     let latency = b.app_draining.latency_ms / b.app_stopped.latency_ms;
     rows.push(Row {
-        figure: "11. Backlog: the application's average transaction latency while the relay drains / with it stopped".into(),
+        figure: format!("{title}: the application's average transaction latency while the relay drains / with it stopped"),
         measured: format!(
             "{latency:.2}x ({:.2} vs {:.2} ms)",
             b.app_draining.latency_ms, b.app_stopped.latency_ms
@@ -401,13 +407,13 @@ fn backlog_rows(args: &Args, r: &Results, rows: &mut Vec<Row>) {
         result: verdict(Some(latency <= TARGET_BACKLOG_APP_LATENCY_RATIO)),
     });
     rows.push(claim_row(
-        "11. Backlog: claim statement duration, relay start → current again".into(),
+        format!("{title}: claim statement duration, relay start → current again"),
         b.claims.as_slice(),
         true,
     ));
     let w = &b.wal;
     rows.push(Row {
-        figure: "11. Backlog: WAL bytes per row, insert to retention (relay and retention included) / the insert's own".into(),
+        figure: format!("{title}: WAL bytes per row, insert to retention (relay and retention included) / the insert's own"),
         measured: match (w.ratio(), w.retention) {
             (Some(ratio), Some(retention)) => format!(
                 "{ratio:.2}x (insert {:.0} B, relay {:.0} B, retention {:.0} B over {} rows; cluster-wide WAL)",

@@ -38,8 +38,9 @@ lint:
 # The benchmark (bench/, a workspace member of its own, never installed with the
 # relay): every figure with its scenario and target, written to bench/RESULTS.md.
 # Selected phases only: `make bench PHASES=steady` (comma separated, e.g.
-# PHASES=ceiling,drain); other knobs through BENCH_ARGS, e.g.
-# `make bench PHASES=drain BENCH_ARGS="--runs 1 --messages 20000"`; the list:
+# PHASES=ceiling,drain; the backlog after an outage: PHASES=backlog, and on a
+# private PostgreSQL: PHASES=backlog-private); other knobs through BENCH_ARGS,
+# e.g. `make bench PHASES=backlog BENCH_ARGS="--backlog-rows 20000"`; the list:
 # `cargo run --release -p outbox-bench -- --help`.
 PHASES ?=
 BENCH_ARGS ?=

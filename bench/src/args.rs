@@ -20,9 +20,11 @@ pub(crate) enum Phase {
     App,
     Keyed,
     Cold,
+    Backlog,
+    BacklogPrivate,
 }
 
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     name = "outbox-bench",
     about = "Benchmarks outbox-relay against the local PostgreSQL and RabbitMQ and writes bench/RESULTS.md"
@@ -39,7 +41,7 @@ pub(crate) struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "ceiling,drain,steady,idle,growth,scale,app,keyed,cold"
+        default_value = "ceiling,drain,steady,idle,growth,scale,app,keyed,cold,backlog,backlog-private"
     )]
     pub(crate) phases: Vec<Phase>,
     /// Messages per ceiling, drain and growth run.
@@ -135,6 +137,31 @@ pub(crate) struct Args {
     /// A cold drain still pending after this long fails (with the rate so far).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) cold_timeout: Duration,
+    /// Rows of the backlog written while the relay is down (8-row transactions
+    /// by default; the count is rounded up to whole transactions per writer).
+    #[arg(long, default_value_t = 500_000)]
+    pub(crate) backlog_rows: u64,
+    /// Rows the relay published on the table before the outage (its history).
+    #[arg(long, default_value_t = 200_000)]
+    pub(crate) backlog_history_rows: u64,
+    /// Partition keys of the backlog phase's rows (routing keys: --keyed-routing-keys).
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) backlog_partition_keys: u32,
+    /// Rows per transaction of the backlog and of the application's writes.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) backlog_rows_per_tx: usize,
+    /// pgbench clients writing the backlog.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) backlog_writers: usize,
+    /// Rows/s the application keeps writing during the backlog phase.
+    #[arg(long, default_value_t = 500)]
+    pub(crate) backlog_app_rate: u64,
+    /// How long the application's writes are measured with the relay stopped.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub(crate) backlog_app_window: Duration,
+    /// The backlog phase fails when the application's rows are not current this long after the relay started.
+    #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
+    pub(crate) backlog_timeout: Duration,
     /// A phase fails when no new message arrives for this long.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub(crate) stall_timeout: Duration,

@@ -23,6 +23,12 @@
 //!    age of the oldest pending row sampled every 100 ms;
 //! 10. cold: a just-filled keyed backlog drained, against the bare publisher
 //!     with the same routing keys, with and without a consumer.
+//! 11. backlog: a backlog written while the relay was down, on a table with
+//!     history, a snapshot held open, the application still writing: drain
+//!     rate, catch-up time, the application's rate and latency, claim p99, WAL
+//!     per row (`make bench PHASES=backlog`; sizes: `--backlog-*`);
+//!     backlog-private: the same on a private PostgreSQL the bench starts with
+//!     initdb (default settings, autovacuum on).
 //!
 //! `cargo run --release -p outbox-bench -- --help` lists the knobs; `--phases`
 //! (`make bench PHASES=steady,idle`) runs a selection.
@@ -59,6 +65,7 @@ mod args;
 mod consumer;
 mod metrics;
 mod phases;
+mod private_pg;
 mod relay;
 mod render;
 mod results;
@@ -242,6 +249,27 @@ async fn run(args: Args) -> Result<bool> {
             results.cold.push(r);
         }
     }
+    if has(Phase::Backlog) {
+        progress!(
+            "backlog: {} rows written while the relay is down, on {} relayed rows, a snapshot held open, the application writing {} rows/s",
+            bench.args.backlog_rows,
+            bench.args.backlog_history_rows,
+            bench.args.backlog_app_rate
+        );
+        let r = bench.backlog_once().await;
+        report_run("backlog", 1, &r);
+        results.backlog.push(r.map_err(|e| format!("{e:#}")));
+    }
+    if has(Phase::BacklogPrivate) {
+        progress!(
+            "backlog-private: the backlog phase on a private PostgreSQL (initdb, default settings)"
+        );
+        let r = backlog_private(&bench).await;
+        report_run("backlog-private", 1, &r);
+        results
+            .backlog_private
+            .push(r.map_err(|e| format!("{e:#}")));
+    }
     bench.cleanup().await;
 
     let report = render(&bench, &machine, &results);
@@ -257,6 +285,20 @@ async fn run(args: Args) -> Result<bool> {
     std::fs::write(&output, &report).with_context(|| format!("writing {}", output.display()))?;
     progress!("results written to {}", output.display());
     Ok(results.all_ok())
+}
+
+/// The backlog phase on a private PostgreSQL the bench starts and removes.
+async fn backlog_private(bench: &Bench) -> Result<results::BacklogRun> {
+    let pg = private_pg::PrivatePostgres::start(&bench.log_dir.join("private-pg"))?;
+    let args = Args {
+        database_url: pg.url(),
+        ..bench.args.clone()
+    };
+    let private = Bench::connect(args, bench.relay.path.clone()).await?;
+    let r = private.backlog_once().await;
+    drop(private);
+    drop(pg);
+    r
 }
 
 fn report_run<T: std::fmt::Debug>(phase: &str, run: usize, r: &Result<T>) {

@@ -66,7 +66,18 @@ impl RelayBinary {
     /// `outbox-relay run` on `schema`, its metrics on a free port, its log in
     /// the log directory as relay-LABEL.log.
     pub(crate) fn spawn(&self, database_url: &str, schema: &str, label: &str) -> Result<RelayProc> {
-        RelayProc::spawn(self, database_url, schema, label)
+        RelayProc::spawn(self, database_url, schema, label, &[])
+    }
+
+    /// The same, with more `run` flags (e.g. `--retention 1s`).
+    pub(crate) fn spawn_with(
+        &self,
+        database_url: &str,
+        schema: &str,
+        label: &str,
+        flags: &[&str],
+    ) -> Result<RelayProc> {
+        RelayProc::spawn(self, database_url, schema, label, flags)
     }
 }
 
@@ -77,7 +88,13 @@ pub(crate) struct RelayProc {
 }
 
 impl RelayProc {
-    fn spawn(binary: &RelayBinary, database_url: &str, schema: &str, label: &str) -> Result<Self> {
+    fn spawn(
+        binary: &RelayBinary,
+        database_url: &str,
+        schema: &str,
+        label: &str,
+        flags: &[&str],
+    ) -> Result<Self> {
         let port = free_port()?;
         let log = binary.log_dir.join(format!("relay-{label}.log"));
         let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -92,6 +109,7 @@ impl RelayProc {
                 "--instance-id",
                 &format!("bench-{label}"),
             ])
+            .args(flags)
             .stdout(file.try_clone()?)
             .stderr(file)
             .spawn()

@@ -17,7 +17,7 @@ macro_rules! stop_noted {
         }
     )*};
 }
-stop_noted!(DrainRun, SteadyRun, KeyedRun, ColdDrain);
+stop_noted!(DrainRun, SteadyRun, KeyedRun, ColdDrain, BacklogRun);
 
 /// What pgbench (the application's load) reported.
 #[derive(Debug, Clone, Copy)]
@@ -230,6 +230,81 @@ impl ColdRun {
     }
 }
 
+/// The application's own writes over a window: rows committed and the
+/// average transaction latency, counted from each transaction's scheduled
+/// start (so a writer that falls behind shows it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AppWindow {
+    pub(crate) rows: u64,
+    pub(crate) wall_s: f64,
+    pub(crate) latency_ms: f64,
+}
+
+impl AppWindow {
+    pub(crate) fn rate(&self) -> f64 {
+        self.rows as f64 / self.wall_s
+    }
+}
+
+/// WAL bytes per row (cluster-wide `pg_current_wal_lsn()` differences, so
+/// other sessions' writes on the same server count too).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WalPerRow {
+    /// The backlog's INSERTs, per row.
+    pub(crate) insert: f64,
+    /// Everything written while the relay drained, less the application's
+    /// inserts (at the insert's rate per row), per row published.
+    pub(crate) relay: f64,
+    /// The relay's retention pass (run with a short retention afterwards),
+    /// per row deleted.
+    pub(crate) retention: Option<f64>,
+    pub(crate) retention_rows: u64,
+}
+
+impl WalPerRow {
+    /// Insert to retention, everything included, over the insert's own WAL.
+    pub(crate) fn ratio(&self) -> Option<f64> {
+        Some((self.insert + self.relay + self.retention?) / self.insert)
+    }
+}
+
+/// A backlog written while the relay was down, on a table with history,
+/// a snapshot held open and the application still writing (issue 17).
+#[derive(Debug, Clone)]
+pub(crate) struct BacklogRun {
+    /// Rows relayed before the outage (the table's history).
+    pub(crate) history_rows: u64,
+    /// Rows pending when the relay started again.
+    pub(crate) backlog_rows: u64,
+    /// The bare publisher's rate to the same exchange, same run.
+    pub(crate) bare_rate: f64,
+    /// Relay start → the application's new rows are current (oldest pending
+    /// at most 2 s old).
+    pub(crate) catch_up_s: f64,
+    /// Messages the relay published from its start to that moment.
+    pub(crate) published: u64,
+    /// The application's asked rate (rows/s).
+    pub(crate) app_rate: f64,
+    pub(crate) app_stopped: AppWindow,
+    pub(crate) app_draining: AppWindow,
+    pub(crate) claims: Option<ClaimStats>,
+    pub(crate) wal: WalPerRow,
+    pub(crate) stop_note: Option<String>,
+}
+
+impl BacklogRun {
+    pub(crate) fn drain_rate(&self) -> f64 {
+        self.published as f64 / self.catch_up_s
+    }
+    pub(crate) fn drain_ratio(&self) -> f64 {
+        self.drain_rate() / self.bare_rate
+    }
+    /// 1.5 x backlog / (ceiling - application rate).
+    pub(crate) fn catch_up_target_s(&self, factor: f64) -> f64 {
+        factor * self.backlog_rows as f64 / (self.bare_rate - self.app_rate)
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Quantiles {
     pub(crate) p50: f64,
@@ -286,6 +361,9 @@ pub(crate) struct Results {
     pub(crate) app_notes: Vec<String>,
     pub(crate) keyed: Vec<Result<KeyedRun, String>>,
     pub(crate) cold: Vec<ColdRun>,
+    pub(crate) backlog: Vec<Result<BacklogRun, String>>,
+    /// The same on a private PostgreSQL with default settings.
+    pub(crate) backlog_private: Vec<Result<BacklogRun, String>>,
 }
 
 impl Results {
@@ -309,6 +387,8 @@ impl Results {
                     .is_ok_and(|k| k.paced.is_ok() && k.unpaced.is_ok())
             })
             && self.cold.iter().all(|c| c.bare.is_ok() && c.drain.is_ok())
+            && self.backlog.iter().all(Result::is_ok)
+            && self.backlog_private.iter().all(Result::is_ok)
     }
 }
 

@@ -221,6 +221,7 @@ impl Bench {
                 clients: self.args.app_clients,
                 duration: self.args.app_duration,
                 rate,
+                transactions: None,
             })
             .await?;
         let cpu_after = relay.cpu().unwrap_or_default();

@@ -159,6 +159,7 @@ impl Bench {
                 clients: self.args.keyed_clients,
                 duration,
                 rate,
+                transactions: None,
             })
             .await;
         let ended = Instant::now();

@@ -30,6 +30,7 @@ use crate::{
 };
 
 mod app;
+mod backlog;
 mod ceiling;
 mod cold;
 mod drain;

@@ -24,6 +24,8 @@ pub(crate) struct Load<'a> {
     pub(crate) script: String,
     pub(crate) clients: usize,
     pub(crate) duration: Duration,
+    /// Transactions per client (-t) instead of the duration, when given.
+    pub(crate) transactions: Option<u64>,
     /// Transactions per second (-R), or as fast as PostgreSQL accepts them.
     pub(crate) rate: Option<u64>,
 }
@@ -66,7 +68,10 @@ impl Bench {
         cmd.args(["--no-vacuum", "--protocol=prepared"])
             .arg(format!("--client={}", load.clients))
             .arg(format!("--jobs={}", load.clients.clamp(1, 2)))
-            .arg(format!("--time={}", load.duration.as_secs().max(1)))
+            .arg(match load.transactions {
+                Some(t) => format!("--transactions={}", t.max(1)),
+                None => format!("--time={}", load.duration.as_secs().max(1)),
+            })
             .arg(format!("--file={}", script.display()));
         if let Some(rate) = load.rate {
             cmd.arg(format!("--rate={rate}"));
@@ -115,6 +120,8 @@ fn parse(out: &str) -> Result<LoadRun> {
         out.lines()
             .find_map(|l| l.trim().strip_prefix(prefix))
             .and_then(|rest| rest.split_whitespace().next())
+            // With -t the count reads "processed/asked".
+            .and_then(|v| v.split('/').next())
             .and_then(|v| v.parse::<f64>().ok())
     };
     let Some(transactions) = after("number of transactions actually processed:") else {
@@ -151,6 +158,9 @@ mod tests {
         assert!((r.tps - 1000.512).abs() < 1e-9);
         assert!((r.latency_ms - 1.234).abs() < 1e-9);
         assert_eq!(r.schedule_lag_ms, Some(0.21));
+        let counted = "number of transactions actually processed: 2504/2504\n\
+                       latency average = 20.324 ms\ntps = 393.62 (without initial connection time)\n";
+        assert_eq!(parse(counted).unwrap().transactions, 2504);
     }
 
     #[test]

@@ -453,6 +453,21 @@ pub(super) fn write(out: &mut String, args: &Args, r: &Results) {
             note(format!("cold backlog {with}: relay drain failed"), e);
         }
     }
+    for (phase, runs) in [
+        ("backlog", &r.backlog),
+        ("backlog-private", &r.backlog_private),
+    ] {
+        for (i, b) in runs.iter().enumerate() {
+            match b {
+                Err(e) => note(format!("{phase} run {} failed", i + 1), e),
+                Ok(b) => {
+                    if let Some(s) = &b.stop_note {
+                        note(format!("{phase} run {}", i + 1), s);
+                    }
+                }
+            }
+        }
+    }
     if !notes.is_empty() {
         let _ = writeln!(out, "\n### Failures and notes\n");
         for n in notes {

@@ -102,6 +102,12 @@ pub(crate) fn render(bench: &Bench, machine: &Machine, r: &Results) -> String {
         ("app", 1, !r.app.is_empty()),
         ("keyed", r.keyed.len(), !r.keyed.is_empty()),
         ("cold", r.cold.len() / 2, !r.cold.is_empty()),
+        ("backlog", r.backlog.len(), !r.backlog.is_empty()),
+        (
+            "backlog-private",
+            r.backlog_private.len(),
+            !r.backlog_private.is_empty(),
+        ),
     ] {
         if ran {
             runs.push(format!("{phase} {count}"));
@@ -192,6 +198,36 @@ pub(crate) fn render(bench: &Bench, machine: &Machine, r: &Results) -> String {
             args.payload_bytes,
             args.exchange,
             args.ceiling_window
+        );
+    }
+    if !r.backlog.is_empty() || !r.backlog_private.is_empty() {
+        let _ = writeln!(
+            out,
+            "- Backlog after an outage: the bare publisher first sends {} messages to `{}` (routing keys `rk.1`…`rk.{}`, a consumer on \
+             the queue). Then a fresh `messages` gets {} rows (one INSERT … SELECT) that a relay publishes (the table's history, \
+             no VACUUM, no ANALYZE); the relay stops and another session opens a REPEATABLE READ transaction that runs one SELECT \
+             and stays open to the end. `pgbench` ({} clients, unpaced) writes {} rows in {}-row transactions over {} partition keys \
+             (the outage); the application (the bench's own {} connections on a shared schedule, {}-row transactions on random keys) \
+             writes {} rows/s from then on, measured {:?} with the relay stopped. A relay starts on everything pending; \
+             every 200 ms `now() - min(created_at)` over pending rows is sampled, and \"current again\" is the first sample ≤ 2 s. \
+             Drain rate: the relay's `messages_published_total` at that moment over the time since its start. The application's \
+             latency counts from each transaction's scheduled start. WAL: `pg_current_wal_lsn()` differences (the whole server's \
+             WAL): the outage's inserts per row; during the drain, less the application's rows at the insert's bytes, per message \
+             published; then a relay with `--retention 1s` until no published row is left, per row deleted. `backlog-private` runs \
+             the same on a PostgreSQL cluster the bench makes with `initdb` (from `pg_config --bindir`, default settings, \
+             autovacuum on) on a free port of 127.0.0.1 and removes afterwards.",
+            thousands(args.backlog_rows as f64),
+            args.exchange,
+            args.keyed_routing_keys,
+            thousands(args.backlog_history_rows as f64),
+            args.backlog_writers,
+            thousands(args.backlog_rows as f64),
+            args.backlog_rows_per_tx,
+            thousands(f64::from(args.backlog_partition_keys)),
+            4,
+            args.backlog_rows_per_tx,
+            args.backlog_app_rate,
+            args.backlog_app_window
         );
     }
     let _ = writeln!(

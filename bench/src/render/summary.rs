@@ -1,11 +1,15 @@
 //! The results table: one row per figure, with its target.
 
 use super::{runs_note, verdict, Row};
+use crate::targets::{
+    AIM_BACKLOG_WAL_RATIO, TARGET_BACKLOG_APP_LATENCY_RATIO, TARGET_BACKLOG_APP_RATE_HELD,
+    TARGET_BACKLOG_CATCH_UP_FACTOR, TARGET_BACKLOG_RATIO,
+};
 use crate::{
     args::Args,
     results::{
-        AppCompare, AppKind, ClaimStats, DrainRun, HistQuantiles, KeyedLoad, Quantiles, Results,
-        ScaleRun, SteadyRun,
+        AppCompare, AppKind, BacklogRun, ClaimStats, DrainRun, HistQuantiles, KeyedLoad, Quantiles,
+        Results, ScaleRun, SteadyRun,
     },
     targets::{
         TARGET_APP_LATENCY_RATIO, TARGET_APP_TPS_RATIO, TARGET_CLAIM_P99_MS, TARGET_COLD_RATIO,
@@ -317,7 +321,115 @@ pub(super) fn rows(args: &Args, r: &Results) -> Vec<Row> {
     app_rows(args, r, &mut rows);
     keyed_rows(args, r, &mut rows);
     cold_rows(args, r, &mut rows);
+    if let Some(run) = r.backlog.first() {
+        backlog_rows(args, run, "11. Backlog", &mut rows);
+    }
+    if let Some(run) = r.backlog_private.first() {
+        backlog_rows(
+            args,
+            run,
+            "12. Backlog on a private PostgreSQL (initdb defaults, autovacuum on)",
+            &mut rows,
+        );
+    }
     rows
+}
+
+/// 11 and 12. A backlog after an outage (one run).
+fn backlog_rows(args: &Args, run: &Result<BacklogRun, String>, title: &str, rows: &mut Vec<Row>) {
+    let head = format!(
+        "{title} after an outage ({} rows in {}-row transactions over {} keys, on {} relayed rows, a snapshot held open, the application writing {} rows/s)",
+        thousands(args.backlog_rows as f64),
+        args.backlog_rows_per_tx,
+        thousands(f64::from(args.backlog_partition_keys)),
+        thousands(args.backlog_history_rows as f64),
+        thousands(args.backlog_app_rate as f64)
+    );
+    let b = match run {
+        Ok(b) => b,
+        Err(_) => {
+            rows.push(Row {
+                figure: head,
+                measured: "failed (see notes)".into(),
+                target: "–".into(),
+                result: verdict(None),
+            });
+            return;
+        }
+    };
+    rows.push(Row {
+        figure: format!("{head}: drain rate / bare publisher to the same exchange (same run)"),
+        measured: format!(
+            "{:.2} ({} vs {} msg/s; {} pending at relay start, {} relayed before)",
+            b.drain_ratio(),
+            thousands(b.drain_rate()),
+            thousands(b.bare_rate),
+            thousands(b.backlog_rows as f64),
+            thousands(b.history_rows as f64)
+        ),
+        target: format!("≥ {TARGET_BACKLOG_RATIO}"),
+        result: verdict(Some(b.drain_ratio() >= TARGET_BACKLOG_RATIO)),
+    });
+    let bound = b.catch_up_target_s(TARGET_BACKLOG_CATCH_UP_FACTOR);
+    rows.push(Row {
+        figure: format!("{title}: relay start → the application's new rows current again (oldest pending ≤ 2 s)"),
+        measured: format!("{:.1} s", b.catch_up_s),
+        target: format!(
+            "≤ {TARGET_BACKLOG_CATCH_UP_FACTOR} × backlog / (ceiling − application rate) = {}",
+            if bound.is_finite() && bound > 0.0 {
+                format!("{bound:.1} s")
+            } else {
+                "unbounded (ceiling ≤ application rate)".into()
+            }
+        ),
+        result: verdict(Some(bound > 0.0 && b.catch_up_s <= bound)),
+    });
+    let rate_held = b.app_draining.rate() / b.app_stopped.rate();
+    rows.push(Row {
+        figure: format!("{title}: the application's rate while the relay drains / with it stopped"),
+        measured: format!(
+            "{rate_held:.2} ({:.0} vs {:.0} rows/s; asked {:.0})",
+            b.app_draining.rate(),
+            b.app_stopped.rate(),
+            b.app_rate
+        ),
+        target: format!("≥ {TARGET_BACKLOG_APP_RATE_HELD} (held)"),
+        result: verdict(Some(rate_held >= TARGET_BACKLOG_APP_RATE_HELD)),
+    });
+    let latency = b.app_draining.latency_ms / b.app_stopped.latency_ms;
+    rows.push(Row {
+        figure: format!("{title}: the application's average transaction latency while the relay drains / with it stopped"),
+        measured: format!(
+            "{latency:.2}x ({:.2} vs {:.2} ms)",
+            b.app_draining.latency_ms, b.app_stopped.latency_ms
+        ),
+        target: format!("≤ {TARGET_BACKLOG_APP_LATENCY_RATIO}x"),
+        result: verdict(Some(latency <= TARGET_BACKLOG_APP_LATENCY_RATIO)),
+    });
+    rows.push(claim_row(
+        format!("{title}: claim statement duration, relay start → current again"),
+        b.claims.as_slice(),
+        true,
+    ));
+    let w = &b.wal;
+    rows.push(Row {
+        figure: format!("{title}: WAL bytes per row, insert to retention (relay and retention included) / the insert's own"),
+        measured: match (w.ratio(), w.retention) {
+            (Some(ratio), Some(retention)) => format!(
+                "{ratio:.2}x (insert {:.0} B, relay {:.0} B, retention {:.0} B over {} rows; cluster-wide WAL)",
+                w.insert,
+                w.relay,
+                retention,
+                thousands(w.retention_rows as f64)
+            ),
+            _ => format!(
+                "insert {:.0} B, relay {:.0} B; the retention pass did not finish",
+                w.insert, w.relay
+            ),
+        },
+        target: format!("aim ≤ {AIM_BACKLOG_WAL_RATIO}x (reported)"),
+        result: verdict(w.ratio().map(|r| r <= AIM_BACKLOG_WAL_RATIO)),
+    });
 }
 
 /// 8. What the outbox costs the application.

@@ -19,7 +19,7 @@ use crate::{
     leases::LeaseState,
     metrics::{FailureReason, Metrics, Peer},
     publisher::{Confirm, Publisher},
-    store::{Store, StoreError},
+    store::{ClaimFloor, Store, StoreError},
     wakeup::{IdlePolicy, Next, Wakeup},
 };
 
@@ -59,6 +59,8 @@ pub struct Relay {
     more: bool,
     /// When the next claim must start from the beginning of the pending index.
     rescan_at: Instant,
+    /// Where claims start in the pending index: past the rows already relayed.
+    floor: ClaimFloor,
     db_backoff: Option<backon::ExponentialBackoff>,
     amqp_backoff: Option<backon::ExponentialBackoff>,
     /// Grows while statements of the loop keep failing; reset by a claim.
@@ -99,6 +101,7 @@ impl Relay {
             idle: IdlePolicy::default(),
             more: true,
             rescan_at: Instant::now(),
+            floor: ClaimFloor::new(Instant::now()),
             db_backoff: None,
             amqp_backoff: None,
             statement_backoff: None,
@@ -280,6 +283,7 @@ impl Relay {
             Ok(store) => {
                 tracing::info!("connected to PostgreSQL");
                 self.store = Some(store);
+                self.floor.reset();
                 self.idle.forget();
                 self.metrics.database_connected.set(1);
                 self.db_backoff = None;

@@ -7,6 +7,7 @@
 pub mod admin;
 mod control;
 pub mod enqueue;
+pub mod floor;
 mod housekeeping;
 pub mod migrations;
 pub mod predicates;
@@ -15,6 +16,7 @@ mod tls;
 mod url;
 
 pub use control::Control;
+pub use floor::{ClaimFloor, FloorPlan, Probe};
 pub use housekeeping::Housekeeping;
 pub use migrations::MigrateError;
 pub use session::Session;
@@ -342,6 +344,7 @@ async fn connect_raw(
 // What each hot-path statement is, in its errors (and, via
 // `StoreError::statement`, in the database-errors metric).
 const CLAIM: &str = "claiming pending outbox rows";
+const PROBE: &str = "probing the claim floor";
 const MARK: &str = "marking confirmed rows published";
 const FAIL: &str = "recording failed publish attempts";
 const PARK: &str = "parking a row whose failure could not be recorded";
@@ -355,6 +358,7 @@ pub struct Store {
     /// Becomes true when the connection task ends.
     closed: tokio::sync::watch::Receiver<bool>,
     claim: Sql,
+    probe: Sql,
     mark: Sql,
     delete: Sql,
     fail: Sql,
@@ -420,15 +424,18 @@ impl Store {
              -- window of ids the relay holds ($7..$2): a late commit below the
              -- window, or any row above it, is found without waiting. Ranges
              -- (not an OR) keep the scans on the id index whatever the planner's
-             -- statistics say (a table never ANALYZEd has none).
+             -- statistics say (a table never ANALYZEd has none). Both start at
+             -- the claim floor $9 (store/floor.rs): below it lie only the dead
+             -- entries of rows already relayed.
              claimed AS (
                 SELECT * FROM (
                     (SELECT {columns} FROM {s}.messages m
-                      WHERE {pending} AND id > $2 AND {due_first} AND {late_first}
+                      WHERE {pending} AND id > greatest($2, $9 - 1) AND {due_first}
+                        AND {late_first}
                       ORDER BY id LIMIT $3)
                     UNION ALL
                     (SELECT {columns} FROM {s}.messages m
-                      WHERE {pending} AND id < $7 AND {due_first}
+                      WHERE {pending} AND id >= $9 AND id < $7 AND {due_first}
                       ORDER BY id LIMIT $3)) both_sides
                  ORDER BY id
                  LIMIT $3),
@@ -461,7 +468,34 @@ impl Store {
                 Type::INT8,
                 Type::INT8,
                 Type::INT4,
+                Type::INT8,
             ],
+        );
+        // The claim floor's probe (store/floor.rs), in one statement: the
+        // snapshot first, then the lock table. The first pending id at or
+        // above the floor $2 (due or not: a row backing off or scheduled
+        // holds the floor), the transactions that may write the table (any
+        // lock but a reader's, other than this session's; prepared
+        // transactions have no pid), and whether the id sequence caches ids.
+        let probe = Sql::new(
+            format!(
+                "SELECT (SELECT id FROM {s}.messages
+                          WHERE published_at IS NULL AND dead_lettered_at IS NULL
+                            AND id >= $2 AND partition = ANY($1::smallint[])
+                          ORDER BY id LIMIT 1),
+                        (SELECT coalesce(array_agg(DISTINCT l.virtualtransaction), '{{}}')
+                           FROM pg_catalog.pg_locks l
+                          WHERE l.locktype = 'relation'
+                            AND l.database = (SELECT oid FROM pg_catalog.pg_database
+                                               WHERE datname = current_database())
+                            AND l.relation = '{s}.messages'::regclass
+                            AND l.mode <> 'AccessShareLock'
+                            AND l.pid IS DISTINCT FROM pg_backend_pid()),
+                        coalesce((SELECT q.seqcache > 1 FROM pg_catalog.pg_sequence q
+                                   WHERE q.seqrelid = pg_get_serial_sequence('{s}.messages', 'id')::regclass),
+                                 false)"
+            ),
+            &[Type::INT2_ARRAY, Type::INT8],
         );
         let mark = Sql::new(
             format!(
@@ -517,7 +551,7 @@ impl Store {
             format!("SELECT {s}.relay_set_broker_node($1, $2)"),
             &[Type::TEXT, Type::TEXT],
         );
-        let (claim, mark, delete, fail, park, idle, node) = if session_kept {
+        let (claim, probe, mark, delete, fail, park, idle, node) = if session_kept {
             client
                 .batch_execute(&Settings::HotPath.assignments(""))
                 .await
@@ -533,9 +567,10 @@ impl Store {
                         })
                 }
             };
-            // Pipelined: one round trip at every (re)connect, not seven.
+            // Pipelined: one round trip at every (re)connect, not eight.
             tokio::try_join!(
                 prepare(claim),
+                prepare(probe),
                 prepare(mark),
                 prepare(delete),
                 prepare(fail),
@@ -544,13 +579,14 @@ impl Store {
                 prepare(node),
             )?
         } else {
-            (claim, mark, delete, fail, park, idle, node)
+            (claim, probe, mark, delete, fail, park, idle, node)
         };
         Ok(Self {
             client,
             task,
             closed,
             claim,
+            probe,
             mark,
             delete,
             fail,
@@ -573,14 +609,16 @@ impl Store {
     }
 
     /// Due pending rows of the given partitions in id order, outside the
-    /// window of ids the relay holds. `held` maps each partition key the relay
-    /// holds rows of (in flight or queued) to the last such id.
+    /// window of ids the relay holds, from id `from` (the claim floor; 0:
+    /// all). `held` maps each partition key the relay holds rows of (in
+    /// flight or queued) to the last such id.
     pub async fn claim_batch(
         &self,
         partitions: &[i16],
         window: HeldWindow,
         held: &serde_json::Value,
         limits: ClaimLimits,
+        from: i64,
     ) -> Result<Claim, StoreError> {
         let limit = limits.rows as i64;
         let max_payload = i32::try_from(limits.max_payload_bytes).unwrap_or(i32::MAX);
@@ -600,6 +638,7 @@ impl Store {
                     &budget,
                     &window.lowest,
                     &max_headers,
+                    &from,
                 ],
             ),
         )
@@ -751,8 +790,29 @@ impl Store {
         .map(|_| ())
     }
 
-    /// Runs mark and claim back to back on the one connection (pipelined: one
-    /// round trip); the claim sees the marks.
+    /// The claim floor's probe from `from` (see `store/floor.rs`).
+    pub async fn probe_floor(&self, partitions: &[i16], from: i64) -> Result<Probe, StoreError> {
+        let (rows, _) = bounded(
+            PROBE,
+            self.probe
+                .run_with(&self.client, Settings::Bounded, &[&partitions, &from]),
+        )
+        .await?;
+        let row = rows.first().ok_or(StoreError::NoRow { what: PROBE })?;
+        let decode = || StoreError::decode("the claim floor's probe");
+        Ok(Probe {
+            from,
+            first_pending: row.try_get(0).map_err(decode())?,
+            writers: row.try_get(1).map_err(decode())?,
+            ids_cached: row.try_get(2).map_err(decode())?,
+        })
+    }
+
+    /// Runs mark, claim and (when `floor` asks for one) the floor's probe
+    /// back to back on the one connection (pipelined: one round trip); the
+    /// claim sees the marks, and the probe runs after the claim. A failed
+    /// probe fails nothing else: the floor just does not move.
+    #[allow(clippy::too_many_arguments)]
     pub async fn mark_then_claim(
         &self,
         published: &[i64],
@@ -761,10 +821,19 @@ impl Store {
         window: HeldWindow,
         held: &serde_json::Value,
         limits: ClaimLimits,
-    ) -> Result<(u64, Claim), StoreError> {
+        floor: FloorPlan,
+    ) -> Result<(u64, Claim, Option<Result<Probe, StoreError>>), StoreError> {
         let mark = self.mark_published(published, keep);
-        let claim = self.claim_batch(partitions, window, held, limits);
-        tokio::try_join!(mark, claim)
+        let claim = self.claim_batch(partitions, window, held, limits, floor.claim_from);
+        let probe = async {
+            match floor.probe_from {
+                Some(from) => Some(self.probe_floor(partitions, from).await),
+                None => None,
+            }
+        };
+        // join, not try_join: all three go out together, in this order.
+        let (marked, claimed, probed) = tokio::join!(mark, claim, probe);
+        Ok((marked?, claimed?, probed))
     }
 }
 

@@ -76,6 +76,7 @@ impl Relay {
             payload_budget: PAYLOAD_BUDGET.saturating_sub(self.ledger.queued_bytes()),
         };
         let started = Instant::now();
+        let floor = self.floor.plan(&lease.partitions, started);
         let result = store
             .mark_then_claim(
                 self.ledger.marks(),
@@ -84,23 +85,35 @@ impl Relay {
                 window,
                 &self.ledger.held_ids(),
                 limits,
+                floor,
             )
             .await;
         self.metrics
             .claim_duration
             .observe(started.elapsed().as_secs_f64());
-        let rows = match result {
-            Ok((_, claim)) => {
+        let (rows, probe) = match result {
+            Ok((_, claim, probe)) => {
                 self.statement_backoff = None;
                 self.ledger.marks_written(!keep);
                 self.more = claim.more;
-                claim.rows
+                (claim.rows, probe)
             }
             Err(e) => {
                 self.database_error(e);
                 return;
             }
         };
+        // The claim's rows first: the probe ran after the claim.
+        if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+            self.floor.claimed(floor, first.id, last.id);
+        }
+        match probe {
+            Some(Ok(probe)) => self.floor.probed(probe),
+            // The floor just stays where it is; a lost connection shows in
+            // the next statement.
+            Some(Err(e)) => tracing::debug!(error = %e, "the claim floor's probe failed"),
+            None => {}
+        }
         let Some(last) = rows.last() else { return };
         self.ledger.claimed(window, last.id);
         let steady = self.idle.found_rows();

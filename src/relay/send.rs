@@ -104,6 +104,7 @@ impl Relay {
             }
         };
         // The claim's rows first: the probe ran after the claim.
+        let was = self.floor.floor();
         if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
             self.floor.claimed(floor, first.id, last.id);
         }
@@ -113,6 +114,9 @@ impl Relay {
             // the next statement.
             Some(Err(e)) => tracing::debug!(error = %e, "the claim floor's probe failed"),
             None => {}
+        }
+        if self.floor.floor() != was {
+            tracing::debug!(floor = self.floor.floor(), was, "claim floor moved");
         }
         let Some(last) = rows.last() else { return };
         self.ledger.claimed(window, last.id);

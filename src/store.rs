@@ -472,8 +472,8 @@ impl Store {
             ],
         );
         // The claim floor's probe (store/floor.rs), in one statement: the
-        // snapshot first, then the lock table. The first pending id at or
-        // above the floor $2 (due or not: a row backing off or scheduled
+        // snapshot first, then the lock table. The first pending id from the
+        // floor $2 up to $3 (due or not: a row backing off or scheduled
         // holds the floor), the transactions that may write the table (any
         // lock but a reader's, other than this session's; prepared
         // transactions have no pid), and whether the id sequence caches ids.
@@ -481,7 +481,7 @@ impl Store {
             format!(
                 "SELECT (SELECT id FROM {s}.messages
                           WHERE published_at IS NULL AND dead_lettered_at IS NULL
-                            AND id >= $2 AND partition = ANY($1::smallint[])
+                            AND id >= $2 AND id < $3 AND partition = ANY($1::smallint[])
                           ORDER BY id LIMIT 1),
                         (SELECT coalesce(array_agg(DISTINCT l.virtualtransaction), '{{}}')
                            FROM pg_catalog.pg_locks l
@@ -495,7 +495,7 @@ impl Store {
                                    WHERE q.seqrelid = pg_get_serial_sequence('{s}.messages', 'id')::regclass),
                                  false)"
             ),
-            &[Type::INT2_ARRAY, Type::INT8],
+            &[Type::INT2_ARRAY, Type::INT8, Type::INT8],
         );
         let mark = Sql::new(
             format!(
@@ -790,18 +790,27 @@ impl Store {
         .map(|_| ())
     }
 
-    /// The claim floor's probe from `from` (see `store/floor.rs`).
-    pub async fn probe_floor(&self, partitions: &[i16], from: i64) -> Result<Probe, StoreError> {
+    /// The claim floor's probe over `from..upto` (see `store/floor.rs`).
+    pub async fn probe_floor(
+        &self,
+        partitions: &[i16],
+        from: i64,
+        upto: i64,
+    ) -> Result<Probe, StoreError> {
         let (rows, _) = bounded(
             PROBE,
-            self.probe
-                .run_with(&self.client, Settings::Bounded, &[&partitions, &from]),
+            self.probe.run_with(
+                &self.client,
+                Settings::Bounded,
+                &[&partitions, &from, &upto],
+            ),
         )
         .await?;
         let row = rows.first().ok_or(StoreError::NoRow { what: PROBE })?;
         let decode = || StoreError::decode("the claim floor's probe");
         Ok(Probe {
             from,
+            upto,
             first_pending: row.try_get(0).map_err(decode())?,
             writers: row.try_get(1).map_err(decode())?,
             ids_cached: row.try_get(2).map_err(decode())?,
@@ -827,7 +836,7 @@ impl Store {
         let claim = self.claim_batch(partitions, window, held, limits, floor.claim_from);
         let probe = async {
             match floor.probe_from {
-                Some(from) => Some(self.probe_floor(partitions, from).await),
+                Some(from) => Some(self.probe_floor(partitions, from, floor.probe_upto).await),
                 None => None,
             }
         };

@@ -186,7 +186,9 @@ async fn a_dead_letter_retried_below_the_floor_is_delivered() {
         relay.log_tail(30)
     );
     assert!(
-        !collector.distinct_ids().contains(&dead.message_id.to_string()),
+        !collector
+            .distinct_ids()
+            .contains(&dead.message_id.to_string()),
         "a parked row was published"
     );
 
@@ -198,9 +200,7 @@ async fn a_dead_letter_retried_below_the_floor_is_delivered() {
         .await;
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     // Found by a sweep; nothing else needs to happen meanwhile.
-    collector
-        .wait_for_ids(&ids_of(&[dead]), SWEEP * 6)
-        .await;
+    collector.wait_for_ids(&ids_of(&[dead]), SWEEP * 6).await;
     relay.assert_running();
 }
 
@@ -242,9 +242,7 @@ async fn a_low_id_committed_late_is_never_skipped() {
     open_tx.commit().await.expect("commit the late row");
     // Nothing else is written: the relay finds it by itself (notification,
     // heartbeat poll, or at the latest a sweep).
-    collector
-        .wait_for_ids(&ids_of(&[late]), SWEEP * 6)
-        .await;
+    collector.wait_for_ids(&ids_of(&[late]), SWEEP * 6).await;
     relay.assert_running();
 }
 
@@ -275,7 +273,11 @@ async fn rows_replayed_below_the_floor_arrive_in_order_per_key() {
         logged_floor(&relay) > last_keyed
     })
     .await;
-    assert!(moved, "the floor never passed the keyed rows\n{}", relay.log_tail(30));
+    assert!(
+        moved,
+        "the floor never passed the keyed rows\n{}",
+        relay.log_tail(30)
+    );
 
     // Replayed while new rows of the same keys keep coming above the floor.
     let arrived_before = collector.len();

@@ -8,10 +8,11 @@
 //! after a higher one, so the floor only moves in two steps:
 //!
 //! 1. A probe (one statement: one snapshot, then the lock table) reads the
-//!    first pending id of this relay's partitions at or above the floor, and
-//!    the transactions that hold a write lock on the outbox table. The first
-//!    pending id (or, with none, one past the highest id claimed so far)
-//!    becomes a candidate, waiting for those transactions.
+//!    first pending id of this relay's partitions from the floor up to one
+//!    past the highest id claimed so far (every lower id was drawn before
+//!    that claim's snapshot), and the transactions that hold a write lock on
+//!    the outbox table. That id (or, with none, the bound) becomes a
+//!    candidate, waiting for those transactions.
 //! 2. Once a probe no longer sees any of them, every id below the candidate
 //!    belongs to a transaction that has ended (the lock is taken before the
 //!    id is drawn and kept to the transaction's end), so the next probe's
@@ -41,8 +42,10 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
 pub struct Probe {
     /// The floor the probe searched from.
     pub from: i64,
-    /// The first pending id (due or not) of the relay's partitions at or
-    /// above `from`, in the probe's snapshot.
+    /// Where it stopped: one past the highest id claimed so far.
+    pub upto: i64,
+    /// The first pending id (due or not) of the relay's partitions in
+    /// `from..upto`, in the probe's snapshot.
     pub first_pending: Option<i64>,
     /// Transactions (virtual ids) holding a write lock on the outbox table,
     /// read after the snapshot was taken.
@@ -59,6 +62,10 @@ pub struct FloorPlan {
     pub claim_from: i64,
     /// Run a probe from this floor beside the claim.
     pub probe_from: Option<i64>,
+    /// The probe stops here: every lower id was drawn before a claim's
+    /// snapshot, and the walk stays short when the relay's partitions have
+    /// nothing pending among many other rows.
+    pub probe_upto: i64,
 }
 
 #[derive(Debug)]
@@ -130,6 +137,7 @@ impl ClaimFloor {
         FloorPlan {
             claim_from,
             probe_from,
+            probe_upto: self.max_seen + 1,
         }
     }
 
@@ -172,7 +180,7 @@ impl ClaimFloor {
                 return;
             }
         }
-        let id = probe.first_pending.unwrap_or(self.max_seen + 1);
+        let id = probe.first_pending.unwrap_or(probe.upto);
         if id > self.floor {
             let cleared = probe.writers.is_empty();
             self.candidate = Some(Candidate {
@@ -191,6 +199,7 @@ mod tests {
     fn probe(from: i64, first_pending: Option<i64>, writers: &[&str]) -> Probe {
         Probe {
             from,
+            upto: 1_000,
             first_pending,
             writers: writers.iter().map(|w| w.to_string()).collect(),
             ids_cached: false,
@@ -237,8 +246,11 @@ mod tests {
         let mut f = floor_at(now);
         let plan = f.plan(&[0, 1], now);
         f.claimed(plan, 1, 500);
-        f.probed(probe(0, None, &[]));
-        f.probed(probe(0, None, &[]));
+        let plan = f.plan(&[0, 1], now + PROBE_EVERY);
+        assert_eq!(plan.probe_upto, 501);
+        let upto = |p: Probe| Probe { upto: 501, ..p };
+        f.probed(upto(probe(0, None, &[])));
+        f.probed(upto(probe(0, None, &[])));
         assert_eq!(f.floor(), 501);
         // Never lower than it was.
         f.probed(probe(501, Some(700), &[]));

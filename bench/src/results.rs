@@ -134,6 +134,11 @@ pub(crate) enum AppKind {
     MultiRow,
     /// Single-row transactions paced to a fixed rate: latency.
     Paced,
+    /// Single-row transactions with the relay stopped: what the relay's
+    /// objects (trigger, indexes) cost on their own.
+    SingleRowRelayStopped,
+    /// Transactions of several rows with the relay stopped.
+    MultiRowRelayStopped,
 }
 
 /// One side of an application-cost comparison (the outbox table, or its copy).

@@ -32,6 +32,10 @@ type AppResults = (
 
 impl Bench {
     pub(crate) async fn app_phase(&self) -> AppResults {
+        let stopped = [
+            AppKind::SingleRowRelayStopped,
+            AppKind::MultiRowRelayStopped,
+        ];
         let kinds = [AppKind::SingleRow, AppKind::MultiRow, AppKind::Paced];
         let mut notes = Vec::new();
         let set_up = async {
@@ -69,11 +73,24 @@ impl Bench {
             }
         };
         let mut out = Vec::new();
+        // First with the relay stopped: the objects' own cost. The relay,
+        // started next, publishes what these sides wrote before the others run.
+        for (i, kind) in stopped.into_iter().enumerate() {
+            let r = self
+                .app_compare(None, kind, i % 2 == 0)
+                .await
+                .map_err(|e| format!("{e:#}"));
+            match &r {
+                Ok(c) => progress!("app {kind:?}: {c:?}"),
+                Err(e) => progress!("app {kind:?} FAILED: {e}"),
+            }
+            out.push((kind, r));
+        }
         let mut claims = None;
         match self.relay.spawn(&self.args.database_url, SCHEMA, "app") {
             Err(e) => {
                 let e = format!("{e:#}");
-                out = kinds.iter().map(|&k| (k, Err(e.clone()))).collect();
+                out.extend(kinds.iter().map(|&k| (k, Err(e.clone()))));
             }
             Ok(mut relay) => {
                 let ready = async {
@@ -81,19 +98,20 @@ impl Bench {
                     relay
                         .wait_ready(partitions, Duration::from_secs(30))
                         .await?;
+                    self.wait_no_pending(SCHEMA, CATCH_UP).await?;
                     relay.scrape().await
                 }
                 .await;
                 match ready {
                     Err(e) => {
                         let e = format!("{e:#}");
-                        out = kinds.iter().map(|&k| (k, Err(e.clone()))).collect();
+                        out.extend(kinds.iter().map(|&k| (k, Err(e.clone()))));
                     }
                     Ok(scrape_start) => {
                         // Alternating which side goes first: neither always
                         // meets the larger tables and the WAL of the other.
                         for (i, kind) in kinds.into_iter().enumerate() {
-                            let r = self.app_compare(&mut relay, kind, i % 2 == 0).await;
+                            let r = self.app_compare(Some(&mut relay), kind, i % 2 == 0).await;
                             let r = match r {
                                 Ok(c) => Ok(c),
                                 Err(e) => Err(format!(
@@ -155,7 +173,7 @@ impl Bench {
 
     async fn app_compare(
         &self,
-        relay: &mut RelayProc,
+        mut relay: Option<&mut RelayProc>,
         kind: AppKind,
         messages_first: bool,
     ) -> Result<AppCompare> {
@@ -167,7 +185,7 @@ impl Bench {
             ["messages_copy", "messages"]
         };
         for table in order {
-            let side = self.app_side(relay, kind, table).await?;
+            let side = self.app_side(relay.as_deref_mut(), kind, table).await?;
             progress!("app {kind:?} {table}: {:?}", side.load);
             if table == "messages" {
                 messages = Some(side);
@@ -175,7 +193,7 @@ impl Bench {
                 copy = Some(side);
             }
             // A pause between the sides: the last commits' WAL flushed, the
-            // relay idle again.
+            // relay (if running) idle again.
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         match (messages, copy) {
@@ -188,14 +206,19 @@ impl Bench {
         }
     }
 
-    async fn app_side(&self, relay: &mut RelayProc, kind: AppKind, table: &str) -> Result<AppSide> {
+    async fn app_side(
+        &self,
+        mut relay: Option<&mut RelayProc>,
+        kind: AppKind,
+        table: &str,
+    ) -> Result<AppSide> {
         let keys = Keys {
             partition_keys: self.args.keyed_partition_keys,
             routing_keys: self.args.keyed_routing_keys,
         };
         let (rows, rate) = match kind {
-            AppKind::SingleRow => (1, None),
-            AppKind::MultiRow => (self.args.app_rows, None),
+            AppKind::SingleRow | AppKind::SingleRowRelayStopped => (1, None),
+            AppKind::MultiRow | AppKind::MultiRowRelayStopped => (self.args.app_rows, None),
             AppKind::Paced => (1, Some(self.args.app_rate)),
         };
         let name = format!(
@@ -204,10 +227,18 @@ impl Bench {
                 AppKind::SingleRow => "single",
                 AppKind::MultiRow => "multi",
                 AppKind::Paced => "paced",
+                AppKind::SingleRowRelayStopped => "single-relay-stopped",
+                AppKind::MultiRowRelayStopped => "multi-relay-stopped",
             }
         );
-        let before = relay.scrape().await?;
-        let cpu_before = relay.cpu().unwrap_or_default();
+        let before = match relay.as_deref_mut() {
+            Some(relay) => Some(relay.scrape().await?),
+            None => None,
+        };
+        let cpu_before = relay
+            .as_deref()
+            .and_then(RelayProc::cpu)
+            .unwrap_or_default();
         let t0 = Instant::now();
         let load = self
             .pgbench(&Load {
@@ -224,7 +255,10 @@ impl Bench {
                 transactions: None,
             })
             .await?;
-        let cpu_after = relay.cpu().unwrap_or_default();
+        let cpu_after = relay
+            .as_deref()
+            .and_then(RelayProc::cpu)
+            .unwrap_or_default();
         let wall = t0.elapsed().as_secs_f64();
         if load.failed > 0 || load.transactions == 0 {
             bail!(
@@ -236,16 +270,26 @@ impl Bench {
         }
         let ended = Instant::now();
         let pending_at_end = self.pending(SCHEMA).await?;
-        let zero_at = self.wait_no_pending(SCHEMA, CATCH_UP).await?;
-        if let Some(status) = relay.exited() {
-            bail!("the relay exited during {name}: {status}");
-        }
-        let after = relay.scrape().await?;
+        let (catch_up_s, claims) = match (relay, before) {
+            (Some(relay), Some(before)) => {
+                let zero_at = self.wait_no_pending(SCHEMA, CATCH_UP).await?;
+                if let Some(status) = relay.exited() {
+                    bail!("the relay exited during {name}: {status}");
+                }
+                let after = relay.scrape().await?;
+                (
+                    zero_at.saturating_duration_since(ended).as_secs_f64(),
+                    claim_stats(&before, &after),
+                )
+            }
+            // The relay is stopped: the rows wait for it.
+            _ => (0.0, None),
+        };
         Ok(AppSide {
             load,
             pending_at_end,
-            catch_up_s: zero_at.saturating_duration_since(ended).as_secs_f64(),
-            claims: claim_stats(&before, &after),
+            catch_up_s,
+            claims,
             relay_cpu_pct: ((cpu_after.0 + cpu_after.1) - (cpu_before.0 + cpu_before.1)) as f64
                 / self.clk_tck
                 / wall

@@ -7,6 +7,7 @@ use std::{collections::VecDeque, sync::Arc, time::SystemTime};
 
 use tokio::time::Instant;
 
+use super::action::{action, Action, Fault, Trouble};
 use crate::{
     backoff::retry_delay,
     bounded::{BoundedSet, ExpiringMap},
@@ -29,15 +30,6 @@ const ACCESS_REFUSED: u16 = 403;
 /// How long rows to an exchange the broker refused go out alone.
 const REFUSED_EXCHANGE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// What the broker side needs before anything more is sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Trouble {
-    /// The publishing channel is closed or cannot be trusted: a new one.
-    Channel,
-    /// The connection is lost, stalled or cannot be trusted: a new one.
-    Connection,
-}
-
 /// Why a claimed row was not sent.
 #[derive(Debug)]
 pub enum NotSent {
@@ -46,12 +38,16 @@ pub enum NotSent {
     LeaseLost,
     /// The broker side broke before it went: it stays pending, uncharged.
     Deferred,
-    /// It cannot go as it is: charged (or parked at once) with the reason.
-    Refused {
-        error: String,
-        reason: FailureReason,
-        park: bool,
-    },
+    /// It cannot go as it is: charged, or parked at once, as the table says
+    /// for `fault`.
+    Refused { error: String, fault: Fault },
+}
+
+/// The ids the relay holds when a claim starts, for the claim to go around.
+pub struct HeldAround {
+    pub window: HeldWindow,
+    /// Key -> last id held.
+    pub held_ids: serde_json::Value,
 }
 
 /// What the ledger remembers of a published row until its confirm is booked.
@@ -119,9 +115,14 @@ impl<C> Ledger<C> {
     // -- claiming ---------------------------------------------------------
 
     /// A claim starts: failures are recorded by now, so the claim query
-    /// itself holds their keys' later rows.
-    pub fn new_claim(&mut self) {
+    /// itself holds their keys' later rows. Returns the ids the relay holds,
+    /// for the claim to go around them.
+    pub fn new_claim(&mut self) -> HeldAround {
         self.order.new_claim();
+        HeldAround {
+            window: self.held_window(),
+            held_ids: self.held_ids(),
+        }
     }
 
     /// The ids the relay holds, for the next claim to go around them.
@@ -205,31 +206,46 @@ impl<C> Ledger<C> {
     /// An admitted row that was not sent.
     pub fn not_sent(&mut self, row: &OutboxRow, why: NotSent) {
         match why {
-            NotSent::LeaseLost => {
-                self.metrics.failure(FailureReason::LeaseLost);
-                self.order.failed(row.partition_key.as_deref());
-            }
-            NotSent::Deferred => self.order.failed(row.partition_key.as_deref()),
-            NotSent::Refused {
+            NotSent::LeaseLost => self.leave_pending(row, Fault::LeaseLost),
+            NotSent::Deferred => self.leave_pending(row, Fault::BrokerUnusable),
+            NotSent::Refused { error, fault } => self.charge(
+                row.id,
+                row.partition_key.as_deref(),
+                row.attempts,
                 error,
-                reason,
-                park,
-            } => {
-                self.metrics.failure(reason);
-                if park {
-                    tracing::warn!(id = row.id, reason = %error, "parking outbox row as a dead letter");
-                    self.order.parked(row.partition_key.as_deref());
-                } else {
-                    self.order.failed(row.partition_key.as_deref());
-                }
-                self.failures.push(Failure {
-                    id: row.id,
-                    error,
-                    retry_in: retry_delay(row.attempts),
-                    park_now: park,
-                });
-            }
+                fault,
+            ),
         }
+    }
+
+    /// A row that stays pending, uncharged, as the table says for `fault`;
+    /// its key's later rows wait.
+    fn leave_pending(&mut self, row: &OutboxRow, fault: Fault) {
+        if let Some(reason) = fault.reason() {
+            self.metrics.failure(reason);
+        }
+        self.order.failed(row.partition_key.as_deref());
+    }
+
+    /// Charges a row for `fault`: parked at once or retried later, as the
+    /// table says; its key's later rows wait either way.
+    fn charge(&mut self, id: i64, key: Option<&str>, attempts: i32, error: String, fault: Fault) {
+        if let Some(reason) = fault.reason() {
+            self.metrics.failure(reason);
+        }
+        let park = action(fault) == Action::Park;
+        if park {
+            tracing::warn!(id, reason = %error, "parking outbox row as a dead letter");
+            self.order.parked(key);
+        } else {
+            self.order.failed(key);
+        }
+        self.failures.push(Failure {
+            id,
+            error,
+            retry_in: retry_delay(attempts),
+            park_now: park,
+        });
     }
 
     // -- the broker's answers ---------------------------------------------
@@ -272,7 +288,7 @@ impl<C> Ledger<C> {
                 // closed it. Charged, and from now on always sent alone.
                 self.suspects.remove(&row.id);
                 self.culprits.insert(row.id);
-                let (error, reason) = if code == Some(ACCESS_REFUSED) {
+                let (error, fault) = if code == Some(ACCESS_REFUSED) {
                     // Other rows to this exchange would close the channel
                     // too, taking their neighbours with them: alone for a while.
                     self.refused_exchanges
@@ -287,7 +303,7 @@ impl<C> Ledger<C> {
                             "RabbitMQ refused outbox row {} ({reason}): grant the relay's user write access to exchange '{exchange}' (the write pattern of `rabbitmqctl set_permissions`), or fix the row's exchange",
                             row.id
                         ),
-                        FailureReason::AccessRefused,
+                        Fault::AccessRefusedAlone,
                     )
                 } else {
                     (
@@ -295,26 +311,19 @@ impl<C> Ledger<C> {
                             "the broker closed the channel when outbox row {} was published alone: {reason}",
                             row.id
                         ),
-                        FailureReason::ChannelClosed,
+                        Fault::ClosedChannelAlone,
                     )
                 };
-                self.not_sent(
-                    row,
-                    NotSent::Refused {
-                        error,
-                        reason,
-                        park: false,
-                    },
-                );
-                self.note_trouble(Trouble::Channel);
+                self.not_sent(row, NotSent::Refused { error, fault });
+                self.note_fault(fault);
             }
             Err(BrokerFault::ConnectionLost { reason }) => {
                 // Says nothing about the row (a lost or stalled connection, a
                 // timeout, a long broker alarm): not charged, still a suspect.
                 tracing::warn!(id = row.id, reason = %reason, "connection trouble while a suspect row was published alone; it stays pending");
                 self.metrics.failure(FailureReason::ConnectionLost);
-                self.reset(FailureReason::ConnectionLost);
-                self.note_trouble(Trouble::Connection);
+                self.reset(Fault::ConnectionLost);
+                self.note_fault(Fault::ConnectionLost);
             }
         }
     }
@@ -329,23 +338,26 @@ impl<C> Ledger<C> {
             reason = %fault.reason(),
             "broker closed the channel or connection; unconfirmed rows stay pending and are republished"
         );
-        match fault {
-            BrokerFault::ChannelClosed { .. } => {
-                self.suspects.extend(culprit_hint);
-                self.reset(FailureReason::ChannelClosed);
-                self.note_trouble(Trouble::Channel);
-            }
-            BrokerFault::ConnectionLost { .. } => {
-                self.reset(FailureReason::ConnectionLost);
-                self.note_trouble(Trouble::Connection);
-            }
+        let fault = match fault {
+            BrokerFault::ChannelClosed { .. } => Fault::ChannelClosed,
+            BrokerFault::ConnectionLost { .. } => Fault::ConnectionLost,
+        };
+        if action(fault) == Action::NewChannel {
+            self.suspects.extend(culprit_hint);
         }
+        self.reset(fault);
+        self.note_fault(fault);
     }
 
-    /// The broker side needs a new channel or connection (the exchange check
-    /// failed, a publish could not be handed over).
-    pub fn note_trouble(&mut self, trouble: Trouble) {
-        self.trouble = self.trouble.max(Some(trouble));
+    /// The broker side needs what the table says for `fault` (a new channel
+    /// or connection) before anything more is sent.
+    pub fn note_fault(&mut self, fault: Fault) {
+        self.trouble = self.trouble.max(action(fault).trouble());
+    }
+
+    /// What the broker side needs, without taking it.
+    pub fn trouble(&self) -> Option<Trouble> {
+        self.trouble
     }
 
     /// What the broker side needs, once: the driver acts on it.
@@ -354,11 +366,15 @@ impl<C> Ledger<C> {
     }
 
     /// Everything in flight or waiting goes back to pending and the key
-    /// bookkeeping starts over: the publisher (or its channel) is replaced.
-    pub fn reset(&mut self, label: FailureReason) {
+    /// bookkeeping starts over: the publisher (or its channel) is replaced
+    /// after `fault`. Rows in flight become suspects when the table says so.
+    pub fn reset(&mut self, fault: Fault) {
+        let suspect = action(fault) == Action::NewChannel;
         for f in self.in_flight.drain(..) {
-            self.metrics.failure(label);
-            if label == FailureReason::ChannelClosed {
+            if let Some(label) = fault.reason() {
+                self.metrics.failure(label);
+            }
+            if suspect {
                 self.suspects.insert(f.sent.id);
             }
         }
@@ -367,7 +383,7 @@ impl<C> Ledger<C> {
 
     /// Books an answer that speaks about its own row.
     fn book(&mut self, sent: Sent, verdict: Verdict) {
-        let (reason, error) = match verdict {
+        let (fault, error) = match verdict {
             Verdict::Delivered => {
                 self.order.acked(sent.partition_key.as_deref());
                 self.metrics
@@ -380,28 +396,32 @@ impl<C> Ledger<C> {
                 return;
             }
             Verdict::Unroutable { reply } => (
-                FailureReason::Unroutable,
+                Fault::Unroutable,
                 format!(
                     "unroutable: the broker returned outbox row {} ({reply}): no queue took it: none is bound for its exchange and routing key, or the one bound is a classic queue on a node that is down; bind one (replicated: a quorum queue), or set allow-unroutable",
                     sent.id
                 ),
             ),
             Verdict::Nacked => (
-                FailureReason::Nack,
+                Fault::Nacked,
                 format!("the broker nacked outbox row {} (it could not store it)", sent.id),
             ),
         };
-        self.metrics.failure(reason);
-        self.order.failed(sent.partition_key.as_deref());
-        self.failures.push(Failure {
-            id: sent.id,
+        self.charge(
+            sent.id,
+            sent.partition_key.as_deref(),
+            sent.attempts,
             error,
-            retry_in: retry_delay(sent.attempts),
-            park_now: false,
-        });
+            fault,
+        );
     }
 
     // -- writing ----------------------------------------------------------
+
+    /// No acked ids to mark and no failures to record.
+    pub fn nothing_to_write(&self) -> bool {
+        self.acked.is_empty() && self.failures.is_empty()
+    }
 
     /// Acked ids not yet marked.
     pub fn marks(&self) -> &[i64] {

@@ -1,20 +1,13 @@
-//! The sending half of the driver: claim a batch (with the marks in the same
-//! round trip), check each row, hand the batch to the broker, and send
-//! suspects alone.
+//! Sending: check each claimed row (lease, shape, exchange), hand the checked
+//! rows to the broker in one batch, and send suspects and culprits alone.
 
-use tokio::time::Instant;
-
-use super::{
-    ledger::{NotSent, Trouble},
-    Relay, CONFIRM_TIMEOUT, PAYLOAD_BUDGET, RESCAN_EVERY,
-};
+use super::{action::Fault, confirm::CONFIRM_TIMEOUT, ledger::NotSent, Relay};
 use crate::{
     leases::LeaseState,
-    metrics::FailureReason,
     publisher::{self, BrokerFault},
     rows::OutboxRow,
-    store::ClaimLimits,
 };
+use tokio::time::Instant;
 
 /// What the checks say about an admitted row.
 enum Checked {
@@ -24,6 +17,14 @@ enum Checked {
     /// Charged, parked or given up for now; the next row may go.
     Skip,
     /// The broker side is broken: stop publishing.
+    Broken,
+}
+
+/// Why a row did not pass its checks.
+enum Failed {
+    /// The row itself: charged or parked, as the table says for the fault.
+    Row(Fault, String),
+    /// The broker side is broken.
     Broken,
 }
 
@@ -51,77 +52,8 @@ impl Relay {
         }
     }
 
-    /// Writes acked marks and failures, claims the next batch in the same round
-    /// trip, and publishes it.
-    pub(super) async fn claim_and_publish(&mut self, limit: usize) {
-        let lease = self.leases.borrow().clone();
-        if lease.partitions.is_empty() || !lease.is_current() {
-            self.more = false;
-            return;
-        }
-        if !self.ledger.failures().is_empty() && !self.record_failures().await {
-            return;
-        }
-        self.ledger.new_claim();
-        let Some(store) = &self.store else { return };
-        let window = self.ledger.held_window();
-        if window.highest == 0 {
-            self.rescan_at = Instant::now() + RESCAN_EVERY;
-        }
-        let keep = !self.cfg.retention.is_zero();
-        let limits = ClaimLimits {
-            rows: limit,
-            max_payload_bytes: self.cfg.max_payload_bytes,
-            max_header_bytes: self.cfg.max_header_bytes,
-            payload_budget: PAYLOAD_BUDGET.saturating_sub(self.ledger.queued_bytes()),
-        };
-        let started = Instant::now();
-        let floor = self.floor.plan(&lease.partitions, started);
-        let result = store
-            .mark_then_claim(
-                self.ledger.marks(),
-                keep,
-                &lease.partitions,
-                window,
-                &self.ledger.held_ids(),
-                limits,
-                floor,
-            )
-            .await;
-        self.metrics
-            .claim_duration
-            .observe(started.elapsed().as_secs_f64());
-        let (rows, probe) = match result {
-            Ok((_, claim, probe)) => {
-                self.statement_backoff = None;
-                self.ledger.marks_written(!keep);
-                self.more = claim.more;
-                (claim.rows, probe)
-            }
-            Err(e) => {
-                self.database_error(e);
-                return;
-            }
-        };
-        // The claim's rows first: the probe ran after the claim.
-        let was = self.floor.floor();
-        if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
-            self.floor.claimed(floor, first.id, last.id);
-        }
-        match probe {
-            Some(Ok(probe)) => self.floor.probed(probe),
-            // The floor just stays where it is; a lost connection shows in
-            // the next statement.
-            Some(Err(e)) => tracing::debug!(error = %e, "the claim floor's probe failed"),
-            None => {}
-        }
-        if self.floor.floor() != was {
-            tracing::debug!(floor = self.floor.floor(), was, "claim floor moved");
-        }
-        let Some(last) = rows.last() else { return };
-        self.ledger.claimed(window, last.id);
-        let steady = self.idle.found_rows();
-        self.metrics.batch_size.observe(rows.len() as f64);
+    /// Checks the claimed rows and publishes them.
+    pub(super) async fn send_claimed(&mut self, rows: Vec<OutboxRow>, lease: &LeaseState) {
         // Checked rows are handed to the broker together: one wake-up of the
         // connection's I/O thread per batch instead of one per message.
         let mut batch = Vec::with_capacity(rows.len());
@@ -130,12 +62,12 @@ impl Relay {
             let Some(row) = self.ledger.admit(row) else {
                 continue;
             };
-            match self.check_row(row, &lease).await {
+            match self.check_row(row, lease).await {
                 Checked::Send(row, prepared) => batch.push((row, prepared)),
                 Checked::Skip => {}
                 Checked::Alone(row, prepared) => {
-                    if !self.send_batch(std::mem::take(&mut batch), &lease).await
-                        || !self.publish_alone(row, prepared, &lease).await
+                    if !self.send_batch(std::mem::take(&mut batch), lease).await
+                        || !self.publish_alone(row, prepared, lease).await
                     {
                         broken = true;
                         break;
@@ -147,15 +79,10 @@ impl Relay {
                 }
             }
         }
-        if broken || !self.send_batch(batch, &lease).await {
+        if broken || !self.send_batch(batch, lease).await {
             // The broker side broke: what is not sent stays pending and comes
             // back once the publisher is replaced (which resets the keys).
             self.more = true;
-        }
-        // Rows came at once after the relay began to wait: stop asking for
-        // notifications (after this batch is on its way).
-        if steady && self.cfg.listen {
-            self.flag_idle(false).await;
         }
     }
 
@@ -176,51 +103,41 @@ impl Relay {
         if self.lease_until(&row, lease).is_none() {
             return Checked::Skip;
         }
-        let prepared = match publisher::prepare(&row) {
-            Ok(p) => p,
-            Err(error) => {
-                let why = NotSent::Refused {
-                    error,
-                    reason: FailureReason::InvalidRow,
-                    park: true,
-                };
-                self.ledger.not_sent(&row, why);
-                return Checked::Skip;
+        match self.check_shape_and_exchange(&row).await {
+            Ok(prepared) if self.ledger.goes_alone(&row) => Checked::Alone(row, prepared),
+            Ok(prepared) => Checked::Send(row, prepared),
+            Err(Failed::Row(fault, error)) => {
+                self.ledger
+                    .not_sent(&row, NotSent::Refused { error, fault });
+                Checked::Skip
             }
-        };
-        let Some(publisher) = self.publisher.as_mut() else {
-            return Checked::Broken;
-        };
-        if let Err(error) = publisher.check_header_frame(&row, &prepared) {
-            let why = NotSent::Refused {
-                error,
-                reason: FailureReason::InvalidRow,
-                park: true,
-            };
-            self.ledger.not_sent(&row, why);
-            return Checked::Skip;
+            Err(Failed::Broken) => Checked::Broken,
         }
-        match publisher.check_exchange(&row).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                let why = NotSent::Refused {
-                    error,
-                    reason: FailureReason::ExchangeNotFound,
-                    park: false,
-                };
-                self.ledger.not_sent(&row, why);
-                return Checked::Skip;
-            }
+    }
+
+    /// The row's shape (its headers against the broker's frame too), then
+    /// its exchange.
+    async fn check_shape_and_exchange(
+        &mut self,
+        row: &OutboxRow,
+    ) -> Result<publisher::Prepared, Failed> {
+        let prepared =
+            publisher::prepare(row).map_err(|error| Failed::Row(Fault::InvalidRow, error))?;
+        let Some(publisher) = self.publisher.as_mut() else {
+            return Err(Failed::Broken);
+        };
+        publisher
+            .check_header_frame(row, &prepared)
+            .map_err(|error| Failed::Row(Fault::InvalidRow, error))?;
+        match publisher.check_exchange(row).await {
+            Ok(Ok(())) => Ok(prepared),
+            Ok(Err(error)) => Err(Failed::Row(Fault::ExchangeNotFound, error)),
             Err(e) => {
                 tracing::warn!(error = %e, "exchange check failed; reconnecting to the broker");
-                self.ledger.note_trouble(Trouble::Connection);
-                return Checked::Broken;
+                self.ledger.note_fault(Fault::ConnectionLost);
+                Err(Failed::Broken)
             }
         }
-        if self.ledger.goes_alone(&row) {
-            return Checked::Alone(row, prepared);
-        }
-        Checked::Send(row, prepared)
     }
 
     /// Hands checked rows to the broker in one go; each becomes in flight.
@@ -278,15 +195,12 @@ impl Relay {
         };
         // Another row may have broken the channel meanwhile: then this one is
         // no wiser than before and must not be charged for it.
-        let trouble = self.ledger.take_trouble();
+        let trouble = self.ledger.trouble();
         let usable = self
             .publisher
             .as_ref()
             .filter(|p| trouble.is_none() && p.is_connected() && p.channel_usable());
         let Some(publisher) = usable else {
-            if let Some(t) = trouble {
-                self.ledger.note_trouble(t);
-            }
             self.ledger.not_sent(&row, NotSent::Deferred);
             return false;
         };

@@ -186,8 +186,7 @@ fn parked_rows_let_their_key_go_on() {
         &bad,
         NotSent::Refused {
             error: "headers".into(),
-            reason: FailureReason::InvalidRow,
-            park: true,
+            fault: Fault::InvalidRow,
         },
     );
     assert!(l.failures()[0].park_now);

@@ -400,14 +400,18 @@ impl Store {
         // key inside the window that the relay does not hold (it committed
         // late): $4 maps key -> last id held. (Below the window every earlier
         // row of its key is claimable itself, so it comes first in this claim.)
-        // `id + 0`: the probe goes through the (partition_key, id) index, never
-        // an id range of the pending index, whatever the statistics say.
+        // The bounds are row comparisons on (partition_key, id): the probe goes
+        // through the (partition_key, id) index, starting past the key's last
+        // held id and the claim floor $9 (not at the key's first dead entry),
+        // and never an id range of the pending index, whatever the statistics
+        // say.
         let late_first = format!(
             "($2 = 0 OR m.partition_key IS NULL OR NOT EXISTS (
                   SELECT 1 FROM {s}.messages p
                    WHERE p.partition_key = m.partition_key
-                     AND p.id + 0 > coalesce(($4::jsonb ->> m.partition_key)::bigint, 0)
-                     AND p.id + 0 <= $2 AND p.id + 0 < m.id
+                     AND (p.partition_key, p.id) > (m.partition_key,
+                         greatest(coalesce(($4::jsonb ->> m.partition_key)::bigint, 0), $9 - 1))
+                     AND (p.partition_key, p.id) < (m.partition_key, least($2 + 1, m.id))
                      AND {}))",
             predicates::pending("p")
         );

@@ -17,6 +17,11 @@ use crate::{
 /// idle relay costs the database next to nothing).
 const STATS_EVERY: Duration = Duration::from_secs(5);
 const STATS_IDLE_EVERY: Duration = Duration::from_secs(60);
+/// Statistics take at most about this share of the time: they count pending
+/// rows through the pending index, and while a snapshot held elsewhere keeps
+/// every relayed row's dead entry there, one reading can take a second. Then
+/// they are refreshed less often (the gauges' freshness follows).
+const STATS_SHARE: u32 = 10;
 /// A reading is exported until its next refresh is this late, then it is
 /// dropped: a silent database (no reset, no answer) must not leave a stale
 /// backlog, or an age growing from a stale `created_at`, on /metrics.
@@ -70,31 +75,38 @@ impl HousekeepingTask {
     async fn converse(&mut self, session: &Session) -> Result<(), store::StoreError> {
         let statements = Housekeeping::prepare(session, &self.cfg.conn.schema).await?;
         let mut retention = RetentionClock::default();
-        let mut last_stats: Option<(Instant, u64, i64)> = None;
+        // When, what had been published then, what was pending, how long
+        // the reading took.
+        let mut last_stats: Option<(Instant, u64, i64, Duration)> = None;
         loop {
             let published = self.metrics.published.get();
             // A closed connection is found by the next statement, at once.
             let stale = session.is_closed()
-                || last_stats.is_none_or(|(at, seen, pending)| {
+                || last_stats.is_none_or(|(at, seen, pending, took)| {
                     let since = at.elapsed();
-                    since >= STATS_IDLE_EVERY
-                        || (since >= STATS_EVERY && (pending > 0 || seen != published))
+                    since >= STATS_IDLE_EVERY.max(took * STATS_SHARE)
+                        || (since >= STATS_EVERY.max(took * STATS_SHARE)
+                            && (pending > 0 || seen != published))
                 });
             if stale {
+                let started = Instant::now();
                 let stats = statements.backlog(session).await?;
-                // Refreshed within STATS_EVERY while rows are pending or flowing.
+                let took = started.elapsed();
+                // Refreshed within STATS_EVERY while rows are pending or
+                // flowing (unless a reading takes longer than its share).
                 let next = if stats.pending > 0 {
                     STATS_EVERY
                 } else {
                     STATS_IDLE_EVERY
-                };
+                }
+                .max(took * STATS_SHARE);
                 self.metrics.set_backlog(
                     stats.pending,
                     stats.oldest_pending_created_at,
                     stats.dead_lettered,
                     next + STATS_SLACK,
                 );
-                last_stats = Some((Instant::now(), published, stats.pending));
+                last_stats = Some((Instant::now(), published, stats.pending, took));
             }
             if !self.cfg.retention.is_zero() && retention.due(self.metrics.published.get()) {
                 // Batch after batch (short locks each) until caught up or the

@@ -113,6 +113,7 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub confirm_duration: Histogram,
     pub claim_duration: Histogram,
+    pub mark_duration: Histogram,
     pub partitions_owned: Gauge,
     /// 1 while the relay cannot publish and leaves every partition to others.
     pub partitions_handed_off: Gauge,
@@ -196,8 +197,14 @@ impl Metrics {
         let claim_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         registry.register(
             "claim_duration_seconds",
-            "One claim statement (with the marks sent in the same round trip)",
+            "One claim statement (from the answer of the marks sent before it in the same round trip)",
             claim_duration.clone(),
+        );
+        let mark_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        registry.register(
+            "mark_duration_seconds",
+            "Marking confirmed rows published: the first statement of a claim's round trip",
+            mark_duration.clone(),
         );
         let partitions_owned = Gauge::default();
         registry.register(
@@ -300,6 +307,7 @@ impl Metrics {
             batch_size,
             confirm_duration,
             claim_duration,
+            mark_duration,
             partitions_owned,
             partitions_handed_off,
             broker_connected,
@@ -627,6 +635,7 @@ mod tests {
             "outbox_relay_batch_size_bucket",
             "outbox_relay_confirm_duration_seconds_bucket",
             "outbox_relay_claim_duration_seconds_bucket",
+            "outbox_relay_mark_duration_seconds_bucket",
             "outbox_relay_partitions_owned",
             "outbox_relay_broker_connected",
             "outbox_relay_database_connected",

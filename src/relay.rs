@@ -25,7 +25,7 @@ use crate::{
     leases::LeaseState,
     metrics::Metrics,
     publisher::{Confirm, Publisher},
-    store::{ClaimFloor, Store},
+    store::{ClaimFloor, SharedFloor, Store},
     wakeup::{IdlePolicy, Wakeup},
 };
 
@@ -61,6 +61,9 @@ pub struct Relay {
     rescan_at: Instant,
     /// Where claims start in the pending index: past the rows already relayed.
     floor: ClaimFloor,
+    /// The floor as the control task's heartbeat sees it, and its sweep's
+    /// answer (rows pending again below the floor).
+    shared_floor: Arc<SharedFloor>,
     db_backoff: Option<backon::ExponentialBackoff>,
     amqp_backoff: Option<backon::ExponentialBackoff>,
     /// Grows while statements of the loop keep failing; reset by a claim.
@@ -85,10 +88,12 @@ impl Relay {
         metrics: Arc<Metrics>,
         leases: watch::Receiver<LeaseState>,
         wakeup: Arc<Wakeup>,
+        shared_floor: Arc<SharedFloor>,
         stop: watch::Receiver<bool>,
         can_publish: watch::Sender<bool>,
     ) -> Self {
         Self {
+            shared_floor,
             can_publish,
             ledger: Ledger::new(metrics.clone()),
             cfg,

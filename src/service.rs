@@ -12,7 +12,7 @@ use crate::{
     leases::LeaseState,
     metrics::Metrics,
     relay::Relay,
-    store::{self, Session},
+    store::{self, Session, SharedFloor},
     wakeup::Wakeup,
 };
 
@@ -44,12 +44,14 @@ pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
     let (lease_tx, lease_rx) = watch::channel(LeaseState::default());
     let (can_publish_tx, can_publish_rx) = watch::channel(false);
     let wakeup = Arc::new(Wakeup::default());
+    let floor = Arc::new(SharedFloor::default());
     let control = tokio::spawn(
         ControlTask {
             cfg: cfg.clone(),
             metrics: metrics.clone(),
             leases: lease_tx,
             wakeup: wakeup.clone(),
+            floor: floor.clone(),
             stop: stop_rx.clone(),
             metrics_addr,
             can_publish: can_publish_rx,
@@ -70,6 +72,7 @@ pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
             metrics.clone(),
             lease_rx,
             wakeup,
+            floor,
             stop_rx,
             can_publish_tx,
         )

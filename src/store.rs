@@ -16,7 +16,7 @@ mod tls;
 mod url;
 
 pub use control::Control;
-pub use floor::{ClaimFloor, FloorPlan, Probe};
+pub use floor::{ClaimFloor, FloorPlan, Probe, SharedFloor};
 pub use housekeeping::Housekeeping;
 pub use migrations::MigrateError;
 pub use session::Session;
@@ -835,9 +835,20 @@ impl Store {
         held: &serde_json::Value,
         limits: ClaimLimits,
         floor: FloorPlan,
-    ) -> Result<(u64, Claim, Option<Result<Probe, StoreError>>), StoreError> {
-        let mark = self.mark_published(published, keep);
-        let claim = self.claim_batch(partitions, window, held, limits, floor.claim_from);
+    ) -> Result<MarkedAndClaimed, StoreError> {
+        let started = tokio::time::Instant::now();
+        // Each answer's arrival: the answers come in order, so the claim took
+        // from the marks' answer to its own.
+        let mark = async {
+            let r = self.mark_published(published, keep).await;
+            (r, tokio::time::Instant::now())
+        };
+        let claim = async {
+            let r = self
+                .claim_batch(partitions, window, held, limits, floor.claim_from)
+                .await;
+            (r, tokio::time::Instant::now())
+        };
         let probe = async {
             match floor.probe_from {
                 Some(from) => Some(self.probe_floor(partitions, from, floor.probe_upto).await),
@@ -845,9 +856,27 @@ impl Store {
             }
         };
         // join, not try_join: all three go out together, in this order.
-        let (marked, claimed, probed) = tokio::join!(mark, claim, probe);
-        Ok((marked?, claimed?, probed))
+        let ((marked, marked_at), (claimed, claimed_at), probed) = tokio::join!(mark, claim, probe);
+        marked?;
+        Ok(MarkedAndClaimed {
+            claim: claimed?,
+            probe: probed,
+            mark_took: marked_at.saturating_duration_since(started),
+            claim_took: claimed_at.saturating_duration_since(marked_at.max(started)),
+        })
     }
+}
+
+/// What one round trip of marks, claim and probe brought back.
+#[derive(Debug)]
+pub struct MarkedAndClaimed {
+    pub claim: Claim,
+    /// Only when the plan asked for a probe; its failure fails nothing else.
+    pub probe: Option<Result<Probe, StoreError>>,
+    /// From sending to the marks' answer.
+    pub mark_took: std::time::Duration,
+    /// The claim statement alone: from the marks' answer to its own.
+    pub claim_took: std::time::Duration,
 }
 
 /// The ids the relay holds lie in `lowest..=highest` (both 0 when it holds

@@ -19,8 +19,9 @@ use tokio_postgres::Client;
 /// The relay logs each move of its floor at debug level: the tests read it.
 const LOG: (&str, &str) = ("OUTBOX_LOG", "info,outbox_relay=debug");
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
-/// The relay sweeps (claims without the floor) this often; what it brings
-/// back below the floor arrives within a few of these.
+/// The relay's heartbeat sweeps (looks for due rows from the start of the
+/// table, below the floor too) this often; what it finds below the floor
+/// arrives within a few of these.
 const SWEEP: Duration = Duration::from_secs(5);
 
 async fn start_relay(env: &TestEnv) -> Relay {
@@ -55,8 +56,11 @@ async fn hold_snapshot(env: &TestEnv) -> Client {
 
 /// Index entries read by scans of the pending index so far, once the
 /// statistics every backend reports (asynchronously, about once a second
-/// when idle) have stopped changing.
+/// when idle) have settled: the idle relay's heartbeat still looks for due
+/// rows from its floor every second (a few entries each), so settled means
+/// fewer than QUIET_READS new entries over 2.5 s.
 async fn settled_pending_reads(env: &TestEnv) -> i64 {
+    const QUIET_READS: i64 = 1_000;
     let sql = format!(
         "SELECT coalesce(sum(idx_tup_read), 0)::bigint FROM pg_stat_user_indexes
           WHERE schemaname = '{}' AND indexrelname = 'messages_pending'",
@@ -68,11 +72,11 @@ async fn settled_pending_reads(env: &TestEnv) -> i64 {
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let now = env.scalar_i64(&sql).await;
-        if now != last {
+        if now - last >= QUIET_READS {
             last = now;
             stable_since = Instant::now();
         } else if stable_since.elapsed() >= Duration::from_millis(2500) {
-            return last;
+            return now;
         }
         assert!(
             Instant::now() < deadline,
@@ -128,7 +132,7 @@ async fn claims_skip_the_relayed_prefix_while_a_snapshot_is_held() {
 
     // Without a floor every claim walks the prefix: at least PREFIX entries
     // per round. With it a claim reads a few entries; what still walks the
-    // prefix is periodic: the sweep and the backlog statistics (counted
+    // prefix is periodic: the heartbeat's sweep and the backlog statistics (counted
     // entries and the oldest pending row), each at most every 5 s.
     let windows = elapsed.as_secs_f64() / 5.0;
     let periodic = ((windows.ceil() + 2.0) * 3.0 * PREFIX as f64) as i64;

@@ -2,8 +2,9 @@
 -- the relay and until when it is alive, renews its leases, takes free or
 -- expired ones up to its fair share, stops renewing the ones above it (they
 -- expire and go to a relay with fewer), and says when the next pending row of
--- its partitions is due. Returns only leases valid right now. It cannot fail
--- on a row's values. Lock order as in relay_set_idle.sql.
+-- its partitions that is not due yet becomes due. Returns only leases valid
+-- right now. It cannot fail on a row's values. Lock order as in
+-- relay_set_idle.sql.
 CREATE OR REPLACE FUNCTION relay_heartbeat(p_instance text, p_ttl interval, p_metrics_addr text,
     OUT partitions smallint[], OUT next_due_in double precision)
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
@@ -55,13 +56,16 @@ BEGIN
     -- the call's start plus ttl, which holds for these and not for lapsing ones.
     SELECT coalesce(array_agg(k.partition ORDER BY k.partition), '{}') INTO partitions
       FROM leases k WHERE k.owner = p_instance AND k.expires_at = now() + p_ttl;
-    -- Seconds until the next pending row is due, on the database's clock (may be
-    -- < 0), clamped: epochs of any finite time, never an interval overflow.
-    -- (NULL when nothing is pending: greatest/least would turn NULL into a bound.)
+    -- Seconds until the next pending row that is not yet due becomes due, on
+    -- the database's clock, clamped: epochs of any finite time, never an
+    -- interval overflow. (NULL when none: greatest/least would turn NULL into
+    -- a bound.) Only rows due later: the index range starts at now(), past the
+    -- dead entries of every row already relayed. Rows due now are the
+    -- caller's to find, from its claim floor.
     SELECT CASE WHEN min(m.available_at) IS NOT NULL THEN
                 least(greatest(date_part('epoch', min(m.available_at)) - date_part('epoch', now()),
                                -1e9), 1e9) END
       INTO next_due_in FROM messages m
-     WHERE {{pending m}} AND m.available_at IS NOT NULL
+     WHERE {{pending m}} AND m.available_at > now()
        AND m.partition = ANY(partitions);
 END $$;

@@ -46,6 +46,9 @@ impl Relay {
             payload_budget: PAYLOAD_BUDGET.saturating_sub(self.ledger.queued_bytes()),
         };
         let started = Instant::now();
+        if let Some(id) = self.shared_floor.take_lower(&lease.partitions) {
+            self.floor.lower_to(id);
+        }
         let floor = self.floor.plan(&lease.partitions, started);
         let result = store
             .mark_then_claim(
@@ -58,15 +61,18 @@ impl Relay {
                 floor,
             )
             .await;
-        self.metrics
-            .claim_duration
-            .observe(started.elapsed().as_secs_f64());
         let (rows, probe) = match result {
-            Ok((_, claim, probe)) => {
+            Ok(done) => {
+                self.metrics
+                    .claim_duration
+                    .observe(done.claim_took.as_secs_f64());
+                self.metrics
+                    .mark_duration
+                    .observe(done.mark_took.as_secs_f64());
                 self.statement_backoff = None;
                 self.ledger.marks_written(!keep);
-                self.more = claim.more;
-                (claim.rows, probe)
+                self.more = done.claim.more;
+                (done.claim.rows, done.probe)
             }
             Err(e) => {
                 self.database_error(e);
@@ -75,8 +81,8 @@ impl Relay {
         };
         // The claim's rows first: the probe ran after the claim.
         let was = self.floor.floor();
-        if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
-            self.floor.claimed(floor, first.id, last.id);
+        if let Some(last) = rows.last() {
+            self.floor.claimed(last.id);
         }
         match probe {
             Some(Ok(probe)) => self.floor.probed(probe),
@@ -88,6 +94,8 @@ impl Relay {
         if self.floor.floor() != was {
             tracing::debug!(floor = self.floor.floor(), was, "claim floor moved");
         }
+        self.shared_floor
+            .publish(&lease.partitions, self.floor.floor());
         let last = rows.last()?;
         self.ledger.claimed(window, last.id);
         Some(rows)

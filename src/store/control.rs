@@ -5,14 +5,18 @@ use std::time::Duration;
 
 use tokio_postgres::types::Type;
 
-use super::{check_schema, Session, Settings, Sql, StoreError};
+use super::{check_schema, predicates, Session, Settings, Sql, StoreError};
 
-/// What the relay's heartbeat learns: its leases, the next due row, the backlog.
+/// What the relay's heartbeat learns: its leases and its partitions' due rows.
 #[derive(Debug, Clone, Default)]
 pub struct Heartbeat {
     pub partitions: Vec<i16>,
-    /// Seconds until the next pending row of our partitions is due (<= 0: now).
+    /// Seconds until the next pending row of our partitions that is not yet
+    /// due becomes due.
     pub next_due_in: Option<f64>,
+    /// The first pending row of our partitions that is due now, from the
+    /// `from` id the heartbeat was given (see [`Control::heartbeat`]).
+    pub first_due: Option<i64>,
 }
 
 /// The control connection's statements: heartbeat and lease release. Nothing
@@ -26,23 +30,43 @@ impl Control {
     pub async fn prepare(session: &Session, schema: &str) -> Result<Self, StoreError> {
         check_schema(&session.client, schema).await?;
         Ok(Self {
+            // The first due row from $4 (the claim floor, when the leases
+            // are still the partitions $5 it is for; else from the start):
+            // through the pending index in id order, so it walks the dead
+            // entries below the floor only when asked to (a sweep).
             heartbeat: Sql::new(
                 format!(
-                    "SELECT partitions, next_due_in
-                       FROM {schema}.relay_heartbeat($1, make_interval(secs => $2::float8), $3)"
+                    "SELECT h.partitions, h.next_due_in,
+                            (SELECT m.id FROM {schema}.messages m
+                              WHERE {pending} AND m.available_at <= now()
+                                AND m.partition = ANY(h.partitions)
+                                AND m.id >= CASE WHEN h.partitions = $5::smallint[]
+                                                 THEN $4::int8 ELSE 0 END
+                              ORDER BY m.id LIMIT 1)
+                       FROM {schema}.relay_heartbeat($1, make_interval(secs => $2::float8), $3) h",
+                    pending = predicates::pending("m"),
                 ),
-                &[Type::TEXT, Type::FLOAT8, Type::TEXT],
+                &[
+                    Type::TEXT,
+                    Type::FLOAT8,
+                    Type::TEXT,
+                    Type::INT8,
+                    Type::INT2_ARRAY,
+                ],
             ),
             release: Sql::new(format!("SELECT {schema}.relay_release($1)"), &[Type::TEXT]),
         })
     }
 
+    /// Renews the leases and looks for due rows of the partitions held from
+    /// id `from` when they are still `floor_partitions` (else from the start).
     pub async fn heartbeat(
         &self,
         session: &Session,
         instance: &str,
         ttl: Duration,
         metrics_addr: &str,
+        (floor_partitions, from): (&[i16], i64),
     ) -> Result<Heartbeat, StoreError> {
         // Bounded by the lease ttl: a heartbeat later than that is worthless.
         let row = match tokio::time::timeout(
@@ -50,7 +74,13 @@ impl Control {
             self.heartbeat.run_with(
                 &session.client,
                 Settings::Bounded,
-                &[&instance, &ttl.as_secs_f64(), &metrics_addr],
+                &[
+                    &instance,
+                    &ttl.as_secs_f64(),
+                    &metrics_addr,
+                    &from,
+                    &floor_partitions,
+                ],
             ),
         )
         .await
@@ -72,6 +102,7 @@ impl Control {
         Ok(Heartbeat {
             partitions: row.try_get(0).map_err(decode())?,
             next_due_in: row.try_get(1).map_err(decode())?,
+            first_due: row.try_get(2).map_err(decode())?,
         })
     }
 

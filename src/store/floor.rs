@@ -24,17 +24,22 @@
 //! that still counts it as not started.
 //!
 //! Rows can become pending again below the floor (`replay`, `dead-letters
-//! retry`, an operator's UPDATE): a claim without the floor (a sweep) runs
-//! every [`SWEEP_EVERY`] and lowers the floor to the first row it finds below.
+//! retry`, an operator's UPDATE): the control task's heartbeat looks for due
+//! rows from the floor, and from the start of the table (a sweep) every
+//! [`SWEEP_EVERY`]; a sweep that finds one below the floor lowers it
+//! ([`SharedFloor`]). The sweep's walk over the dead entries of relayed rows
+//! thus runs on the control connection, never in a claim.
 //! The floor is reset whenever the relay's partitions change and on reconnect.
-//! Pure logic; the statements are in `store.rs`.
+//! Pure logic; the statements are in `store.rs` and `store/control.rs`.
+
+use std::sync::Mutex;
 
 use tokio::time::{Duration, Instant};
 
 /// At most this often a claim carries a probe.
 pub const PROBE_EVERY: Duration = Duration::from_millis(200);
-/// At least this often a claim runs without the floor, for rows made pending
-/// again below it.
+/// At least this often the heartbeat looks for due rows from the start of the
+/// table (below the floor too), for rows made pending again below it.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// What one probe saw.
@@ -58,7 +63,7 @@ pub struct Probe {
 /// What the next claim does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FloorPlan {
-    /// The lowest id the claim looks at (0: everything, a sweep).
+    /// The lowest id the claim looks at (0: everything).
     pub claim_from: i64,
     /// Run a probe from this floor beside the claim.
     pub probe_from: Option<i64>,
@@ -86,7 +91,6 @@ pub struct ClaimFloor {
     max_seen: i64,
     candidate: Option<Candidate>,
     next_probe: Instant,
-    next_sweep: Instant,
     /// The sequence caches ids: the floor stays 0.
     disabled: bool,
 }
@@ -99,7 +103,6 @@ impl ClaimFloor {
             max_seen: 0,
             candidate: None,
             next_probe: now,
-            next_sweep: now + SWEEP_EVERY,
             disabled: false,
         }
     }
@@ -128,26 +131,23 @@ impl ClaimFloor {
             self.next_probe = now + PROBE_EVERY;
             self.floor
         });
-        let claim_from = if now >= self.next_sweep {
-            self.next_sweep = now + SWEEP_EVERY;
-            0
-        } else {
-            self.floor
-        };
         FloorPlan {
-            claim_from,
+            claim_from: self.floor,
             probe_from,
             probe_upto: self.max_seen + 1,
         }
     }
 
-    /// A claim made with `plan` returned rows from `first` to `last` (id order).
-    pub fn claimed(&mut self, plan: FloorPlan, first: i64, last: i64) {
+    /// A claim returned rows up to `last`.
+    pub fn claimed(&mut self, last: i64) {
         self.max_seen = self.max_seen.max(last);
-        if plan.claim_from < self.floor && first < self.floor {
-            // A row made pending again below the floor: claims start from it
-            // until the probes move the floor past it again.
-            self.floor = first;
+    }
+
+    /// A sweep found a row pending again below the floor: claims start from
+    /// it until the probes move the floor past it again.
+    pub fn lower_to(&mut self, id: i64) {
+        if id < self.floor {
+            self.floor = id;
             self.candidate = None;
         }
     }
@@ -188,6 +188,64 @@ impl ClaimFloor {
                 waits_for: probe.writers,
                 cleared,
             });
+        }
+    }
+}
+
+/// The floor as the relay loop last saw it, for the control task's heartbeat
+/// (on another connection), and the sweep's answer back: the first due row
+/// pending below it.
+#[derive(Debug, Default)]
+pub struct SharedFloor {
+    inner: Mutex<Shared>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// The partitions the floor is for (it says nothing about others).
+    partitions: Vec<i16>,
+    floor: i64,
+    lower_to: Option<i64>,
+}
+
+impl SharedFloor {
+    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
+        // Plain data, valid at every step: a panic elsewhere cannot break it.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The relay loop's floor for `partitions`, after each claim.
+    pub fn publish(&self, partitions: &[i16], floor: i64) {
+        let mut s = self.shared();
+        if s.partitions != partitions {
+            s.partitions = partitions.to_vec();
+            s.lower_to = None;
+        }
+        s.floor = floor;
+    }
+
+    /// The floor and the partitions it is for.
+    pub fn get(&self) -> (Vec<i16>, i64) {
+        let s = self.shared();
+        (s.partitions.clone(), s.floor)
+    }
+
+    /// A sweep over `partitions` found due row `id` pending: below the floor
+    /// for the same partitions, the relay lowers its floor to it.
+    pub fn found_due(&self, partitions: &[i16], id: i64) {
+        let mut s = self.shared();
+        if s.partitions == partitions && id < s.floor {
+            s.lower_to = Some(s.lower_to.map_or(id, |l| l.min(id)));
+        }
+    }
+
+    /// Where the relay must lower its floor for `partitions`, once.
+    pub fn take_lower(&self, partitions: &[i16]) -> Option<i64> {
+        let mut s = self.shared();
+        if s.partitions == partitions {
+            s.lower_to.take()
+        } else {
+            None
         }
     }
 }
@@ -244,8 +302,7 @@ mod tests {
     fn with_nothing_pending_the_floor_follows_the_highest_id_claimed() {
         let now = Instant::now();
         let mut f = floor_at(now);
-        let plan = f.plan(&[0, 1], now);
-        f.claimed(plan, 1, 500);
+        f.claimed(500);
         let plan = f.plan(&[0, 1], now + PROBE_EVERY);
         assert_eq!(plan.probe_upto, 501);
         let upto = |p: Probe| Probe { upto: 501, ..p };
@@ -291,7 +348,7 @@ mod tests {
     }
 
     #[test]
-    fn probes_are_spaced_and_sweeps_claim_from_zero() {
+    fn probes_are_spaced_and_claims_start_at_the_floor() {
         let now = Instant::now();
         let mut f = floor_at(now);
         f.probed(probe(0, Some(100), &[]));
@@ -302,9 +359,8 @@ mod tests {
         assert_eq!(plan.claim_from, 100);
         let plan = f.plan(&[0, 1], now + PROBE_EVERY);
         assert_eq!(plan.probe_from, Some(100));
-        let plan = f.plan(&[0, 1], now + SWEEP_EVERY);
-        assert_eq!(plan.claim_from, 0);
-        let plan = f.plan(&[0, 1], now + SWEEP_EVERY + Duration::from_millis(1));
+        // No claim sweeps: that walk is the heartbeat's.
+        let plan = f.plan(&[0, 1], now + SWEEP_EVERY * 3);
         assert_eq!(plan.claim_from, 100);
     }
 
@@ -314,13 +370,39 @@ mod tests {
         let mut f = floor_at(now);
         f.probed(probe(0, Some(100), &[]));
         f.probed(probe(0, Some(100), &[]));
-        let plan = f.plan(&[0, 1], now + SWEEP_EVERY);
-        f.claimed(plan, 40, 150);
+        let shared = SharedFloor::default();
+        shared.publish(&[0, 1], f.floor());
+        // A sweep over other partitions, or finding a row above the floor,
+        // changes nothing.
+        shared.found_due(&[0, 1, 2], 40);
+        shared.found_due(&[0, 1], 140);
+        assert_eq!(shared.take_lower(&[0, 1]), None);
+        shared.found_due(&[0, 1], 40);
+        shared.found_due(&[0, 1], 60);
+        assert_eq!(shared.take_lower(&[0, 2]), None, "for other partitions");
+        let lower = shared.take_lower(&[0, 1]).expect("asked to lower");
+        assert_eq!(lower, 40);
+        assert_eq!(shared.take_lower(&[0, 1]), None, "once");
+        f.lower_to(lower);
         assert_eq!(f.floor(), 40);
-        // An ordinary claim never lowers it.
-        let plan = f.plan(&[0, 1], now + SWEEP_EVERY + Duration::from_millis(1));
-        f.claimed(plan, 30, 150);
-        assert_eq!(f.floor(), 40);
+        f.lower_to(70);
+        assert_eq!(f.floor(), 40, "never raised by a sweep");
+        // The probes move it on again once the row is relayed.
+        let plan = f.plan(&[0, 1], now + PROBE_EVERY);
+        assert_eq!(plan.claim_from, 40);
+        f.probed(probe(40, Some(120), &[]));
+        f.probed(probe(40, Some(120), &[]));
+        assert_eq!(f.floor(), 120);
+    }
+
+    #[test]
+    fn new_partitions_forget_what_the_sweep_asked() {
+        let shared = SharedFloor::default();
+        shared.publish(&[0, 1], 100);
+        shared.found_due(&[0, 1], 40);
+        shared.publish(&[0, 1, 2], 0);
+        assert_eq!(shared.take_lower(&[0, 1, 2]), None);
+        assert_eq!(shared.get(), (vec![0, 1, 2], 0));
     }
 
     #[test]

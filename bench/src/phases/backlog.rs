@@ -23,7 +23,7 @@ use tokio_postgres::Client;
 use super::{
     pg_connect,
     pgbench::{transaction, Keys, Load},
-    Bench,
+    Bench, OldestPending,
 };
 use crate::{
     consumer::Consumer,
@@ -270,15 +270,11 @@ impl Bench {
     /// Samples the oldest pending row's age until it is at most 2 s: when the
     /// application's new rows are current again.
     async fn watch_current(&self, relay: &mut RelayProc, t0: Instant) -> Result<Instant> {
-        let sql = format!(
-            "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
-               FROM {SCHEMA}.messages
-              WHERE published_at IS NULL AND dead_lettered_at IS NULL"
-        );
+        let mut oldest = OldestPending::new(SCHEMA);
         let mut last_print = Instant::now();
         loop {
             let asked = Instant::now();
-            let age: f64 = self.db.query_one(&sql, &[]).await?.get(0);
+            let age = oldest.age(&self.db).await?;
             if age <= CURRENT_WITHIN_S {
                 return Ok(asked);
             }
@@ -296,7 +292,7 @@ impl Bench {
                 last_print = Instant::now();
                 progress!(
                     "backlog: oldest pending {age:.1} s old, {} pending",
-                    self.pending(SCHEMA).await?
+                    oldest.pending(&self.db, SCHEMA).await?
                 );
             }
             tokio::time::sleep(SAMPLE_EVERY).await;

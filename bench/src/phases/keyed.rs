@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use super::{
     pg_connect,
     pgbench::{transaction, Keys, Load},
-    Bench,
+    Bench, OldestPending,
 };
 use crate::{
     consumer::Consumer,
@@ -127,15 +127,7 @@ impl Bench {
         duration: Duration,
     ) -> Result<KeyedLoad> {
         let sampler_db = pg_connect(&self.args.database_url, "outbox-bench sampler").await?;
-        let sql = format!(
-            "SELECT coalesce(greatest(extract(epoch FROM now() - min(created_at)), 0), 0)::float8
-               FROM {schema}.messages
-              WHERE published_at IS NULL AND dead_lettered_at IS NULL"
-        );
-        let statement = sampler_db
-            .prepare(&sql)
-            .await
-            .context("preparing the age sampler")?;
+        let mut oldest = OldestPending::new(schema);
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let sampler = tokio::spawn(async move {
@@ -144,7 +136,7 @@ impl Bench {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !stopped.load(Ordering::Relaxed) {
                 tick.tick().await;
-                let age: f64 = sampler_db.query_one(&statement, &[]).await?.get(0);
+                let age = oldest.age(&sampler_db).await?;
                 ages.push(age * 1000.0);
             }
             Ok::<_, tokio_postgres::Error>(ages)

@@ -495,3 +495,57 @@ async fn pg_connect(url: &str, application_name: &str) -> Result<Client> {
     });
     Ok(client)
 }
+
+/// The oldest pending row's age, sampled often while a relay drains: a walk
+/// of the pending index from the first pending id the last sample found, not
+/// from the start. From the start, each sample would walk the dead entries of
+/// every row relayed so far (a held snapshot keeps them all), costing the
+/// database as much as a claim without a floor, on the same 2 cores as the
+/// relay it measures. The first pending row by id stands for the oldest: the
+/// bench's rows get ids and `created_at` in the same order, up to concurrent
+/// inserts a few milliseconds apart.
+pub(crate) struct OldestPending {
+    sql: String,
+    from: i64,
+}
+
+impl OldestPending {
+    pub(crate) fn new(schema: &str) -> Self {
+        Self {
+            sql: format!(
+                "SELECT id, greatest(extract(epoch FROM now() - created_at), 0)::float8
+                   FROM {schema}.messages
+                  WHERE published_at IS NULL AND dead_lettered_at IS NULL AND id >= $1
+                  ORDER BY id LIMIT 1"
+            ),
+            from: 0,
+        }
+    }
+
+    /// Seconds (0 when nothing is pending).
+    pub(crate) async fn age(&mut self, db: &Client) -> Result<f64, tokio_postgres::Error> {
+        Ok(match db.query_opt(&self.sql, &[&self.from]).await? {
+            Some(row) => {
+                self.from = row.get(0);
+                row.get(1)
+            }
+            None => 0.0,
+        })
+    }
+
+    /// Pending rows from the first the last sample found (the rows below it
+    /// were relayed): a count that walks the backlog, not the table's history.
+    pub(crate) async fn pending(&self, db: &Client, schema: &str) -> Result<i64> {
+        Ok(db
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {schema}.messages
+                      WHERE published_at IS NULL AND dead_lettered_at IS NULL AND id >= $1"
+                ),
+                &[&self.from],
+            )
+            .await
+            .with_context(|| format!("counting pending rows of {schema}.messages"))?
+            .get(0))
+    }
+}

@@ -171,8 +171,8 @@ pub(crate) fn render(bench: &Bench, machine: &Machine, r: &Results) -> String {
             out,
             "- Keyed load: `pgbench` {} clients, transactions of {} INSERTs (BEGIN … COMMIT) with {keys}, consumer running; \
              paced at {} transactions/s ({} rows/s) for {:?}, then (once nothing is pending) unpaced for {:?}. A separate \
-             connection samples every 100 ms `now() - min(created_at)` over pending rows (published_at and dead_lettered_at \
-             NULL; 0 when none); \"nothing pending 1 s after\" counts pending rows 1 s after pgbench exits.",
+             connection samples every 100 ms the age of the first pending row by id (published_at and dead_lettered_at \
+             NULL; 0 when none), searching from the one the last sample found (not through the dead entries of every row relayed); \"nothing pending 1 s after\" counts pending rows 1 s after pgbench exits.",
             args.keyed_clients,
             args.keyed_rows,
             args.keyed_rate,
@@ -209,7 +209,8 @@ pub(crate) fn render(bench: &Bench, machine: &Machine, r: &Results) -> String {
              and stays open to the end. `pgbench` ({} clients, unpaced) writes {} rows in {}-row transactions over {} partition keys \
              (the outage); the application (the bench's own {} connections on a shared schedule, {}-row transactions on random keys) \
              writes {} rows/s from then on, measured {:?} with the relay stopped. A relay starts on everything pending; \
-             every 200 ms `now() - min(created_at)` over pending rows is sampled, and \"current again\" is the first sample ≤ 2 s. \
+             every 200 ms the age of the first pending row by id is sampled (searched from the one the last sample found, so the \
+             sampler does not walk the dead entries of every relayed row), and \"current again\" is the first sample ≤ 2 s. \
              Drain rate: the relay's `messages_published_total` at that moment over the time since its start. The application's \
              latency counts from each transaction's scheduled start. WAL: `pg_current_wal_lsn()` differences (the whole server's \
              WAL): the outage's inserts per row; during the drain, less the application's rows at the insert's bytes, per message \
@@ -232,7 +233,8 @@ pub(crate) fn render(bench: &Bench, machine: &Machine, r: &Results) -> String {
     }
     let _ = writeln!(
         out,
-        "- Claim statement duration: the relay's `outbox_relay_claim_duration_seconds` histogram (buckets from 0.1 ms, doubling), \
+        "- Claim statement duration: the relay's `outbox_relay_claim_duration_seconds` histogram (the claim statement alone, \
+         timed from the answer of the marks sent before it in the same round trip; buckets from 0.1 ms, doubling), \
          scraped before and after each measured window, p99 interpolated inside the buckets."
     );
     let _ = writeln!(out, "\n## Results\n");

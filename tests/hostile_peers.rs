@@ -382,6 +382,38 @@ async fn run_warns_about_unverified_connections_off_this_machine() {
     }
     assert!(!logs.contains("pgSecret9") && !logs.contains("mqSecret9"));
     relay.terminate(Duration::from_secs(60)).await;
+
+    // The chain verified, the host name not: below verify-full, said too.
+    let ca = "/etc/ssl/certs/ca-certificates.crt";
+    for (params, line) in [
+        (
+            "sslmode=verify-ca".to_string(),
+            "insecure connection setting: sslmode=verify-ca without sslrootcert: the server at 192.0.2.1 may present a certificate from any of the system's CAs, for any host name".to_string(),
+        ),
+        (
+            format!("sslmode=require&sslrootcert={ca}"),
+            format!("insecure connection setting: sslmode=verify-ca (or require with sslrootcert): the server at 192.0.2.1 may present any certificate signed by sslrootcert '{ca}', whatever host it names"),
+        ),
+    ] {
+        if params.contains(ca) && !std::path::Path::new(ca).exists() {
+            continue;
+        }
+        let mut relay = Launch::new()
+            .db_url(&format!("{db}?{params}"))
+            .amqp_url(&env.amqp_url)
+            .args(&["--shutdown-timeout", "1s"])
+            .spawn(&env);
+        relay.wait_started(SETUP_TIMEOUT).await;
+        assert!(
+            relay
+                .logs()
+                .lines()
+                .any(|l| l.contains("WARN") && l.contains(&line)),
+            "run did not warn about {params}: {line}\n{}",
+            relay.log_tail(30)
+        );
+        relay.terminate(Duration::from_secs(60)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

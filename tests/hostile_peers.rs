@@ -572,3 +572,61 @@ async fn a_panic_at_trace_level_prints_no_password() {
     assert_no_secret_form(&logs, &forms, "a panic with OUTBOX_LOG=trace");
     collector.stop().await;
 }
+
+/// A client that keeps its connection busy (a request every 2 s, each within
+/// the header read timeout) still loses it after the connection lifetime
+/// (30 s, `CONNECTION_LIFETIME`), so no client holds one of the 64 slots for
+/// good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_http_connection_is_closed_after_its_lifetime() {
+    use std::io::{ErrorKind, Read};
+    let env = TestEnv::new("http_lifetime").await;
+    let mut relay = Launch::new().start(&env).await;
+    relay.wait_ready(SETUP_TIMEOUT).await;
+    let addr = relay.metrics_addr();
+    let (answered, lasted) = tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
+        let mut stream =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        // Each read waits up to 2 s: for the answer, then as the pause
+        // before the next request. 0 bytes or an error: the server closed.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("read timeout");
+        let mut answered = 0;
+        let mut buf = [0u8; 4096];
+        'conn: while start.elapsed() < Duration::from_secs(60) {
+            if stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: busy\r\n\r\n")
+                .is_err()
+            {
+                break;
+            }
+            for _ in 0..2 {
+                match stream.read(&mut buf) {
+                    Ok(0) => break 'conn,
+                    Ok(n) => {
+                        answered += String::from_utf8_lossy(&buf[..n])
+                            .matches("HTTP/1.1 200")
+                            .count();
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                    Err(_) => break 'conn,
+                }
+            }
+        }
+        (answered, start.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(
+        answered >= 10,
+        "only {answered} answers on the busy connection"
+    );
+    assert!(
+        lasted >= Duration::from_secs(28) && lasted < Duration::from_secs(40),
+        "the busy connection lasted {lasted:?}, not its 30 s lifetime"
+    );
+    relay.assert_running();
+    relay.terminate_cleanly(Duration::from_secs(20)).await;
+}

@@ -69,6 +69,31 @@ mod tests {
         assert!(late <= Duration::from_secs(600), "{late:?}");
     }
 
+    /// A failing hot-path statement never spins: its retries start at 200 ms,
+    /// double to 10 s (jitter adds up to as much again), and two relays
+    /// failing together do not retry in lockstep.
+    #[test]
+    fn failing_statements_back_off_with_jitter_up_to_ten_seconds() {
+        let runs: Vec<Vec<Duration>> = (0..8)
+            .map(|_| {
+                let mut state = None;
+                (0..12).map(|_| next_statement_delay(&mut state)).collect()
+            })
+            .collect();
+        for run in &runs {
+            assert!(
+                run[0] >= Duration::from_millis(200) && run[0] < Duration::from_millis(400),
+                "{run:?}"
+            );
+            assert!(run[11] >= Duration::from_secs(10), "{run:?}");
+            assert!(run.iter().all(|d| *d < Duration::from_secs(20)), "{run:?}");
+        }
+        assert!(
+            runs.windows(2).any(|w| w[0] != w[1]),
+            "eight runs drew the very same delays: no jitter"
+        );
+    }
+
     #[test]
     fn reconnect_delays_stay_within_three_seconds() {
         let mut state = None;

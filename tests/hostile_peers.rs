@@ -382,6 +382,38 @@ async fn run_warns_about_unverified_connections_off_this_machine() {
     }
     assert!(!logs.contains("pgSecret9") && !logs.contains("mqSecret9"));
     relay.terminate(Duration::from_secs(60)).await;
+
+    // The chain verified, the host name not: below verify-full, said too.
+    let ca = "/etc/ssl/certs/ca-certificates.crt";
+    for (params, line) in [
+        (
+            "sslmode=verify-ca".to_string(),
+            "insecure connection setting: sslmode=verify-ca without sslrootcert: the server at 192.0.2.1 may present a certificate from any of the system's CAs, for any host name".to_string(),
+        ),
+        (
+            format!("sslmode=require&sslrootcert={ca}"),
+            format!("insecure connection setting: sslmode=verify-ca (or require with sslrootcert): the server at 192.0.2.1 may present any certificate signed by sslrootcert '{ca}', whatever host it names"),
+        ),
+    ] {
+        if params.contains(ca) && !std::path::Path::new(ca).exists() {
+            continue;
+        }
+        let mut relay = Launch::new()
+            .db_url(&format!("{db}?{params}"))
+            .amqp_url(&env.amqp_url)
+            .args(&["--shutdown-timeout", "1s"])
+            .spawn(&env);
+        relay.wait_started(SETUP_TIMEOUT).await;
+        assert!(
+            relay
+                .logs()
+                .lines()
+                .any(|l| l.contains("WARN") && l.contains(&line)),
+            "run did not warn about {params}: {line}\n{}",
+            relay.log_tail(30)
+        );
+        relay.terminate(Duration::from_secs(60)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -412,4 +444,189 @@ async fn dead_letters_list_survives_any_bytes_a_row_holds() {
         );
         assert!(!out.stderr.contains("panicked"), "{}", out.describe());
     }
+}
+
+/// Sends `request` to `addr` (stopping at the first write the server refuses)
+/// and reads the answer until the server closes: the answer's status, if one
+/// came, and how long the connection lasted.
+fn send_raw(addr: SocketAddr, request: &[u8]) -> (Option<u16>, Duration) {
+    use std::io::Read;
+    let start = Instant::now();
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
+        return (None, start.elapsed());
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    for chunk in request.chunks(4096) {
+        if stream.write_all(chunk).is_err() {
+            break;
+        }
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let status = String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .and_then(|s| s.parse().ok());
+    (status, start.elapsed())
+}
+
+/// A request header over the metrics server's bounds (16 KiB, 64 fields) is
+/// refused as soon as the bound is passed, never buffered whole nor held
+/// until the header read timeout; scrapes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_headers_beyond_their_bounds_are_refused_and_scrapes_go_on() {
+    let env = TestEnv::new("big_http_header").await;
+    let mut relay = Launch::new().start(&env).await;
+    relay.wait_ready(SETUP_TIMEOUT).await;
+    let addr = relay.metrics_addr();
+
+    // Both within hyper's own defaults (about 400 KiB, 100 fields): only the
+    // server's bounds refuse them. One header field of 100 KiB that never
+    // ends: refused once 16 KiB are read, not held until the read timeout.
+    let mut huge = b"GET /metrics HTTP/1.1\r\nHost: big\r\nX-Big: ".to_vec();
+    huge.resize(huge.len() + 100 * 1024, b'a');
+    // 80 short fields, 1.5 KiB in all: over the 64 fields a request may have.
+    let mut many = b"GET /metrics HTTP/1.1\r\nHost: many\r\n".to_vec();
+    for i in 0..80 {
+        many.extend_from_slice(format!("X-Field-{i}: {i}\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    for (what, request, refusal) in [
+        ("a 100 KiB header field", huge, None),
+        ("81 header fields", many, Some(431)),
+    ] {
+        let (status, took) = tokio::task::spawn_blocking(move || send_raw(addr, &request))
+            .await
+            .unwrap();
+        assert_ne!(status, Some(200), "{what} was served");
+        if refusal.is_some() {
+            assert_eq!(status, refusal, "{what}: answered {status:?}");
+        }
+        // Well before the 5 s header read timeout: the bound itself closed it.
+        assert!(
+            took < Duration::from_secs(4),
+            "{what}: the connection lasted {took:?}"
+        );
+    }
+    assert!(
+        matches!(relay.get("/metrics").await, Ok((200, _))),
+        "/metrics does not answer after oversized requests\n{}",
+        relay.log_tail(30)
+    );
+    relay.assert_running();
+    relay.terminate_cleanly(Duration::from_secs(20)).await;
+}
+
+/// A panic aborts the relay (so its supervisor restarts it) and prints its
+/// message and place: at any log level, neither the database's nor the
+/// broker's password. The panic is a failpoint at the first mark, with
+/// `OUTBOX_LOG=trace` and passwords on both URLs (the database's trust
+/// authentication never asks for it, so the relay runs as usual).
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_at_trace_level_prints_no_password() {
+    use outbox_test_kit::{AckMode, NewRow};
+    let test = "a_panic_at_trace_level_prints_no_password";
+    let (env, queue, collector) = TestEnv::with_events_queue("panic_secrets", AckMode::Auto).await;
+    let Some(user) = BrokerUser::publish_only(&env, test, &["amq.default"]) else {
+        return;
+    };
+    let db_password = "pgPanic7Secret";
+    let mut db_url = url::Url::parse(&env.db_url).expect("the test database URL parses");
+    db_url
+        .set_password(Some(db_password))
+        .expect("set the database URL's password");
+    let mut forms = secret_forms(&user);
+    forms.push(db_password.to_string());
+
+    let mut relay = Launch::new()
+        .db_url(db_url.as_str())
+        .amqp_url(&user.url())
+        .env("OUTBOX_LOG", "trace")
+        .env("RUST_BACKTRACE", "full")
+        .env("FAILPOINTS", "before_mark_published=panic")
+        .spawn(&env);
+    relay.wait_started(SETUP_TIMEOUT).await;
+    let rows = env
+        .insert_committed(&[NewRow::to_queue(&queue, "marked by nobody")])
+        .await;
+    collector.wait_for_rows(&rows).await;
+    let died = wait_until(SETUP_TIMEOUT, async || relay.has_exited()).await;
+    assert!(
+        died,
+        "the failpoint did not stop the relay\n{}",
+        relay.log_tail(30)
+    );
+    let logs = relay.logs();
+    assert!(
+        logs.contains("failpoint before_mark_published panic"),
+        "the relay died, but not of the panic\n{}",
+        relay.log_tail(30)
+    );
+    assert!(
+        logs.contains("TRACE"),
+        "no trace line: the test would prove nothing"
+    );
+    assert_no_secret_form(&logs, &forms, "a panic with OUTBOX_LOG=trace");
+    collector.stop().await;
+}
+
+/// A client that keeps its connection busy (a request every 2 s, each within
+/// the header read timeout) still loses it after the connection lifetime
+/// (30 s, `CONNECTION_LIFETIME`), so no client holds one of the 64 slots for
+/// good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_http_connection_is_closed_after_its_lifetime() {
+    use std::io::{ErrorKind, Read};
+    let env = TestEnv::new("http_lifetime").await;
+    let mut relay = Launch::new().start(&env).await;
+    relay.wait_ready(SETUP_TIMEOUT).await;
+    let addr = relay.metrics_addr();
+    let (answered, lasted) = tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
+        let mut stream =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        // Each read waits up to 2 s: for the answer, then as the pause
+        // before the next request. 0 bytes or an error: the server closed.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("read timeout");
+        let mut answered = 0;
+        let mut buf = [0u8; 4096];
+        'conn: while start.elapsed() < Duration::from_secs(60) {
+            if stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: busy\r\n\r\n")
+                .is_err()
+            {
+                break;
+            }
+            for _ in 0..2 {
+                match stream.read(&mut buf) {
+                    Ok(0) => break 'conn,
+                    Ok(n) => {
+                        answered += String::from_utf8_lossy(&buf[..n])
+                            .matches("HTTP/1.1 200")
+                            .count();
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                    Err(_) => break 'conn,
+                }
+            }
+        }
+        (answered, start.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(
+        answered >= 10,
+        "only {answered} answers on the busy connection"
+    );
+    assert!(
+        lasted >= Duration::from_secs(28) && lasted < Duration::from_secs(40),
+        "the busy connection lasted {lasted:?}, not its 30 s lifetime"
+    );
+    relay.assert_running();
+    relay.terminate_cleanly(Duration::from_secs(20)).await;
 }

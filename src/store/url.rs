@@ -75,11 +75,13 @@ fn with_sources(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// A warning when the database connection is not verified and leaves this
-/// machine: `disable`, `prefer` and `require` (without sslrootcert) verify
-/// nothing. Loopback hosts and Unix sockets never leave the machine.
+/// A warning when the database connection is not fully verified and leaves
+/// this machine: `disable`, `prefer` and `require` (without sslrootcert)
+/// verify nothing, `verify-ca` (and `require` with sslrootcert) not the host
+/// name. Loopback hosts and Unix sockets never leave the machine.
 pub fn database_tls_warning(url: &str) -> Option<String> {
-    let (pg_url, mode, _) = split_tls_params(url).ok()?;
+    let (pg_url, mode, files) = split_tls_params(url).ok()?;
+    let root_cert = files.as_ref().and_then(|f| f.root_cert.clone());
     let config: tokio_postgres::Config = pg_url.parse().ok()?;
     let hosts: Vec<String> = config
         .get_hosts()
@@ -111,7 +113,17 @@ pub fn database_tls_warning(url: &str) -> Option<String> {
         SslMode::Require => format!(
             "sslmode=require: the connection to {hosts} is encrypted but the server is not verified (anyone on the path can pose as it)"
         ),
-        SslMode::VerifyCa | SslMode::VerifyFull => return None,
+        // Without sslrootcert the chain may end at any of the system's CAs:
+        // anyone who can get a certificate from a public CA passes.
+        SslMode::VerifyCa => match root_cert {
+            None => format!(
+                "sslmode=verify-ca without sslrootcert: the server at {hosts} may present a certificate from any of the system's CAs, for any host name (anyone with a certificate from a public CA can pose as it)"
+            ),
+            Some(ca) => format!(
+                "sslmode=verify-ca (or require with sslrootcert): the server at {hosts} may present any certificate signed by sslrootcert '{ca}', whatever host it names"
+            ),
+        },
+        SslMode::VerifyFull => return None,
     };
     Some(format!("{said}: {fix}"))
 }
@@ -182,11 +194,31 @@ mod tests {
             said.contains("to 10.0.0.5, db2 is neither encrypted"),
             "{said}"
         );
-        // Verified, or never leaving the machine: nothing to say.
+        // The chain only: any host name passes.
+        let said = warn("postgres://relay@db.example/app?sslmode=verify-ca").unwrap();
+        assert!(
+            said.starts_with("sslmode=verify-ca without sslrootcert: the server at db.example may present a certificate from any of the system's CAs"),
+            "{said}"
+        );
+        for private_ca in [
+            "postgres://relay@db.example/app?sslmode=verify-ca&sslrootcert=/ca.pem",
+            "postgres://relay@db.example/app?sslmode=require&sslrootcert=/ca.pem",
+        ] {
+            let said = warn(private_ca).unwrap();
+            assert!(
+                said.contains(
+                    "any certificate signed by sslrootcert '/ca.pem', whatever host it names"
+                ) && said.ends_with(
+                    "use sslmode=verify-full with sslrootcert=<CA file> in the database URL"
+                ),
+                "{private_ca}: {said}"
+            );
+        }
+        // Fully verified, or never leaving the machine: nothing to say.
         for quiet in [
             "postgres://relay@db.example/app?sslmode=verify-full",
-            "postgres://relay@db.example/app?sslmode=verify-ca",
-            "postgres://relay@db.example/app?sslmode=require&sslrootcert=/ca.pem",
+            "postgres://relay@db.example/app?sslmode=verify-full&sslrootcert=/ca.pem",
+            "postgres://relay@localhost/app?sslmode=verify-ca",
             "postgres://relay@127.0.0.1/app?sslmode=disable",
             "postgres://relay@localhost/app",
             "postgres://relay@[::1]/app?sslmode=require",

@@ -1686,3 +1686,94 @@ async fn listen_false_still_publishes_by_polling() {
     }
     relay.assert_running();
 }
+
+// ---------------------------------------------------------------------------
+// Hand-off: an idle relay cut from RabbitMQ
+// ---------------------------------------------------------------------------
+
+/// README "Partition hand-off": a relay that loses its RabbitMQ connection
+/// owns nothing within 10 s. An idle relay too: with nothing to publish only
+/// the reset tells it, so it must notice the reset at once (broker_connected
+/// 0, /readyz 503), not at its next idle beat (10 s), which would start the
+/// hand-off's clock that much later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_relay_cut_from_rabbitmq_notices_at_once_and_owns_nothing_within_10s() {
+    use outbox_test_kit::faults::{url_addr, url_via};
+    use outbox_test_kit::proxy::FaultProxy;
+    /// Noticing a reset: scrape period of the poll below plus a loaded machine.
+    const NOTICE_BOUND: Duration = Duration::from_secs(3);
+    /// README's 10 s, with 2 s of slack for a loaded 2-core machine.
+    const HANDOFF_BOUND: Duration = Duration::from_secs(12);
+    let env = TestEnv::new("idle_broker_cut").await;
+    let proxy = FaultProxy::start(url_addr(&env.amqp_url, 5672)).await;
+    let mut relay = Launch::new()
+        .amqp_url(&url_via(&env.amqp_url, proxy.port()))
+        .start(&env)
+        .await;
+    relay.wait_ready(SETUP_TIMEOUT).await;
+    let held = async || {
+        env.scalar_i64(&format!(
+            "SELECT count(*) FROM \"{}\".leases WHERE owner = '{}' AND expires_at > clock_timestamp()",
+            env.schema, relay.instance
+        ))
+        .await
+    };
+    assert!(
+        wait_until(SETUP_TIMEOUT, async || held().await == 32).await,
+        "the only relay never held all 32 partitions\n{}",
+        relay.log_tail(30)
+    );
+    // Idle: nothing pending, it says it waits for a wakeup (relays.idle).
+    let idle = wait_until(SETUP_TIMEOUT, async || {
+        env.scalar_i64(&format!(
+            "SELECT count(*) FROM \"{}\".relays WHERE instance = '{}' AND idle",
+            env.schema, relay.instance
+        ))
+        .await
+            == 1
+    })
+    .await;
+    assert!(
+        idle,
+        "the relay never flagged itself idle\n{}",
+        relay.log_tail(30)
+    );
+
+    let cut_at = Instant::now();
+    proxy.go_down();
+    let noticed = wait_until(HANDOFF_BOUND, async || {
+        metric_value(&relay.metrics().await, "outbox_relay_broker_connected") == Some(0.0)
+    })
+    .await;
+    let noticed_after = cut_at.elapsed();
+    assert!(noticed, "broker_connected still 1\n{}", relay.log_tail(30));
+    assert!(
+        noticed_after <= NOTICE_BOUND,
+        "an idle relay noticed the reset of its RabbitMQ connection only after {noticed_after:?}\n{}",
+        relay.log_tail(30)
+    );
+    let (code, body) = relay.get("/readyz").await.expect("/readyz");
+    assert!(
+        code == 503 && body.contains("RabbitMQ"),
+        "/readyz {code} {body}"
+    );
+    let released = wait_until(HANDOFF_BOUND, async || held().await == 0).await;
+    let released_after = cut_at.elapsed();
+    assert!(
+        released && released_after <= HANDOFF_BOUND,
+        "the idle relay cut from RabbitMQ still held {} partitions {released_after:?} after the cut\n{}",
+        held().await,
+        relay.log_tail(30)
+    );
+    assert_eq!(
+        metric_value(&relay.metrics().await, "outbox_relay_partitions_owned"),
+        Some(0.0)
+    );
+    proxy.come_back();
+    relay.assert_running();
+    println!(
+        "an idle relay cut from RabbitMQ: broker_connected 0 after {:.1}s, every lease released after {:.1}s",
+        noticed_after.as_secs_f64(),
+        released_after.as_secs_f64()
+    );
+}

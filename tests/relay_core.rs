@@ -1777,3 +1777,47 @@ async fn an_idle_relay_cut_from_rabbitmq_notices_at_once_and_owns_nothing_within
         released_after.as_secs_f64()
     );
 }
+
+/// README "Partition hand-off": a relay none of whose RabbitMQ nodes answers
+/// (every node of `amqp-url` down) cannot publish: it takes no partition,
+/// is alive and not ready, and says so in its gauges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_every_rabbitmq_node_is_down_takes_no_partitions() {
+    use outbox_test_kit::faults::url_via;
+    let env = TestEnv::new("every_node_down").await;
+    let (a, b) = (ClosedPort::new(), ClosedPort::new());
+    let nodes = format!(
+        "{},{}",
+        url_via(&env.amqp_url, a.port),
+        url_via(&env.amqp_url, b.port)
+    );
+    let mut relay = Launch::new().amqp_url(&nodes).start(&env).await;
+    let held = async || {
+        env.scalar_i64(&format!(
+            "SELECT count(*) FROM \"{}\".leases WHERE owner = '{}' AND expires_at > clock_timestamp()",
+            env.schema, relay.instance
+        ))
+        .await
+    };
+    // Alone, a heartbeat would take all 32 within a second: watched for 8 s.
+    let watch_until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < watch_until {
+        assert_eq!(held().await, 0, "{}", relay.log_tail(30));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let m = relay.metrics().await;
+    for (name, value) in [
+        ("outbox_relay_partitions_owned", 0.0),
+        ("outbox_relay_partitions_handed_off", 1.0),
+        ("outbox_relay_broker_connected", 0.0),
+    ] {
+        assert_eq!(metric_value(&m, name), Some(value), "{name}\n{m}");
+    }
+    let (code, body) = relay.get("/readyz").await.expect("/readyz");
+    assert!(
+        code == 503 && body.contains("RabbitMQ"),
+        "/readyz {code} {body}"
+    );
+    assert_eq!(relay.get("/healthz").await.expect("/healthz").0, 200);
+    relay.assert_running();
+}

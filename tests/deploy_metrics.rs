@@ -224,3 +224,29 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     );
     collector.stop().await;
 }
+
+/// deploy/ is what users get: it may not send them to documents of this
+/// project's own process (PRODUCT.md and its sections), only to the README.
+#[test]
+fn deploy_files_refer_to_nothing_users_do_not_have() {
+    fn walk(dir: &std::path::Path, found: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).expect("read deploy/") {
+            let path = entry.expect("dir entry").path();
+            if path.is_dir() {
+                walk(&path, found);
+            } else if let Ok(text) = std::fs::read_to_string(&path) {
+                for (n, line) in text.lines().enumerate() {
+                    if line.contains("PRODUCT.md") {
+                        found.push(format!("{}:{}: {line}", path.display(), n + 1));
+                    }
+                }
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy"),
+        &mut found,
+    );
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}

@@ -653,6 +653,18 @@ mod tests {
     }
 
     #[test]
+    fn every_failure_reason_is_exported_at_0_before_the_first_failure() {
+        let text = Metrics::new().encode();
+        for reason in FailureReason::ALL {
+            let line = format!(
+                "outbox_relay_publish_failures_total{{reason=\"{}\"}} 0",
+                reason.as_str()
+            );
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+    }
+
+    #[test]
     fn counters_are_described_under_their_total_name() {
         let text = Metrics::new().encode();
         assert!(

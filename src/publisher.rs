@@ -124,6 +124,35 @@ pub struct Publisher {
     allow_unroutable: bool,
     vhost: String,
     node: String,
+    /// A permit each time lapin reports an error on the connection (reset,
+    /// closed by the broker): an idle relay wakes to replace it at once.
+    trouble: Arc<tokio::sync::Notify>,
+    /// Dropped with the publisher: ends the task that feeds `trouble`.
+    _watching: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Gives `trouble` a permit for each error lapin reports on `connection`,
+/// until the connection's events end or `gone` resolves (the publisher was
+/// dropped).
+fn watch_connection(
+    connection: &Connection,
+    trouble: Arc<tokio::sync::Notify>,
+    mut gone: tokio::sync::oneshot::Receiver<()>,
+) {
+    use futures_util::StreamExt;
+    let mut events = connection.events_listener();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(lapin::Event::Error(_)) => trouble.notify_one(),
+                    Some(_) => {}
+                    None => return,
+                },
+                _ = &mut gone => return,
+            }
+        }
+    });
 }
 
 impl Publisher {
@@ -190,6 +219,9 @@ impl Publisher {
         attempt.established();
         let channel = confirm_channel(&connection).await?;
         let vhost = connection.status().vhost().to_string();
+        let trouble = Arc::new(tokio::sync::Notify::new());
+        let (watching, gone) = tokio::sync::oneshot::channel();
+        watch_connection(&connection, trouble.clone(), gone);
         Ok(Self {
             connection,
             fence,
@@ -200,7 +232,17 @@ impl Publisher {
             allow_unroutable,
             vhost,
             node,
+            trouble,
+            _watching: watching,
         })
+    }
+
+    /// Resolves at the next error lapin reports on the connection (one
+    /// reported while nobody waited counts too); `is_connected` then says
+    /// whether the connection is gone.
+    pub fn trouble(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let trouble = self.trouble.clone();
+        async move { trouble.notified().await }
     }
 
     /// `host:port` of the node this connection reached.

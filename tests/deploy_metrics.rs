@@ -118,8 +118,8 @@ fn used_metric_names() -> BTreeMap<String, Vec<String>> {
 }
 
 /// Whether `/metrics` has `name`: a sample of that name, a family described
-/// by `# TYPE` (a labelled family has no sample until its first label set,
-/// e.g. publish_failures_total before any failure), or a histogram's
+/// by `# TYPE` (a labelled family may have no sample until its first label
+/// set, e.g. broker_connections_total before a first connection), or a histogram's
 /// `_bucket`/`_sum`/`_count` series.
 fn exported(text: &str, name: &str) -> bool {
     let mut types: HashMap<&str, &str> = HashMap::new();
@@ -182,8 +182,8 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
         .await;
 
     // Published rows fill the counters and histograms the panels read; one row
-    // to an exchange that does not exist fills the failure and dead-letter
-    // series (publish_failures_total has no series before a first failure).
+    // to an exchange that does not exist makes the failure and dead-letter
+    // counters move (every failure reason is exported at 0 from the start).
     let mut rows: Vec<NewRow> = (0..20)
         .map(|i| {
             NewRow::to_queue(&queue, format!("deploy-metrics-{i}")).key(&format!("k{}", i % 4))
@@ -223,4 +223,30 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
         missing.join("\n  ")
     );
     collector.stop().await;
+}
+
+/// deploy/ is what users get: it may not send them to documents of this
+/// project's own process (PRODUCT.md and its sections), only to the README.
+#[test]
+fn deploy_files_refer_to_nothing_users_do_not_have() {
+    fn walk(dir: &std::path::Path, found: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).expect("read deploy/") {
+            let path = entry.expect("dir entry").path();
+            if path.is_dir() {
+                walk(&path, found);
+            } else if let Ok(text) = std::fs::read_to_string(&path) {
+                for (n, line) in text.lines().enumerate() {
+                    if line.contains("PRODUCT.md") {
+                        found.push(format!("{}:{}: {line}", path.display(), n + 1));
+                    }
+                }
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy"),
+        &mut found,
+    );
+    assert!(found.is_empty(), "{}", found.join("\n"));
 }

@@ -468,6 +468,56 @@ async fn status_exits_1_when_no_live_relay_publishes_due_rows() {
     collector.stop().await;
 }
 
+/// A relay cut from its database (through a proxy) stops renewing its
+/// leases: status exits 1 and names it, while the other relay is live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_exits_1_naming_a_relay_that_lost_its_database() {
+    use outbox_test_kit::faults::{url_addr, url_via};
+    use outbox_test_kit::proxy::FaultProxy;
+    let env = TestEnv::new("ops_status_dbcut").await;
+    let mut healthy = Launch::new().start(&env).await;
+    let proxy = FaultProxy::start(url_addr(&env.db_url, 5432)).await;
+    let mut cut = Launch::new()
+        .db_url(&url_via(&env.db_url, proxy.port()))
+        .start(&env)
+        .await;
+    healthy.wait_ready(CLI_TIMEOUT).await;
+    cut.wait_ready(CLI_TIMEOUT).await;
+    let mut out = env.cli(&["status"], CLI_TIMEOUT).await;
+    let settled = wait_until(ARRIVAL_TIMEOUT, async || {
+        out = env.cli(&["status"], CLI_TIMEOUT).await;
+        out.code() == Some(0)
+    })
+    .await;
+    assert!(
+        settled,
+        "status never exited 0 with two healthy relays\n{}",
+        out.describe()
+    );
+
+    proxy.go_down();
+    let said = format!("problem: relay {} has not renewed its leases", cut.instance);
+    let named = wait_until(ARRIVAL_TIMEOUT, async || {
+        out = env.cli(&["status"], CLI_TIMEOUT).await;
+        out.code() == Some(1) && out.stderr.contains(&said)
+    })
+    .await;
+    assert!(
+        named,
+        "status does not name the relay cut from its database\n{}",
+        out.describe()
+    );
+    assert!(!out.stderr.contains("no live relay"), "{}", out.describe());
+    assert!(
+        !out.stderr.contains(&format!("relay {} ", healthy.instance)),
+        "{}",
+        out.describe()
+    );
+    proxy.come_back();
+    healthy.assert_running();
+    cut.assert_running();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_usage_error_names_the_missing_options() {
     for action in ["retry", "discard"] {

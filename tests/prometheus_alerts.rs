@@ -32,6 +32,8 @@ const SHORT_FOR: &str = "5s";
 const ALERT_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long an alert that must not fire is watched after its situation began.
 const QUIET_FOR: Duration = Duration::from_secs(15);
+/// The job under which the test's Prometheus scrapes itself.
+const SELF_JOB: &str = "prometheus";
 
 // ---------------------------------------------------------------------------
 // A private Prometheus
@@ -73,20 +75,23 @@ impl Prometheus {
         save(&rules_file, &shorten_for(&rules));
         let targets_file = dir.join("targets.json");
         save(&targets_file, "[]");
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-             rule_files:\n  - {}\n\
-             scrape_configs:\n  - job_name: outbox-relay\n    file_sd_configs:\n      - files: ['{}']\n        refresh_interval: 1s\n",
-            rules_file.display(),
-            targets_file.display()
-        );
-        let config_file = dir.join("prometheus.yml");
-        save(&config_file, &config);
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        // Prometheus also scrapes itself (job `prometheus`), as most do: a
+        // target that is no relay, which relay panels must not count.
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+             rule_files:\n  - {}\n\
+             scrape_configs:\n  - job_name: outbox-relay\n    file_sd_configs:\n      - files: ['{}']\n        refresh_interval: 1s\n\
+             \x20 - job_name: {SELF_JOB}\n    static_configs:\n      - targets: ['{addr}']\n",
+            rules_file.display(),
+            targets_file.display()
+        );
+        let config_file = dir.join("prometheus.yml");
+        save(&config_file, &config);
         let log = std::fs::File::create(dir.join("prometheus.log")).expect("create log");
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config_file.display()))
@@ -352,6 +357,65 @@ fn dashboard_queries(job: &str) -> Vec<String> {
             }
         })
         .collect()
+}
+
+/// The queries of the dashboard panel titled `title`, with `$job` as given
+/// and every instance.
+fn panel_queries(title: &str, job: &str) -> Vec<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("deploy/grafana/outbox-relay.json"))
+        .expect("read the dashboard");
+    let dashboard: Value = serde_json::from_str(&text).expect("dashboard JSON");
+    fn find<'a>(value: &'a Value, title: &str, out: &mut Vec<&'a Value>) {
+        match value {
+            Value::Object(map) => {
+                if map.get("title").and_then(Value::as_str) == Some(title) {
+                    out.push(value);
+                }
+                map.values().for_each(|v| find(v, title, out));
+            }
+            Value::Array(items) => items.iter().for_each(|v| find(v, title, out)),
+            _ => {}
+        }
+    }
+    let mut panels = Vec::new();
+    find(&dashboard, title, &mut panels);
+    assert_eq!(panels.len(), 1, "one panel titled {title:?}");
+    panels[0]["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["expr"].as_str())
+        .map(|q| q.replace("$job", job).replace("$instance", ".*"))
+        .collect()
+}
+
+/// The live-relay panel counts relays, not scrape targets: for the job of
+/// Prometheus's own target (up) it reads 0, so with the job variable at
+/// "All" it counts exactly the relays.
+async fn live_relay_panel_counts_relays_only(prom: &Prometheus) {
+    prom.wait_for(
+        &format!("up{{job=\"{SELF_JOB}\"}} == 1"),
+        "Prometheus scrapes itself",
+    )
+    .await;
+    let queries = panel_queries("Relays up", SELF_JOB);
+    assert!(!queries.is_empty(), "the Relays up panel has no query");
+    for q in queries {
+        let result = prom.query(&q).await.unwrap_or_else(|e| panic!("{q}: {e}"));
+        let values: Vec<&str> = result
+            .iter()
+            .filter_map(|r| r["value"][1].as_str())
+            .collect();
+        assert_eq!(
+            values,
+            ["0"],
+            "`{q}` counts Prometheus's own target as a relay: {result:?}"
+        );
+    }
+    println!(
+        "PANEL Relays up reads 0 for job {SELF_JOB} (Prometheus's own target, up == 1): it counts relays only"
+    );
 }
 
 /// Evaluates every dashboard query for `job`; returns the ones that erred or
@@ -771,6 +835,7 @@ async fn each_alert_fires_in_its_situation_only_and_resolves_after_it() {
         );
         return;
     };
+    live_relay_panel_counts_relays_only(&prom).await;
     tokio::join!(
         lag(&prom),
         parked(&prom),

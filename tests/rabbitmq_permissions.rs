@@ -429,3 +429,89 @@ async fn refused_rows_spread_through_a_backlog_are_each_parked_and_the_rest_flow
         bad.len()
     );
 }
+
+/// Partitions whose lease `instance` holds now (database clock).
+async fn partitions_held_by(env: &TestEnv, instance: &str) -> i64 {
+    env.scalar_i64(&format!(
+        "SELECT count(*) FROM \"{}\".leases WHERE owner = '{instance}' AND expires_at > clock_timestamp()",
+        env.schema
+    ))
+    .await
+}
+
+/// README "Partition hand-off": a relay that cannot publish because RabbitMQ
+/// refuses it (ACCESS_REFUSED at connection.open: its user has no access to
+/// the vhost) takes no partition, stays alive and not ready, and its rows
+/// wait for a relay that can publish, which takes every partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_refused_by_rabbitmq_takes_no_partitions_and_one_that_can_publishes_its_rows() {
+    let env = TestEnv::new("amqp_perm_handoff").await;
+    let test =
+        "a_relay_refused_by_rabbitmq_takes_no_partitions_and_one_that_can_publishes_its_rows";
+    let Some(user) = BrokerUser::create(&env, test, "^$", "^$", "^$") else {
+        return;
+    };
+    rabbitmqctl(&["clear_permissions", "-p", &user.vhost, &user.name])
+        .unwrap_or_else(|e| panic!("clear permissions of {}: {e}", user.name));
+    let queue = env.declare_queue("events").await;
+    let mut refused = launch(&user).start(&env).await;
+    let rows = env
+        .insert_committed(&[NewRow::to_queue(&queue, "waits").key("k")])
+        .await;
+
+    // Alone and refused, it holds nothing (a heartbeat would have taken all
+    // 32 within a second): watched for 8 s.
+    let watch_until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < watch_until {
+        assert_eq!(
+            partitions_held_by(&env, &refused.instance).await,
+            0,
+            "a refused relay took partitions\n{}",
+            refused.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let m = refused.metrics().await;
+    for (name, value) in [
+        ("outbox_relay_partitions_owned", 0.0),
+        ("outbox_relay_partitions_handed_off", 1.0),
+        ("outbox_relay_broker_connected", 0.0),
+    ] {
+        assert_eq!(metric_value(&m, name), Some(value), "{name}\n{m}");
+    }
+    let failed_attempts = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("outbox_relay_broker_connection_attempts_total{outcome=\"failed\"} ")
+        })
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(
+        failed_attempts.is_some_and(|v| v >= 1.0),
+        "refused connection attempts not counted as failed\n{m}"
+    );
+    let (code, body) = refused.get("/readyz").await.expect("/readyz");
+    assert!(
+        code == 503 && body.contains("RabbitMQ"),
+        "/readyz {code} {body}"
+    );
+    assert_eq!(refused.get("/healthz").await.expect("/healthz").0, 200);
+    assert_eq!(env.pending_count().await, 1, "the row waits");
+
+    // A relay that can publish takes every partition and publishes the row.
+    let got = env.consume(&queue, AckMode::Auto).await;
+    let mut able = Launch::new().start(&env).await;
+    able.wait_ready(CLI_TIMEOUT).await;
+    got.wait_for_ids(&ids_of(&rows), CLI_TIMEOUT).await;
+    let all = wait_until(CLI_TIMEOUT, async || {
+        partitions_held_by(&env, &able.instance).await == 32
+    })
+    .await;
+    assert!(
+        all,
+        "the relay that can publish does not hold every partition; the refused one holds {}",
+        partitions_held_by(&env, &refused.instance).await
+    );
+    assert_eq!(partitions_held_by(&env, &refused.instance).await, 0);
+    refused.assert_running();
+    println!("{test}: the refused relay held 0 partitions for 8 s; the one that can publish took all 32 and delivered the row");
+}

@@ -1686,3 +1686,138 @@ async fn listen_false_still_publishes_by_polling() {
     }
     relay.assert_running();
 }
+
+// ---------------------------------------------------------------------------
+// Hand-off: an idle relay cut from RabbitMQ
+// ---------------------------------------------------------------------------
+
+/// README "Partition hand-off": a relay that loses its RabbitMQ connection
+/// owns nothing within 10 s. An idle relay too: with nothing to publish only
+/// the reset tells it, so it must notice the reset at once (broker_connected
+/// 0, /readyz 503), not at its next idle beat (10 s), which would start the
+/// hand-off's clock that much later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_relay_cut_from_rabbitmq_notices_at_once_and_owns_nothing_within_10s() {
+    use outbox_test_kit::faults::{url_addr, url_via};
+    use outbox_test_kit::proxy::FaultProxy;
+    /// Noticing a reset: scrape period of the poll below plus a loaded machine.
+    const NOTICE_BOUND: Duration = Duration::from_secs(3);
+    /// README's 10 s, with 2 s of slack for a loaded 2-core machine.
+    const HANDOFF_BOUND: Duration = Duration::from_secs(12);
+    let env = TestEnv::new("idle_broker_cut").await;
+    let proxy = FaultProxy::start(url_addr(&env.amqp_url, 5672)).await;
+    let mut relay = Launch::new()
+        .amqp_url(&url_via(&env.amqp_url, proxy.port()))
+        .start(&env)
+        .await;
+    relay.wait_ready(SETUP_TIMEOUT).await;
+    let held = async || {
+        env.scalar_i64(&format!(
+            "SELECT count(*) FROM \"{}\".leases WHERE owner = '{}' AND expires_at > clock_timestamp()",
+            env.schema, relay.instance
+        ))
+        .await
+    };
+    assert!(
+        wait_until(SETUP_TIMEOUT, async || held().await == 32).await,
+        "the only relay never held all 32 partitions\n{}",
+        relay.log_tail(30)
+    );
+    // Idle: nothing pending, it says it waits for a wakeup (relays.idle).
+    let idle = wait_until(SETUP_TIMEOUT, async || {
+        env.scalar_i64(&format!(
+            "SELECT count(*) FROM \"{}\".relays WHERE instance = '{}' AND idle",
+            env.schema, relay.instance
+        ))
+        .await
+            == 1
+    })
+    .await;
+    assert!(
+        idle,
+        "the relay never flagged itself idle\n{}",
+        relay.log_tail(30)
+    );
+
+    let cut_at = Instant::now();
+    proxy.go_down();
+    let noticed = wait_until(HANDOFF_BOUND, async || {
+        metric_value(&relay.metrics().await, "outbox_relay_broker_connected") == Some(0.0)
+    })
+    .await;
+    let noticed_after = cut_at.elapsed();
+    assert!(noticed, "broker_connected still 1\n{}", relay.log_tail(30));
+    assert!(
+        noticed_after <= NOTICE_BOUND,
+        "an idle relay noticed the reset of its RabbitMQ connection only after {noticed_after:?}\n{}",
+        relay.log_tail(30)
+    );
+    let (code, body) = relay.get("/readyz").await.expect("/readyz");
+    assert!(
+        code == 503 && body.contains("RabbitMQ"),
+        "/readyz {code} {body}"
+    );
+    let released = wait_until(HANDOFF_BOUND, async || held().await == 0).await;
+    let released_after = cut_at.elapsed();
+    assert!(
+        released && released_after <= HANDOFF_BOUND,
+        "the idle relay cut from RabbitMQ still held {} partitions {released_after:?} after the cut\n{}",
+        held().await,
+        relay.log_tail(30)
+    );
+    assert_eq!(
+        metric_value(&relay.metrics().await, "outbox_relay_partitions_owned"),
+        Some(0.0)
+    );
+    proxy.come_back();
+    relay.assert_running();
+    println!(
+        "an idle relay cut from RabbitMQ: broker_connected 0 after {:.1}s, every lease released after {:.1}s",
+        noticed_after.as_secs_f64(),
+        released_after.as_secs_f64()
+    );
+}
+
+/// README "Partition hand-off": a relay none of whose RabbitMQ nodes answers
+/// (every node of `amqp-url` down) cannot publish: it takes no partition,
+/// is alive and not ready, and says so in its gauges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_every_rabbitmq_node_is_down_takes_no_partitions() {
+    use outbox_test_kit::faults::url_via;
+    let env = TestEnv::new("every_node_down").await;
+    let (a, b) = (ClosedPort::new(), ClosedPort::new());
+    let nodes = format!(
+        "{},{}",
+        url_via(&env.amqp_url, a.port),
+        url_via(&env.amqp_url, b.port)
+    );
+    let mut relay = Launch::new().amqp_url(&nodes).start(&env).await;
+    let held = async || {
+        env.scalar_i64(&format!(
+            "SELECT count(*) FROM \"{}\".leases WHERE owner = '{}' AND expires_at > clock_timestamp()",
+            env.schema, relay.instance
+        ))
+        .await
+    };
+    // Alone, a heartbeat would take all 32 within a second: watched for 8 s.
+    let watch_until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < watch_until {
+        assert_eq!(held().await, 0, "{}", relay.log_tail(30));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let m = relay.metrics().await;
+    for (name, value) in [
+        ("outbox_relay_partitions_owned", 0.0),
+        ("outbox_relay_partitions_handed_off", 1.0),
+        ("outbox_relay_broker_connected", 0.0),
+    ] {
+        assert_eq!(metric_value(&m, name), Some(value), "{name}\n{m}");
+    }
+    let (code, body) = relay.get("/readyz").await.expect("/readyz");
+    assert!(
+        code == 503 && body.contains("RabbitMQ"),
+        "/readyz {code} {body}"
+    );
+    assert_eq!(relay.get("/healthz").await.expect("/healthz").0, 200);
+    relay.assert_running();
+}

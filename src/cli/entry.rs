@@ -88,20 +88,44 @@ pub fn main() -> ExitCode {
 
 /// clap's error in one line: its first paragraph (the error and what it
 /// names, e.g. the missing `<--id <IDS>...|--all>` on the next line), then the
-/// usage line.
+/// usage line. A missing subcommand, which clap answers with the whole help,
+/// becomes an error naming the subcommands to choose from.
 fn usage_line(rendered: &str) -> String {
-    let mut paragraphs = rendered.split("\n\n").map(|p| {
+    let paragraphs: Vec<&str> = rendered.split("\n\n").collect();
+    let one_line = |p: &str| {
         p.lines()
             .map(str::trim)
             .filter(|l| !l.is_empty())
             .collect::<Vec<_>>()
             .join(" ")
-    });
-    let mut line = paragraphs
-        .next()
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| "error: invalid usage".to_string());
-    if let Some(usage) = paragraphs.find_map(|p| p.strip_prefix("Usage: ").map(str::to_string)) {
+    };
+    let first = paragraphs
+        .first()
+        .map(|p| one_line(p))
+        .filter(|p| !p.is_empty());
+    let commands: Vec<&str> = paragraphs
+        .iter()
+        .find_map(|p| p.trim_start().strip_prefix("Commands:"))
+        .map(|list| {
+            list.lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|name| *name != "help")
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut line = match first {
+        Some(error) if error.starts_with("error:") => error,
+        _ if !commands.is_empty() => format!(
+            "error: a subcommand is required, one of: {}",
+            commands.join(", ")
+        ),
+        Some(other) => other,
+        None => "error: invalid usage".to_string(),
+    };
+    if let Some(usage) = paragraphs
+        .iter()
+        .find_map(|p| p.trim_start().strip_prefix("Usage: ").map(one_line))
+    {
         line.push_str(&format!("; usage: {usage}; see --help"));
     }
     line
@@ -189,6 +213,41 @@ mod tests {
             line.contains("usage: outbox-relay dead-letters retry"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn a_missing_subcommand_is_named_with_the_ones_to_choose_from() {
+        for (args, names) in [
+            (
+                &["outbox-relay"][..],
+                &[
+                    "migrate",
+                    "run",
+                    "check",
+                    "status",
+                    "dead-letters",
+                    "replay",
+                    "grants",
+                ][..],
+            ),
+            (
+                &["outbox-relay", "dead-letters"][..],
+                &["list", "retry", "discard"][..],
+            ),
+        ] {
+            let e = Cli::try_parse_from(args).unwrap_err();
+            let line = usage_line(&e.render().to_string());
+            assert!(!line.contains('\n'), "{line}");
+            assert!(
+                line.starts_with("error: a subcommand is required, one of: "),
+                "{args:?}: {line}"
+            );
+            for name in names {
+                assert!(line.contains(name), "{args:?}: {name} not in {line}");
+            }
+            assert!(!line.contains("help,"), "{line}");
+            assert!(line.contains("; usage: outbox-relay"), "{line}");
+        }
     }
 
     #[test]

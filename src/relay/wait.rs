@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Relay;
-use crate::{store::Store, wakeup::Next};
+use crate::{publisher::Publisher, store::Store, wakeup::Next};
 
 /// Longest idle wait without a wakeup (the loop's liveness beat for /healthz).
 const IDLE_BEAT: Duration = Duration::from_secs(10);
@@ -61,10 +61,14 @@ impl Relay {
     async fn idle(&mut self) {
         let wake = self.wakeup.clone();
         let store_closed = self.store.as_ref().map(Store::closed);
+        let broker_trouble = self.publisher.as_ref().map(Publisher::trouble);
         tokio::select! {
             _ = wake.notified() => {}
             // Readiness must drop when the database goes, even while idle.
             _ = async { match store_closed { Some(c) => c.await, None => std::future::pending().await } } => {}
+            // And when the broker connection goes: the relay notices at once,
+            // so the hand-off's clock starts with the loss, not the next beat.
+            _ = async { match broker_trouble { Some(t) => t.await, None => std::future::pending().await } } => {}
             // Only feeds /healthz: the heartbeat is the poll, so no claim here.
             _ = tokio::time::sleep(IDLE_BEAT) => return,
             _ = self.stop.changed() => {}

@@ -354,10 +354,11 @@ async fn pooled_failures_are_dead_lettered_listed_and_retried() {
     let queue = env.declare_queue("events").await;
     let collector = env.consume(&queue, AckMode::Manual).await;
     let mut args = POOLED.to_vec();
-    args.extend(["--max-attempts", "1"]);
+    args.extend(["--max-attempts", "2"]);
     let relay = Launch::new().args(&args).start(&env).await;
 
-    // One row to an exchange that does not exist yet: parked at its first failure.
+    // One row to an exchange that does not exist yet: retried once (about 1 s
+    // later), parked at its second failure.
     let missing = env.unique("later");
     let mut bad = NewRow::to_queue(&queue, "to an exchange declared later");
     bad.exchange = missing.clone();
@@ -375,6 +376,17 @@ async fn pooled_failures_are_dead_lettered_listed_and_retried() {
     })
     .await;
     assert!(dead, "row not dead-lettered\n{}", relay.log_tail(100));
+    let attempts = env
+        .scalar_i64(&format!(
+            "SELECT attempts::bigint FROM {} WHERE id = {}",
+            env.table(),
+            parked.id
+        ))
+        .await;
+    assert_eq!(
+        attempts, 2,
+        "the failed row was not retried before it was parked"
+    );
 
     let out = env
         .cli(&["dead-letters", "list", "--json"], CLI_TIMEOUT)

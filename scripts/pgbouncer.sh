@@ -38,7 +38,9 @@ die() { echo "pgbouncer.sh: $*" >&2; exit 1; }
 case "$MODE" in
     transaction) PORT=6543; POOL=3 ;;
     session) PORT=6544; POOL=20 ;;
-    *) die "unknown pool mode '$MODE': use transaction or session" ;;
+    # Only for a test's private instance (tests/pooler.rs): the relay cannot work there.
+    statement) PORT=6545; POOL=3 ;;
+    *) die "unknown pool mode '$MODE': use transaction, session or statement" ;;
 esac
 PORT=${OUTBOX_PGBOUNCER_PORT:-$PORT}
 POOL=${OUTBOX_PGBOUNCER_POOL_SIZE:-$POOL}

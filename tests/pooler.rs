@@ -59,6 +59,7 @@ fn pooler_url(test: &str, mode: &str) -> Option<String> {
 /// (`server_round_robin`): a client's consecutive transactions land on
 /// different server connections. Stopped when dropped.
 struct PrivatePooler {
+    mode: &'static str,
     base: String,
     port: u16,
     pool: usize,
@@ -72,7 +73,7 @@ impl PrivatePooler {
             .args([
                 concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pgbouncer.sh"),
                 cmd,
-                "transaction",
+                self.mode,
             ])
             .env("OUTBOX_PGBOUNCER_DIR", &self.base)
             .env("OUTBOX_PGBOUNCER_PORT", self.port.to_string())
@@ -86,6 +87,15 @@ impl PrivatePooler {
     }
 
     fn start(test: &str, pool: usize, round_robin: bool) -> Option<PrivatePooler> {
+        PrivatePooler::start_in(test, "transaction", pool, round_robin)
+    }
+
+    fn start_in(
+        test: &str,
+        mode: &'static str,
+        pool: usize,
+        round_robin: bool,
+    ) -> Option<PrivatePooler> {
         // Pooled URLs carry the direct URL's database; the admin console is `pgbouncer`.
         pooler_url(test, "transaction")?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -95,6 +105,7 @@ impl PrivatePooler {
         let db = database_url();
         let db = db.rsplit('/').next().unwrap_or("test").to_string();
         let pooler = PrivatePooler {
+            mode,
             base: format!("/tmp/outbox-relay-pgbouncer-{port}"),
             port,
             pool,
@@ -453,6 +464,34 @@ async fn pooled_operator_commands_status_replay_and_check_work() {
     assert_eq!(out.code(), Some(1), "{}", out.describe());
     assert!(
         out.stdout.contains("set listen=false"),
+        "{}",
+        out.describe()
+    );
+}
+
+/// A statement-mode pooler runs no transaction of several statements, which
+/// the relay needs: `check` says so and fails. (`migrate` runs through the
+/// transaction pooler here; through this one it could not.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_says_a_statement_mode_pooler_does_not_fit() {
+    let test = "check_says_a_statement_mode_pooler_does_not_fit";
+    let Some(pooler) = PrivatePooler::start_in(test, "statement", 3, false) else {
+        return;
+    };
+    let Some(env) = pooled_env(test, "transaction").await else {
+        return;
+    };
+    let out = env
+        .cli_via(
+            &["check", "--listen", "false"],
+            (&pooler.url, &env.amqp_url),
+            CLI_TIMEOUT,
+        )
+        .await;
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stdout.contains("statement-mode pooler detected")
+            && out.stdout.contains("use transaction or session mode"),
         "{}",
         out.describe()
     );

@@ -20,6 +20,11 @@
 # Every step holds a lock, so parallel tests start one instance.
 #
 # OUTBOX_PGBOUNCER_WAIT_SECS bounds the wait for it to answer (default 30).
+# A test's private instance (with its own OUTBOX_PGBOUNCER_DIR) may set
+# OUTBOX_PGBOUNCER_PORT, OUTBOX_PGBOUNCER_POOL_SIZE (server connections) and
+# OUTBOX_PGBOUNCER_ROUND_ROBIN=1 (server_round_robin: each transaction takes
+# the server connection idle longest, so a client's consecutive transactions
+# land on different server connections).
 set -euo pipefail
 
 BASE=${OUTBOX_PGBOUNCER_DIR:-/tmp/outbox-relay-pgbouncer}
@@ -33,8 +38,13 @@ die() { echo "pgbouncer.sh: $*" >&2; exit 1; }
 case "$MODE" in
     transaction) PORT=6543; POOL=3 ;;
     session) PORT=6544; POOL=20 ;;
-    *) die "unknown pool mode '$MODE': use transaction or session" ;;
+    # Only for a test's private instance (tests/pooler.rs): the relay cannot work there.
+    statement) PORT=6545; POOL=3 ;;
+    *) die "unknown pool mode '$MODE': use transaction, session or statement" ;;
 esac
+PORT=${OUTBOX_PGBOUNCER_PORT:-$PORT}
+POOL=${OUTBOX_PGBOUNCER_POOL_SIZE:-$POOL}
+ROUND_ROBIN=${OUTBOX_PGBOUNCER_ROUND_ROBIN:-0}
 DIR=$BASE/$MODE
 URL=postgres://postgres@127.0.0.1:$PORT/test
 
@@ -63,6 +73,7 @@ auth_file = $DIR/userlist.txt
 admin_users = postgres
 pool_mode = $MODE
 default_pool_size = $POOL
+server_round_robin = $ROUND_ROBIN
 max_client_conn = 1000
 stats_period = 5
 logfile = $DIR/pgbouncer.log

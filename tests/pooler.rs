@@ -54,6 +54,104 @@ fn pooler_url(test: &str, mode: &str) -> Option<String> {
     })
 }
 
+/// A PgBouncer of one test's own, in transaction mode with `pool` server
+/// connections, with `round_robin` handed out round robin
+/// (`server_round_robin`): a client's consecutive transactions land on
+/// different server connections. Stopped when dropped.
+struct PrivatePooler {
+    mode: &'static str,
+    base: String,
+    port: u16,
+    pool: usize,
+    round_robin: bool,
+    url: String,
+}
+
+impl PrivatePooler {
+    fn script(&self, cmd: &str) -> std::process::Output {
+        Command::new("bash")
+            .args([
+                concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pgbouncer.sh"),
+                cmd,
+                self.mode,
+            ])
+            .env("OUTBOX_PGBOUNCER_DIR", &self.base)
+            .env("OUTBOX_PGBOUNCER_PORT", self.port.to_string())
+            .env("OUTBOX_PGBOUNCER_POOL_SIZE", self.pool.to_string())
+            .env(
+                "OUTBOX_PGBOUNCER_ROUND_ROBIN",
+                if self.round_robin { "1" } else { "0" },
+            )
+            .output()
+            .expect("run scripts/pgbouncer.sh")
+    }
+
+    fn start(test: &str, pool: usize, round_robin: bool) -> Option<PrivatePooler> {
+        PrivatePooler::start_in(test, "transaction", pool, round_robin)
+    }
+
+    fn start_in(
+        test: &str,
+        mode: &'static str,
+        pool: usize,
+        round_robin: bool,
+    ) -> Option<PrivatePooler> {
+        // Pooled URLs carry the direct URL's database; the admin console is `pgbouncer`.
+        pooler_url(test, "transaction")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let db = database_url();
+        let db = db.rsplit('/').next().unwrap_or("test").to_string();
+        let pooler = PrivatePooler {
+            mode,
+            base: format!("/tmp/outbox-relay-pgbouncer-{port}"),
+            port,
+            pool,
+            round_robin,
+            url: format!("postgres://postgres@127.0.0.1:{port}/{db}"),
+        };
+        let out = pooler.script("start");
+        assert!(
+            out.status.success(),
+            "private PgBouncer did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(pooler)
+    }
+
+    /// The backend pids of its server connections (admin console, SHOW SERVERS).
+    async fn server_pids(&self) -> Vec<i32> {
+        let admin = connect_db(&format!(
+            "postgres://postgres@127.0.0.1:{}/pgbouncer",
+            self.port
+        ))
+        .await;
+        let mut pids = Vec::new();
+        for m in admin
+            .simple_query("SHOW SERVERS")
+            .await
+            .expect("SHOW SERVERS")
+        {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                if let Some(pid) = r.get("remote_pid").and_then(|v| v.parse().ok()) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids.sort_unstable();
+        pids
+    }
+}
+
+impl Drop for PrivatePooler {
+    fn drop(&mut self) {
+        let _ = self.script("stop");
+        let _ = std::fs::remove_dir_all(&self.base);
+    }
+}
+
 /// A test environment whose relays and commands (`migrate` first) go through
 /// the pooler in `mode`.
 async fn pooled_env(test: &str, mode: &str) -> Option<TestEnv> {
@@ -137,6 +235,99 @@ async fn pooled_relay_publishes_and_marks_every_row_in_key_order() {
     assert_no_pooler_errors(&relay);
 }
 
+/// The issue's failure: the relay assumed its next transaction ran on the
+/// server session of the last one. Through a pooler of two server
+/// connections handed out round robin, every claim, publish and mark lands on
+/// the other server connection than the one before; every row must still be
+/// marked, in key order, and afterwards neither server session may hold
+/// anything of the relay: no prepared statement, no session setting, no
+/// LISTEN, no temporary table, no advisory lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_relay_keeps_no_session_state_across_server_connections() {
+    let test = "pooled_relay_keeps_no_session_state_across_server_connections";
+    let Some(pooler) = PrivatePooler::start(test, 2, true) else {
+        return;
+    };
+    let mut env = TestEnv::new_unmigrated(test).await;
+    env.db_url = pooler.url.clone();
+    env.migrate().await;
+    let queue = env.declare_queue("events").await;
+    let collector = env.consume(&queue, AckMode::Manual).await;
+    let mut relay = Launch::new().args(POOLED).start(&env).await;
+
+    let inserted = env.insert_bulk(&queue, 2_000, 20).await;
+    collector.wait_for_rows(&inserted).await;
+    wait_all_marked(&env, inserted.len() as i64, &[&relay]).await;
+    assert_in_key_order(&collector, &keyed(&inserted, 20));
+    assert_no_pooler_errors(&relay);
+    // An operator command through the same pool: it must leave nothing either.
+    let status = env.cli(&["status", "--json"], CLI_TIMEOUT).await;
+    assert_eq!(status.code(), Some(0), "{}", status.describe());
+    relay.terminate(Duration::from_secs(30)).await;
+
+    let servers = pooler.server_pids().await;
+    assert_eq!(servers.len(), 2, "server connections: {servers:?}");
+    // What a fresh session has, read directly: the relay's SET LOCALs must not
+    // have outlived their transactions.
+    let direct = connect_db(&database_url()).await;
+    let inspect = "SELECT pg_backend_pid()::text,
+                          (SELECT count(*) FROM pg_prepared_statements)::text,
+                          current_setting('synchronous_commit'),
+                          current_setting('statement_timeout'),
+                          (SELECT count(*) FROM pg_listening_channels())::text,
+                          (pg_my_temp_schema() <> 0)::text";
+    let row_of = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<String> {
+        msgs.into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                    (0..r.len())
+                        .map(|i| r.get(i).unwrap_or("").to_string())
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .expect("a row")
+    };
+    let fresh = row_of(direct.simple_query(inspect).await.expect("inspect"));
+    // Both server connections at once: each client holds one in a transaction.
+    // Simple queries only, so the inspection itself prepares nothing.
+    let a = connect_db(&pooler.url).await;
+    let b = connect_db(&pooler.url).await;
+    a.simple_query("BEGIN").await.expect("BEGIN");
+    b.simple_query("BEGIN").await.expect("BEGIN");
+    let mut seen = Vec::new();
+    for client in [&a, &b] {
+        let got = row_of(client.simple_query(inspect).await.expect("inspect"));
+        assert_eq!(
+            got[1..],
+            [
+                "0".to_string(),
+                fresh[2].clone(),
+                fresh[3].clone(),
+                "0".into(),
+                "false".into()
+            ],
+            "server session {} kept state of the relay (prepared statements, \
+             synchronous_commit, statement_timeout, LISTEN channels, temp schema)",
+            got[0]
+        );
+        seen.push(got[0].parse::<i32>().expect("pid"));
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, servers, "the inspection saw other server sessions");
+    let locks = direct
+        .simple_query(&format!(
+            "SELECT count(*)::text FROM pg_locks WHERE locktype = 'advisory' AND pid IN ({}, {})",
+            seen[0], seen[1]
+        ))
+        .await
+        .expect("pg_locks");
+    let locks = row_of(locks);
+    assert_eq!(locks[0], "0", "advisory locks held on the server sessions");
+    a.simple_query("COMMIT").await.expect("COMMIT");
+    b.simple_query("COMMIT").await.expect("COMMIT");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_replica_takes_over_from_a_killed_relay_in_key_order() {
     let test = "pooled_replica_takes_over_from_a_killed_relay_in_key_order";
@@ -174,10 +365,11 @@ async fn pooled_failures_are_dead_lettered_listed_and_retried() {
     let queue = env.declare_queue("events").await;
     let collector = env.consume(&queue, AckMode::Manual).await;
     let mut args = POOLED.to_vec();
-    args.extend(["--max-attempts", "1"]);
+    args.extend(["--max-attempts", "2"]);
     let relay = Launch::new().args(&args).start(&env).await;
 
-    // One row to an exchange that does not exist yet: parked at its first failure.
+    // One row to an exchange that does not exist yet: retried once (about 1 s
+    // later), parked at its second failure.
     let missing = env.unique("later");
     let mut bad = NewRow::to_queue(&queue, "to an exchange declared later");
     bad.exchange = missing.clone();
@@ -195,6 +387,17 @@ async fn pooled_failures_are_dead_lettered_listed_and_retried() {
     })
     .await;
     assert!(dead, "row not dead-lettered\n{}", relay.log_tail(100));
+    let attempts = env
+        .scalar_i64(&format!(
+            "SELECT attempts::bigint FROM {} WHERE id = {}",
+            env.table(),
+            parked.id
+        ))
+        .await;
+    assert_eq!(
+        attempts, 2,
+        "the failed row was not retried before it was parked"
+    );
 
     let out = env
         .cli(&["dead-letters", "list", "--json"], CLI_TIMEOUT)
@@ -266,6 +469,34 @@ async fn pooled_operator_commands_status_replay_and_check_work() {
     );
 }
 
+/// A statement-mode pooler runs no transaction of several statements, which
+/// the relay needs: `check` says so and fails. (`migrate` runs through the
+/// transaction pooler here; through this one it could not.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_says_a_statement_mode_pooler_does_not_fit() {
+    let test = "check_says_a_statement_mode_pooler_does_not_fit";
+    let Some(pooler) = PrivatePooler::start_in(test, "statement", 3, false) else {
+        return;
+    };
+    let Some(env) = pooled_env(test, "transaction").await else {
+        return;
+    };
+    let out = env
+        .cli_via(
+            &["check", "--listen", "false"],
+            (&pooler.url, &env.amqp_url),
+            CLI_TIMEOUT,
+        )
+        .await;
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stdout.contains("statement-mode pooler detected")
+            && out.stdout.contains("use transaction or session mode"),
+        "{}",
+        out.describe()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_retention_deletes_published_rows() {
     let test = "pooled_retention_deletes_published_rows";
@@ -318,19 +549,24 @@ async fn session_pooled_relay_with_listen_publishes_every_row() {
 }
 
 /// Figures for the README and the issue, not a guarantee: the time to drain
-/// 20,000 waiting rows directly and through the transaction pooler (one run,
-/// same machine), and the statements per second an idle relay sends through
-/// the pooler (PgBouncer's SHOW STATS; nothing else may use the pooler then).
+/// 100,000 waiting rows (no partition keys, as `make bench`'s drain) directly and through the transaction pooler (one run,
+/// same machine), the statements per second an idle relay sends through a
+/// pooler of its own (PgBouncer's SHOW STATS), and
+/// the lag at 1,000 rows/s directly and through the pooler.
+/// `OUTBOX_TEST_RELAY_BIN=target/release/outbox-relay` for release figures.
 /// `POOLER_FIGURES_BASELINE_BIN=<older outbox-relay>` adds its direct drain.
 /// Run: cargo nextest run --all-features --test pooler --run-ignored only figures
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn figures_drain_direct_vs_pooled_and_idle_statements() {
-    const ROWS: i64 = 20_000;
+    const ROWS: i64 = 100_000;
     let test = "figures_drain_direct_vs_pooled_and_idle_statements";
-    let Some(pooled) = pooler_url(test, "transaction") else {
+    // A pooler of its own (as the shared one: 3 server connections), so that
+    // its SHOW STATS counts this test's relay and nothing else.
+    let Some(pooler) = PrivatePooler::start(test, 3, false) else {
         return;
     };
+    let pooled = pooler.url.clone();
     let mut runs: Vec<(&str, String, PathBuf, Vec<&str>)> = Vec::new();
     if let Some(bin) = std::env::var_os("POOLER_FIGURES_BASELINE_BIN") {
         runs.push((
@@ -351,7 +587,9 @@ async fn figures_drain_direct_vs_pooled_and_idle_statements() {
         let mut env = TestEnv::new(&format!("figures {label}")).await;
         env.db_url = url;
         let queue = env.declare_queue("events").await;
-        env.insert_bulk(&queue, ROWS, 100).await;
+        // No partition keys, as the bench's drain phase: with 100 keys both
+        // drains ran at about 1,000 rows/s (key order, not the pooler, bounds them).
+        env.insert_bulk(&queue, ROWS, 0).await;
         let mut relay = Launch::new()
             .binary(bin)
             .args(&extra)
@@ -394,6 +632,66 @@ async fn figures_drain_direct_vs_pooled_and_idle_statements() {
                 (q1 - q0) as f64 / 40.0
             );
         }
+        if !label.contains("baseline") {
+            lag_at_1000_per_s(&env, label).await;
+        }
         relay.terminate(Duration::from_secs(30)).await;
     }
+}
+
+/// created_at -> consumer receipt of rows inserted at 1,000/s for 15 s (4
+/// application connections, direct, one row per transaction), while the
+/// relay of `env` runs; printed as a FIGURE line.
+async fn lag_at_1000_per_s(env: &TestEnv, label: &str) {
+    const CONNECTIONS: u64 = 4;
+    const RATE: u64 = 1_000;
+    const SECS: u64 = 15;
+    let queue = env.declare_queue("lag").await;
+    let collector = env.consume(&queue, AckMode::Auto).await;
+    let sql = format!(
+        "INSERT INTO {} (routing_key, payload) VALUES ($1, '\\x00')
+         RETURNING message_id::text, extract(epoch FROM created_at)::float8",
+        env.table()
+    );
+    let start = tokio::time::Instant::now() + Duration::from_millis(200);
+    let period = Duration::from_micros(1_000_000 * CONNECTIONS / RATE);
+    let mut tasks = Vec::new();
+    for c in 0..CONNECTIONS {
+        let client = connect_db(&database_url()).await;
+        let (sql, queue) = (sql.clone(), queue.clone());
+        let offset = Duration::from_micros(1_000_000 / RATE * c);
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(start + offset, period);
+            let mut rows = Vec::new();
+            for _ in 0..RATE * SECS / CONNECTIONS {
+                tick.tick().await;
+                let row = client.query_one(&sql, &[&queue]).await.expect("insert");
+                rows.push((row.get::<_, String>(0), row.get::<_, f64>(1)));
+            }
+            rows
+        }));
+    }
+    let mut created = HashMap::new();
+    for task in tasks {
+        created.extend(task.await.expect("inserter"));
+    }
+    let wanted = created.keys().cloned().collect();
+    collector.wait_for_ids(&wanted, ARRIVAL_TIMEOUT).await;
+    let mut lags: Vec<f64> = collector
+        .snapshot()
+        .iter()
+        .filter_map(|r| {
+            let at = created.get(r.message_id.as_deref()?)?;
+            Some((unix_secs(r.at) - at) * 1000.0)
+        })
+        .collect();
+    lags.sort_by(f64::total_cmp);
+    let q = |p: f64| lags[((lags.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "FIGURE lag at {RATE}/s ({label}): created_at -> consumer p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} rows)",
+        q(0.5),
+        q(0.99),
+        q(1.0),
+        lags.len()
+    );
 }

@@ -41,7 +41,12 @@ impl RelayBinary {
         }
         cmd.env("OUTBOX_DATABASE_URL", database_url)
             .env("OUTBOX_AMQP_URL", &self.amqp_url)
-            .env("OUTBOX_LOG", "warn")
+            // The relay's log level; BENCH_RELAY_LOG to look inside (e.g.
+            // "warn,outbox_relay::relay::claim=debug" for the claim floor).
+            .env(
+                "OUTBOX_LOG",
+                std::env::var("BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null());
         cmd
     }

@@ -113,7 +113,26 @@ fn usage_line(rendered: &str) -> String {
                 .collect()
         })
         .unwrap_or_default();
+    // With connection settings in the environment clap does not show the
+    // help but says "'outbox-relay' requires a subcommand ... [subcommands:
+    // run, migrate, ..., help]": the same error, worded the same way.
+    let listed = first
+        .as_deref()
+        .filter(|e| e.contains("requires a subcommand"))
+        .and_then(|e| e.split_once("[subcommands: "))
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(list, _)| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|name| !name.is_empty() && *name != "help")
+                .collect::<Vec<_>>()
+        })
+        .filter(|names| !names.is_empty());
     let mut line = match first {
+        _ if listed.is_some() => format!(
+            "error: a subcommand is required, one of: {}",
+            listed.unwrap_or_default().join(", ")
+        ),
         Some(error) if error.starts_with("error:") => error,
         _ if !commands.is_empty() => format!(
             "error: a subcommand is required, one of: {}",
@@ -212,6 +231,20 @@ mod tests {
         assert!(
             line.contains("usage: outbox-relay dead-letters retry"),
             "{line}"
+        );
+    }
+
+    #[test]
+    fn a_missing_subcommand_reads_the_same_whether_clap_shows_help_or_an_error() {
+        // What clap renders when connection settings come from the
+        // environment (OUTBOX_DATABASE_URL set, as `make test` does).
+        let rendered = "error: 'outbox-relay' requires a subcommand but one was not provided\n  \
+             [subcommands: run, migrate, check, status, dead-letters, replay, grants, help]\n\n\
+             Usage: outbox-relay [OPTIONS] <COMMAND>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            usage_line(rendered),
+            "error: a subcommand is required, one of: run, migrate, check, status, \
+             dead-letters, replay, grants; usage: outbox-relay [OPTIONS] <COMMAND>; see --help"
         );
     }
 

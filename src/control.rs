@@ -11,7 +11,7 @@ use crate::{
     config::RelayConfig,
     leases::{LeaseState, HANDOFF_AFTER, LEASE_TTL, RENEW_EVERY},
     metrics::{Metrics, Peer},
-    store::{self, floor::SWEEP_EVERY, Control, Session, SharedFloor},
+    store::{self, Control, Session, SharedFloor},
     wakeup::Wakeup,
 };
 
@@ -36,8 +36,8 @@ pub struct ControlTask {
     pub metrics_addr: std::net::SocketAddr,
     /// Whether the relay has a RabbitMQ connection it can publish on.
     pub can_publish: watch::Receiver<bool>,
-    /// The relay loop's claim floor: the heartbeat looks for due rows from it,
-    /// and from the start every SWEEP_EVERY (a sweep).
+    /// The relay loop's claim floor: the heartbeat looks for due rows from it
+    /// (below it is the housekeeping connection's sweep).
     pub floor: Arc<SharedFloor>,
 }
 
@@ -109,7 +109,6 @@ impl ControlTask {
         let tick = self.cfg.poll_interval.min(RENEW_EVERY);
         let metrics_addr = self.metrics_addr.to_string();
         let mut broker_lost_at = None;
-        let mut next_sweep = Instant::now();
         loop {
             let stance = self.stance(&mut broker_lost_at);
             self.metrics
@@ -123,12 +122,7 @@ impl ControlTask {
                 continue;
             }
             let started = Instant::now();
-            let (floor_partitions, mut from) = self.floor.get();
-            let sweep = started >= next_sweep;
-            if sweep {
-                next_sweep = started + SWEEP_EVERY;
-                from = 0;
-            }
+            let (floor_partitions, from) = self.floor.get();
             let beat = statements
                 .heartbeat(
                     session,
@@ -139,11 +133,7 @@ impl ControlTask {
                 )
                 .await?;
             self.metrics.heartbeat_answered();
-            if let Some(id) = beat.first_due {
-                if sweep {
-                    // Maybe below the floor: made pending again (replay, retry).
-                    self.floor.found_due(&beat.partitions, id);
-                }
+            if beat.first_due.is_some() {
                 self.wakeup.wake();
             }
             self.metrics

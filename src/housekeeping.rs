@@ -1,5 +1,5 @@
-//! Backlog statistics and retention, on a connection of their own: neither may
-//! ever delay a lease renewal or a claim.
+//! Backlog statistics, retention and the claim floor's sweep, on a connection
+//! of their own: none may ever delay a lease renewal or a claim.
 
 use std::{sync::Arc, time::Duration};
 
@@ -9,7 +9,8 @@ use crate::{
     backoff,
     config::RelayConfig,
     metrics::{Metrics, Peer},
-    store::{self, Housekeeping, Session},
+    store::{self, floor::SWEEP_EVERY, Housekeeping, Session, SharedFloor},
+    wakeup::Wakeup,
 };
 
 /// Backlog statistics are refreshed this often while rows are pending or
@@ -39,6 +40,10 @@ pub struct HousekeepingTask {
     pub cfg: RelayConfig,
     pub metrics: Arc<Metrics>,
     pub stop: watch::Receiver<bool>,
+    /// The relay loop's claim floor: the sweep looks below it.
+    pub floor: Arc<SharedFloor>,
+    /// Wakes the relay loop for a row the sweep found below its floor.
+    pub wakeup: Arc<Wakeup>,
 }
 
 impl HousekeepingTask {
@@ -78,7 +83,14 @@ impl HousekeepingTask {
         // When, what had been published then, what was pending, how long
         // the reading took.
         let mut last_stats: Option<(Instant, u64, i64, Duration)> = None;
+        let mut next_sweep = Instant::now();
         loop {
+            if Instant::now() >= next_sweep {
+                let started = Instant::now();
+                self.sweep(session, &statements).await?;
+                // Like the statistics: at most a tenth of the time.
+                next_sweep = Instant::now() + SWEEP_EVERY.max(started.elapsed() * STATS_SHARE);
+            }
             let published = self.metrics.published.get();
             // A closed connection is found by the next statement, at once.
             let stale = session.is_closed()
@@ -132,6 +144,28 @@ impl HousekeepingTask {
                 _ = self.stop.changed() => return Ok(()),
             }
         }
+    }
+
+    /// Rows made pending again below the relay's claim floor (`replay`,
+    /// `dead-letters retry`, an operator's UPDATE): the first due one lowers
+    /// the floor, and the relay loop is woken for it.
+    async fn sweep(
+        &self,
+        session: &Session,
+        statements: &Housekeeping,
+    ) -> Result<(), store::StoreError> {
+        let (partitions, floor) = self.floor.get();
+        if partitions.is_empty() || floor == 0 {
+            // Nothing leased yet, or claims already start at the beginning.
+            return Ok(());
+        }
+        if let Some(id) = statements.first_due(session, &partitions).await? {
+            if self.floor.found_due(&partitions, id) {
+                tracing::debug!(id, floor, "a due row lies below the claim floor");
+                self.wakeup.wake();
+            }
+        }
+        Ok(())
     }
 }
 

@@ -63,6 +63,8 @@ pub async fn run(cfg: RelayConfig) -> Result<(), RunError> {
             cfg: cfg.clone(),
             metrics: metrics.clone(),
             stop: stop_rx.clone(),
+            floor: floor.clone(),
+            wakeup: wakeup.clone(),
         }
         .run(),
     );

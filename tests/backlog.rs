@@ -19,9 +19,9 @@ use tokio_postgres::Client;
 /// The relay logs each move of its floor at debug level: the tests read it.
 const LOG: (&str, &str) = ("OUTBOX_LOG", "info,outbox_relay=debug");
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
-/// The relay's heartbeat sweeps (looks for due rows from the start of the
-/// table, below the floor too) this often; what it finds below the floor
-/// arrives within a few of these.
+/// The relay's housekeeping connection sweeps (looks for due rows from the
+/// start of the table, below the floor too) this often; what it finds below
+/// the floor arrives within a few of these.
 const SWEEP: Duration = Duration::from_secs(5);
 
 async fn start_relay(env: &TestEnv) -> Relay {
@@ -132,7 +132,7 @@ async fn claims_skip_the_relayed_prefix_while_a_snapshot_is_held() {
 
     // Without a floor every claim walks the prefix: at least PREFIX entries
     // per round. With it a claim reads a few entries; what still walks the
-    // prefix is periodic: the heartbeat's sweep and the backlog statistics (counted
+    // prefix is periodic: the housekeeping connection's sweep and the backlog statistics (counted
     // entries and the oldest pending row), each at most every 5 s.
     let windows = elapsed.as_secs_f64() / 5.0;
     let periodic = ((windows.ceil() + 2.0) * 3.0 * PREFIX as f64) as i64;

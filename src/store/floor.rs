@@ -24,11 +24,12 @@
 //! that still counts it as not started.
 //!
 //! Rows can become pending again below the floor (`replay`, `dead-letters
-//! retry`, an operator's UPDATE): the control task's heartbeat looks for due
-//! rows from the floor, and from the start of the table (a sweep) every
-//! [`SWEEP_EVERY`]; a sweep that finds one below the floor lowers it
-//! ([`SharedFloor`]). The sweep's walk over the dead entries of relayed rows
-//! thus runs on the control connection, never in a claim.
+//! retry`, an operator's UPDATE): the housekeeping connection looks for the
+//! first due row from the start of the table (a sweep) every [`SWEEP_EVERY`];
+//! one below the floor lowers it ([`SharedFloor`]). The sweep's walk over the
+//! dead entries of relayed rows thus runs on the connection for slow work,
+//! never in a claim nor in a lease renewal. The control task's heartbeat (the
+//! fallback poll) looks for due rows from the floor.
 //! The floor is reset whenever the relay's partitions change and on reconnect.
 //! Pure logic; the statements are in `store.rs` and `store/control.rs`.
 
@@ -38,8 +39,9 @@ use tokio::time::{Duration, Instant};
 
 /// At most this often a claim carries a probe.
 pub const PROBE_EVERY: Duration = Duration::from_millis(200);
-/// At least this often the heartbeat looks for due rows from the start of the
-/// table (below the floor too), for rows made pending again below it.
+/// At least this often the housekeeping connection looks for due rows from
+/// the start of the table (below the floor too), for rows made pending again
+/// below it.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// What one probe saw.
@@ -232,11 +234,14 @@ impl SharedFloor {
 
     /// A sweep over `partitions` found due row `id` pending: below the floor
     /// for the same partitions, the relay lowers its floor to it.
-    pub fn found_due(&self, partitions: &[i16], id: i64) {
+    /// Returns whether it asked the relay to lower its floor.
+    pub fn found_due(&self, partitions: &[i16], id: i64) -> bool {
         let mut s = self.shared();
-        if s.partitions == partitions && id < s.floor {
+        let below = s.partitions == partitions && id < s.floor;
+        if below {
             s.lower_to = Some(s.lower_to.map_or(id, |l| l.min(id)));
         }
+        below
     }
 
     /// Where the relay must lower its floor for `partitions`, once.
@@ -359,7 +364,7 @@ mod tests {
         assert_eq!(plan.claim_from, 100);
         let plan = f.plan(&[0, 1], now + PROBE_EVERY);
         assert_eq!(plan.probe_from, Some(100));
-        // No claim sweeps: that walk is the heartbeat's.
+        // No claim sweeps: that walk is the housekeeping connection's.
         let plan = f.plan(&[0, 1], now + SWEEP_EVERY * 3);
         assert_eq!(plan.claim_from, 100);
     }
@@ -374,11 +379,11 @@ mod tests {
         shared.publish(&[0, 1], f.floor());
         // A sweep over other partitions, or finding a row above the floor,
         // changes nothing.
-        shared.found_due(&[0, 1, 2], 40);
-        shared.found_due(&[0, 1], 140);
+        assert!(!shared.found_due(&[0, 1, 2], 40));
+        assert!(!shared.found_due(&[0, 1], 140));
         assert_eq!(shared.take_lower(&[0, 1]), None);
-        shared.found_due(&[0, 1], 40);
-        shared.found_due(&[0, 1], 60);
+        assert!(shared.found_due(&[0, 1], 40));
+        assert!(shared.found_due(&[0, 1], 60));
         assert_eq!(shared.take_lower(&[0, 2]), None, "for other partitions");
         let lower = shared.take_lower(&[0, 1]).expect("asked to lower");
         assert_eq!(lower, 40);
@@ -399,7 +404,7 @@ mod tests {
     fn new_partitions_forget_what_the_sweep_asked() {
         let shared = SharedFloor::default();
         shared.publish(&[0, 1], 100);
-        shared.found_due(&[0, 1], 40);
+        assert!(shared.found_due(&[0, 1], 40));
         shared.publish(&[0, 1, 2], 0);
         assert_eq!(shared.take_lower(&[0, 1, 2]), None);
         assert_eq!(shared.get(), (vec![0, 1, 2], 0));

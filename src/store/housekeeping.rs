@@ -18,6 +18,7 @@ pub struct BacklogStats {
 pub struct Housekeeping {
     stats: Sql,
     retention: Sql,
+    sweep: Sql,
 }
 
 /// Counts stop here, so a statistics query stays cheap on a huge backlog.
@@ -61,7 +62,40 @@ impl Housekeeping {
                 ),
                 &[Type::FLOAT8, Type::INT8],
             ),
+            // The first due pending row of the relay's partitions from the
+            // start of the table (store/floor.rs: rows made pending again
+            // below the claim floor). It walks the dead entries of every row
+            // relayed that VACUUM has not removed: slow work, kept here.
+            sweep: Sql::new(
+                format!(
+                    "SELECT m.id FROM {schema}.messages m
+                      WHERE {pending_m} AND m.available_at <= now()
+                        AND m.partition = ANY($1::smallint[])
+                      ORDER BY m.id LIMIT 1",
+                    pending_m = predicates::pending("m"),
+                ),
+                &[Type::INT2_ARRAY],
+            ),
         })
+    }
+
+    /// The first due pending row of `partitions`, from the start of the table.
+    pub async fn first_due(
+        &self,
+        session: &Session,
+        partitions: &[i16],
+    ) -> Result<Option<i64>, StoreError> {
+        let what = "looking for rows made pending again below the claim floor";
+        let (rows, _) = bounded(
+            what,
+            self.sweep
+                .run_with(&session.client, Settings::Bounded, &[&partitions]),
+        )
+        .await?;
+        rows.first()
+            .map(|r| r.try_get(0))
+            .transpose()
+            .map_err(StoreError::decode("the sweep's first due row"))
     }
 
     pub async fn backlog(&self, session: &Session) -> Result<BacklogStats, StoreError> {

@@ -332,6 +332,7 @@ pub(super) fn rows(args: &Args, r: &Results) -> Vec<Row> {
             &mut rows,
         );
     }
+    super::pooled::rows(args, r, &mut rows);
     rows
 }
 
@@ -713,7 +714,7 @@ fn cold_rows(args: &Args, r: &Results, rows: &mut Vec<Row>) {
 /// The claim statement's duration over a phase: p99 interpolated in the
 /// relay's histogram buckets (median over runs), with the largest bucket
 /// reached and the claims beyond the last finite bucket.
-fn claim_row(figure: String, claims: &[ClaimStats], ran: bool) -> Row {
+pub(super) fn claim_row(figure: String, claims: &[ClaimStats], ran: bool) -> Row {
     let p99 = median(claims.iter().map(|c| c.p99_ms).collect());
     let measured = match (p99, claims.first()) {
         (Some(p99), Some(first)) => {

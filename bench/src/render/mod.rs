@@ -10,6 +10,7 @@ use crate::{
 };
 
 mod details;
+mod load;
 mod pooled;
 mod summary;
 

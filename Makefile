@@ -39,7 +39,8 @@ lint:
 # relay): every figure with its scenario and target, written to bench/RESULTS.md.
 # Selected phases only: `make bench PHASES=steady` (comma separated, e.g.
 # PHASES=ceiling,drain; the backlog after an outage: PHASES=backlog, and on a
-# private PostgreSQL: PHASES=backlog-private); other knobs through BENCH_ARGS,
+# private PostgreSQL: PHASES=backlog-private; direct vs through a private
+# PgBouncer in transaction mode: PHASES=pooled); other knobs through BENCH_ARGS,
 # e.g. `make bench PHASES=backlog BENCH_ARGS="--backlog-rows 20000"`; the list:
 # `cargo run --release -p outbox-bench -- --help`.
 PHASES ?=

@@ -22,6 +22,7 @@ pub(crate) enum Phase {
     Cold,
     Backlog,
     BacklogPrivate,
+    Pooled,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -41,7 +42,7 @@ pub(crate) struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "ceiling,drain,steady,idle,growth,scale,app,keyed,cold,backlog,backlog-private"
+        default_value = "ceiling,drain,steady,idle,growth,scale,app,keyed,cold,backlog,backlog-private,pooled"
     )]
     pub(crate) phases: Vec<Phase>,
     /// Messages per ceiling, drain and growth run.
@@ -162,6 +163,15 @@ pub(crate) struct Args {
     /// The backlog phase fails when the application's rows are not current this long after the relay started.
     #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
     pub(crate) backlog_timeout: Duration,
+    /// Server connections of the pooled phase's private PgBouncer (transaction mode).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) pooled_pool_size: usize,
+    /// `--poll-interval` of the pooled phase's relay behind the pooler (`--listen false`).
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub(crate) pooled_poll_interval: Duration,
+    /// Rows/s of the pooled phase's lag comparison (held for --steady-duration).
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) pooled_rate: u64,
     /// A phase fails when no new message arrives for this long.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub(crate) stall_timeout: Duration,

@@ -29,6 +29,10 @@
 //!     per row (`make bench PHASES=backlog`; sizes: `--backlog-*`);
 //!     backlog-private: the same on a private PostgreSQL the bench starts with
 //!     initdb (default settings, autovacuum on).
+//! 13. pooled: the relay through a private PgBouncer in transaction mode
+//!     (`--listen false`) beside the same relay direct, in one run: drain of
+//!     an unkeyed backlog vs the bare publisher, lag at 1,000 rows/s, idle
+//!     statements and transactions per second (`make bench PHASES=pooled`).
 //!
 //! `cargo run --release -p outbox-bench -- --help` lists the knobs; `--phases`
 //! (`make bench PHASES=steady,idle`) runs a selection.
@@ -36,9 +40,10 @@
 //! Layout, from the ground up; no module imports one above it:
 //! `util`, `progress`, `targets`; `results` (plain data) and `args`;
 //! `metrics` (the relay's metrics text) and `sysinfo` (/proc); `relay` (the
-//! relay as a child process); `consumer`; `phases/` (one file per phase, each
-//! an `impl Bench` block); `render/` (the report, read from `Results`); `main`
-//! (runs the selected phases and writes the report).
+//! relay as a child process); `consumer`; `private_pg` and `private_pooler`
+//! (a PostgreSQL and a PgBouncer a phase starts and removes); `phases/` (one
+//! file per phase, each an `impl Bench` block); `render/` (the report, read
+//! from `Results`); `main` (runs the selected phases and writes the report).
 
 // The bench times real processes: the real clock is what it needs.
 #![allow(clippy::disallowed_types)]
@@ -66,6 +71,7 @@ mod consumer;
 mod metrics;
 mod phases;
 mod private_pg;
+mod private_pooler;
 mod relay;
 mod render;
 mod results;
@@ -269,6 +275,19 @@ async fn run(args: Args) -> Result<bool> {
         results
             .backlog_private
             .push(r.map_err(|e| format!("{e:#}")));
+    }
+    if has(Phase::Pooled) {
+        progress!(
+            "pooled: the relay direct and through a private PgBouncer (transaction mode, {} server connections, --listen false --poll-interval {:?}): drain vs ceiling, lag at {}/s, idle",
+            bench.args.pooled_pool_size,
+            bench.args.pooled_poll_interval,
+            bench.args.pooled_rate
+        );
+        let r = bench.pooled_once().await;
+        if let Err(e) = &r {
+            progress!("pooled FAILED: {e:#}");
+        }
+        results.pooled.push(r.map_err(|e| format!("{e:#}")));
     }
     bench.cleanup().await;
 

@@ -106,7 +106,47 @@ pub(crate) struct IdleRun {
     /// Rows drained just before the window (the window starts 5 s after).
     pub(crate) drained: u64,
     pub(crate) claims: Option<ClaimStats>,
+    /// Through a pooler: what its `SHOW STATS` counted over the window.
+    pub(crate) pooler: Option<PoolerRates>,
     pub(crate) stop_note: Option<String>,
+}
+
+/// Transactions and queries per second a pooler passed on for one database.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PoolerRates {
+    pub(crate) xacts_per_s: f64,
+    pub(crate) queries_per_s: f64,
+}
+
+/// The pooled phase (issue 20): the same relay direct and through a private
+/// PgBouncer in transaction mode (`--listen false`), in one run.
+#[derive(Debug, Clone)]
+pub(crate) struct PooledRun {
+    pub(crate) pool_size: usize,
+    /// The pooled relay's `--poll-interval`.
+    pub(crate) poll_interval: std::time::Duration,
+    /// The bare publisher, same run.
+    pub(crate) ceiling: Result<CeilingRun, String>,
+    pub(crate) drain_direct: Result<DrainRun, String>,
+    pub(crate) drain_pooled: Result<DrainRun, String>,
+    /// The steady state at the phase's rate (1,000 rows/s by default).
+    pub(crate) rate: u64,
+    pub(crate) lag_direct: Result<SteadyRun, String>,
+    pub(crate) lag_pooled: Result<SteadyRun, String>,
+    pub(crate) idle_direct: Result<IdleRun, String>,
+    pub(crate) idle_pooled: Result<IdleRun, String>,
+}
+
+impl PooledRun {
+    pub(crate) fn all_ok(&self) -> bool {
+        self.ceiling.is_ok()
+            && self.drain_direct.is_ok()
+            && self.drain_pooled.is_ok()
+            && self.lag_direct.is_ok()
+            && self.lag_pooled.is_ok()
+            && self.idle_direct.is_ok()
+            && self.idle_pooled.is_ok()
+    }
 }
 
 /// The relay's claim statement durations over a window, from its
@@ -369,6 +409,8 @@ pub(crate) struct Results {
     pub(crate) backlog: Vec<Result<BacklogRun, String>>,
     /// The same on a private PostgreSQL with default settings.
     pub(crate) backlog_private: Vec<Result<BacklogRun, String>>,
+    /// Direct and through a transaction pooler (Err: the pooler did not start).
+    pub(crate) pooled: Vec<Result<PooledRun, String>>,
 }
 
 impl Results {
@@ -394,6 +436,10 @@ impl Results {
             && self.cold.iter().all(|c| c.bare.is_ok() && c.drain.is_ok())
             && self.backlog.iter().all(Result::is_ok)
             && self.backlog_private.iter().all(Result::is_ok)
+            && self
+                .pooled
+                .iter()
+                .all(|p| p.as_ref().is_ok_and(PooledRun::all_ok))
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::Bench;
+use super::{pooled::Route, Bench};
 use crate::{
     consumer::Consumer,
     metrics::claim_stats,
@@ -28,13 +28,23 @@ impl Bench {
     /// Starts a relay on a schema full of pending rows and measures it until
     /// every row is delivered and marked.
     pub(super) async fn drain_once(&self, schema: &str, label: &str) -> Result<DrainRun> {
+        self.drain_via(schema, label, Route::Direct).await
+    }
+
+    /// The same, the relay connected by `route` (the bench's own reads go direct).
+    pub(super) async fn drain_via(
+        &self,
+        schema: &str,
+        label: &str,
+        route: Route<'_>,
+    ) -> Result<DrainRun> {
         let start_counts = self.outbox_counts(schema).await?;
         let n = start_counts.pending as u64;
         self.purge().await?;
         let consumer = Consumer::start(&self.args.amqp_url, &self.args.queue, n).await?;
         let before = CpuSnapshot::take(self.backend_pid);
         let t0 = Instant::now();
-        let mut relay = self.relay.spawn(&self.args.database_url, schema, label)?;
+        let mut relay = self.spawn_via(route, &self.database, schema, label)?;
         // The database side: when does it show no pending row?
         let db = self.db.clone();
         let sql = format!(
@@ -73,7 +83,7 @@ impl Bench {
                 .and_then(|m| claim_stats("", &m));
             // The relay's backends were started by this relay: their whole CPU
             // time falls in the window.
-            let backends = self.relay_backends(&relay).await;
+            let backends = self.relay_backends(&relay, route).await;
             let relay_pg_s = cpu_seconds(&backends, self.clk_tck);
             let after = CpuSnapshot::take(self.backend_pid);
             let counts = self.outbox_counts(schema).await?;

@@ -10,12 +10,31 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use tokio_postgres::Client;
 
-use super::{pg_connect, Bench};
-use crate::{metrics::claim_stats, results::IdleRun, util::with_database};
+use super::{pg_connect, pooled::Route, Bench};
+use crate::{
+    metrics::claim_stats,
+    results::{IdleRun, PoolerRates},
+    util::with_database,
+};
 
 impl Bench {
     pub(crate) async fn idle_once(&self, run: usize) -> Result<IdleRun> {
-        let schema = format!("bench_idle_{run}");
+        self.idle_via(
+            &format!("bench_idle_{run}"),
+            &format!("idle-{run}"),
+            Route::Direct,
+        )
+        .await
+    }
+
+    /// The same, the relay connected by `route` (the bench's setup, drain
+    /// rows and counters go direct).
+    pub(super) async fn idle_via(
+        &self,
+        schema: &str,
+        label: &str,
+        route: Route<'_>,
+    ) -> Result<IdleRun> {
         // A database of its own: its pg_stat_database counters see the relay and
         // nothing else (the bench reads them from its main connection).
         let own = format!("{}_bench_idle", self.database);
@@ -42,11 +61,16 @@ impl Bench {
         let r = async {
             let partitions = {
                 let client = pg_connect(&url, "outbox-bench setup").await?;
-                self.fresh_schema(&client, &url, &schema).await?;
-                Self::partitions_total(&client, &schema).await?
+                self.fresh_schema(&client, &url, schema).await?;
+                Self::partitions_total(&client, schema).await?
             };
-            self.idle_measure(&database, &url, &schema, partitions, dedicated, run)
-                .await
+            let at = IdleAt {
+                database: &database,
+                url: &url,
+                schema,
+                dedicated,
+            };
+            self.idle_measure(at, partitions, label, route).await
         }
         .await;
         if dedicated {
@@ -58,20 +82,24 @@ impl Bench {
                 progress!("warning: could not drop database {own}: {e}");
             }
         } else {
-            self.drop_schema(&schema).await;
+            self.drop_schema(schema).await;
         }
         r
     }
 
     async fn idle_measure(
         &self,
-        database: &str,
-        url: &str,
-        schema: &str,
+        at: IdleAt<'_>,
         partitions: f64,
-        dedicated: bool,
-        run: usize,
+        label: &str,
+        route: Route<'_>,
     ) -> Result<IdleRun> {
+        let IdleAt {
+            database,
+            url,
+            schema,
+            dedicated,
+        } = at;
         let window = self.args.idle_duration;
         // Let the setup connection's statistics reach pg_stat_database, then the baseline.
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -85,8 +113,7 @@ impl Bench {
         let (b1, bt1) = (self.transactions(database).await?, Instant::now());
         let baseline_per_s = (b1 - b0) as f64 / (bt1 - bt0).as_secs_f64();
 
-        let label = format!("idle-{run}");
-        let mut relay = self.relay.spawn(url, schema, &label)?;
+        let mut relay = self.spawn_via(route, database, schema, label)?;
         let measured = async {
             relay.wait_ready(partitions, Duration::from_secs(30)).await?;
             // A backlog drained first, then the window from 5 s after the
@@ -124,15 +151,31 @@ impl Bench {
             drop(app);
             tokio::time::sleep(Duration::from_secs(5)).await;
             let scrape_before = relay.scrape().await?;
+            let pooler = match route {
+                Route::Pooled { pooler, .. } => Some(pooler),
+                Route::Direct => None,
+            };
+            let p0 = match pooler {
+                Some(p) => Some(p.counts(database).await?),
+                None => None,
+            };
             let (c0, t0) = (self.transactions(database).await?, Instant::now());
+            // Through the pooler its server connections run the relay's
+            // statements (and the pooler's own): in a database of its own, all
+            // of them count.
             let sampler = tokio::spawn(count_statements(
                 self.db.clone(),
                 database.to_string(),
+                pooler.is_some() && dedicated,
                 SystemTime::now(),
                 t0 + window,
             ));
             tokio::time::sleep(window).await;
             let (c1, t1) = (self.transactions(database).await?, Instant::now());
+            let p1 = match pooler {
+                Some(p) => Some(p.counts(database).await?),
+                None => None,
+            };
             let statements = sampler
                 .await
                 .context("statement sampler")?
@@ -143,8 +186,22 @@ impl Bench {
             let window_s = (t1 - t0).as_secs_f64();
             let total_per_s = (c1 - c0) as f64 / window_s;
             let claims = claim_stats(&scrape_before, &relay.scrape().await?);
+            let pooler = match (p0, p1) {
+                (Some(p0), Some(p1)) => Some(PoolerRates {
+                    xacts_per_s: (p1.transactions - p0.transactions) as f64 / window_s,
+                    queries_per_s: (p1.queries - p0.queries) as f64 / window_s,
+                }),
+                _ => None,
+            };
             Ok(IdleRun {
-                method: if dedicated {
+                method: if dedicated && pooler.is_some() {
+                    format!(
+                        "statements: each new query_start of any backend in database {database} (the pooler's server \
+                         connections, serving the relay alone) in pg_stat_activity, sampled every 10 ms; transactions: \
+                         xact_commit+xact_rollback of {database} minus a 5 s baseline without the relay; the pooler's \
+                         SHOW STATS (total_xact_count, total_query_count of {database}) over the same window"
+                    )
+                } else if dedicated {
                     format!(
                         "statements: each new query_start of the relay's backends in pg_stat_activity, sampled every 10 ms \
                          (idle statements are ~1 s apart, so none is missed); transactions: xact_commit+xact_rollback of \
@@ -165,6 +222,7 @@ impl Bench {
                 window_s,
                 drained,
                 claims,
+                pooler,
                 stop_note: None,
             })
         }
@@ -193,12 +251,23 @@ impl Bench {
     }
 }
 
+/// Where the idle relay is measured: its database (`url`, direct) and schema;
+/// `dedicated` when only the relay uses that database.
+#[derive(Clone, Copy)]
+struct IdleAt<'a> {
+    database: &'a str,
+    url: &'a str,
+    schema: &'a str,
+    dedicated: bool,
+}
+
 /// Counts the statements the relay's backends start until `end`: every new
 /// `query_start` seen in pg_stat_activity (sampled every 10 ms, from another
 /// database, so the sampling itself is not counted).
 async fn count_statements(
     db: Arc<Client>,
     database: String,
+    all_backends: bool,
     since: SystemTime,
     end: Instant,
 ) -> Result<u64, tokio_postgres::Error> {
@@ -208,9 +277,9 @@ async fn count_statements(
         let rows = db
             .query(
                 "SELECT pid, query_start FROM pg_stat_activity
-                  WHERE datname = $1 AND application_name LIKE 'outbox-relay%'
-                    AND query_start IS NOT NULL",
-                &[&database],
+                  WHERE datname = $1 AND ($2 OR application_name LIKE 'outbox-relay%')
+                    AND backend_type = 'client backend' AND query_start IS NOT NULL",
+                &[&database, &all_backends],
             )
             .await?;
         for row in rows {

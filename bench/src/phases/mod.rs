@@ -28,6 +28,7 @@ use crate::{
     sysinfo::{clock_ticks, tcp_ports_to},
     util::redact,
 };
+use pooled::Route;
 
 mod app;
 mod backlog;
@@ -39,6 +40,7 @@ mod idle;
 mod keyed;
 pub(crate) mod machine;
 mod pgbench;
+mod pooled;
 mod scale;
 mod steady;
 
@@ -340,9 +342,14 @@ impl Bench {
     }
 
     /// PostgreSQL backends serving the relay: matched through the local ports of
-    /// the relay's TCP connections to the server.
-    async fn relay_backends(&self, relay: &RelayProc) -> Vec<i32> {
-        let ports = tcp_ports_to(relay.pid(), self.server_port);
+    /// the relay's TCP connections to the server (through a pooler: of the
+    /// pooler's, which serves that relay alone).
+    async fn relay_backends(&self, relay: &RelayProc, route: Route<'_>) -> Vec<i32> {
+        let pid = match route {
+            Route::Direct => Some(relay.pid()),
+            Route::Pooled { pooler, .. } => pooler.pid(),
+        };
+        let ports = pid.map_or_else(Vec::new, |pid| tcp_ports_to(pid, self.server_port));
         if ports.is_empty() {
             return Vec::new();
         }

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use uuid::Uuid;
 
-use super::{pg_connect, Bench};
+use super::{pg_connect, pooled::Route, Bench};
 use crate::{
     consumer::Consumer,
     metrics::{claim_stats, hist_quantiles, histogram_buckets, metric},
@@ -21,18 +21,42 @@ use crate::{
 impl Bench {
     pub(crate) async fn steady_once(&self, rate: u64, run: usize) -> Result<SteadyRun> {
         let schema = format!("bench_steady_{rate}_{run}");
-        self.fresh_schema(&self.db, &self.args.database_url, &schema)
+        self.steady_in(
+            &schema,
+            rate,
+            &format!("steady-{rate}-{run}"),
+            Route::Direct,
+        )
+        .await
+    }
+
+    /// The steady state on a fresh `schema` (dropped afterwards), the relay
+    /// connected by `route`; the application always connects directly.
+    pub(super) async fn steady_in(
+        &self,
+        schema: &str,
+        rate: u64,
+        label: &str,
+        route: Route<'_>,
+    ) -> Result<SteadyRun> {
+        self.fresh_schema(&self.db, &self.args.database_url, schema)
             .await?;
-        let r = self.steady_measure(&schema, rate, run).await;
-        self.drop_schema(&schema).await;
+        let r = self.steady_measure(schema, rate, label, route).await;
+        self.drop_schema(schema).await;
         r
     }
 
-    async fn steady_measure(&self, schema: &str, rate: u64, run: usize) -> Result<SteadyRun> {
+    async fn steady_measure(
+        &self,
+        schema: &str,
+        rate: u64,
+        label: &str,
+        route: Route<'_>,
+    ) -> Result<SteadyRun> {
         self.purge().await?;
         let consumer = Consumer::start(&self.args.amqp_url, &self.args.queue, u64::MAX).await?;
-        let label = format!("steady-{rate}-{run}");
-        let mut relay = self.relay.spawn(&self.args.database_url, schema, &label)?;
+        let label = label.to_string();
+        let mut relay = self.spawn_via(route, &self.database, schema, &label)?;
         let partitions = Self::partitions_total(&self.db, schema).await?;
         let measured = async {
             relay
@@ -116,7 +140,7 @@ impl Bench {
                 }
             }
             if let Some(dir) = &self.args.steady_dump {
-                let path = dir.join(format!("steady-{rate}-{run}.csv"));
+                let path = dir.join(format!("{label}.csv"));
                 std::fs::create_dir_all(dir)
                     .and_then(|()| std::fs::write(&path, &dump))
                     .with_context(|| format!("writing {}", path.display()))?;

@@ -376,6 +376,7 @@ pub(super) fn write(out: &mut String, args: &Args, r: &Results) {
     }
 
     let mut notes = Vec::new();
+    super::pooled::write(out, args, r, &mut notes);
     let mut note =
         |what: String, e: &String| notes.push(format!("- {what}: {}", e.replace('\n', "\n  ")));
     for (i, c) in r.ceiling.iter().enumerate() {

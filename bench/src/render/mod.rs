@@ -10,6 +10,8 @@ use crate::{
 };
 
 mod details;
+mod load;
+mod pooled;
 mod summary;
 
 fn runs_note(values: &[f64]) -> String {
@@ -108,6 +110,7 @@ pub(crate) fn render(bench: &Bench, machine: &Machine, r: &Results) -> String {
             r.backlog_private.len(),
             !r.backlog_private.is_empty(),
         ),
+        ("pooled", r.pooled.len(), !r.pooled.is_empty()),
     ] {
         if ran {
             runs.push(format!("{phase} {count}"));
@@ -229,6 +232,24 @@ pub(crate) fn render(bench: &Bench, machine: &Machine, r: &Results) -> String {
             args.backlog_rows_per_tx,
             args.backlog_app_rate,
             args.backlog_app_window
+        );
+    }
+    if !r.pooled.is_empty() {
+        let _ = writeln!(
+            out,
+            "- Pooled (issue 20): the bench starts a PgBouncer of its own (`scripts/pgbouncer.sh`, transaction mode, {} server \
+             connections, no prepared statement support) on a free port in front of the same PostgreSQL, and runs in one go: the \
+             bare publisher ({} messages); the drain of {} unkeyed pending rows (as the drain phase) by a relay connected directly, \
+             then by one connected through the pooler with `--listen false --poll-interval {}`; the steady state at {} rows/s for \
+             {:?} (the application always connects directly) with each relay; the idle relay (as the idle phase, in a database of \
+             its own) with each. Through the pooler the idle figures also give PgBouncer's `SHOW STATS` for that database. The \
+             bench's own reads and the migrations go direct.",
+            args.pooled_pool_size,
+            thousands(args.messages as f64),
+            thousands(args.messages as f64),
+            humantime::format_duration(args.pooled_poll_interval),
+            thousands(args.pooled_rate as f64),
+            args.steady_duration
         );
     }
     let _ = writeln!(

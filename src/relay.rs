@@ -61,8 +61,8 @@ pub struct Relay {
     rescan_at: Instant,
     /// Where claims start in the pending index: past the rows already relayed.
     floor: ClaimFloor,
-    /// The floor as the control task's heartbeat sees it, and its sweep's
-    /// answer (rows pending again below the floor).
+    /// The floor as the heartbeat and the housekeeping sweep see it, and the
+    /// sweep's answer (rows pending again below the floor).
     shared_floor: Arc<SharedFloor>,
     db_backoff: Option<backon::ExponentialBackoff>,
     amqp_backoff: Option<backon::ExponentialBackoff>,

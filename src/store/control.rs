@@ -33,7 +33,9 @@ impl Control {
             // The first due row from $4 (the claim floor, when the leases
             // are still the partitions $5 it is for; else from the start):
             // through the pending index in id order, so it walks the dead
-            // entries below the floor only when asked to (a sweep).
+            // entries of relayed rows only while the floor is 0 (just after
+            // a start or a lease change). Rows below the floor are the
+            // housekeeping connection's sweep.
             heartbeat: Sql::new(
                 format!(
                     "SELECT h.partitions, h.next_due_in,

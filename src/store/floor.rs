@@ -194,9 +194,9 @@ impl ClaimFloor {
     }
 }
 
-/// The floor as the relay loop last saw it, for the control task's heartbeat
-/// (on another connection), and the sweep's answer back: the first due row
-/// pending below it.
+/// The floor as the relay loop last saw it, for the heartbeat and the
+/// housekeeping sweep (on connections of their own), and the sweep's answer
+/// back: the first due row pending below it.
 #[derive(Debug, Default)]
 pub struct SharedFloor {
     inner: Mutex<Shared>,

@@ -94,6 +94,18 @@ async fn row(env: &TestEnv, id: i64) -> Option<RowState> {
     env.rows().await.into_iter().find(|r| r.id == id)
 }
 
+/// Runs `status` until its output satisfies `settled` (bounded by
+/// ARRIVAL_TIMEOUT): whether it did, and the last output.
+async fn status_until(env: &TestEnv, settled: impl Fn(&CliOutput) -> bool) -> (bool, CliOutput) {
+    let mut out = env.cli(&["status"], CLI_TIMEOUT).await;
+    let done = wait_until(ARRIVAL_TIMEOUT, async || {
+        out = env.cli(&["status"], CLI_TIMEOUT).await;
+        settled(&out)
+    })
+    .await;
+    (done, out)
+}
+
 fn json_of(out: &CliOutput) -> Value {
     serde_json::from_str(&out.stdout)
         .unwrap_or_else(|e| panic!("stdout is not JSON ({e})\n{}", out.describe()))
@@ -440,12 +452,7 @@ async fn status_exits_1_when_no_live_relay_publishes_due_rows() {
     let sent = insert(&env, &queue, None, &["a", "b", "c"]).await;
     collector.wait_for_rows(&sent).await;
     // Delivered, the relay live and owning every partition: nothing to do.
-    let mut out = env.cli(&["status"], CLI_TIMEOUT).await;
-    let settled = wait_until(ARRIVAL_TIMEOUT, async || {
-        out = env.cli(&["status"], CLI_TIMEOUT).await;
-        out.code() == Some(0)
-    })
-    .await;
+    let (settled, out) = status_until(&env, |out| out.code() == Some(0)).await;
     assert!(
         settled,
         "status never exited 0 with a healthy relay\n{}",
@@ -483,12 +490,7 @@ async fn status_exits_1_naming_a_relay_that_lost_its_database() {
         .await;
     healthy.wait_ready(CLI_TIMEOUT).await;
     cut.wait_ready(CLI_TIMEOUT).await;
-    let mut out = env.cli(&["status"], CLI_TIMEOUT).await;
-    let settled = wait_until(ARRIVAL_TIMEOUT, async || {
-        out = env.cli(&["status"], CLI_TIMEOUT).await;
-        out.code() == Some(0)
-    })
-    .await;
+    let (settled, out) = status_until(&env, |out| out.code() == Some(0)).await;
     assert!(
         settled,
         "status never exited 0 with two healthy relays\n{}",
@@ -497,8 +499,7 @@ async fn status_exits_1_naming_a_relay_that_lost_its_database() {
 
     proxy.go_down();
     let said = format!("problem: relay {} has not renewed its leases", cut.instance);
-    let named = wait_until(ARRIVAL_TIMEOUT, async || {
-        out = env.cli(&["status"], CLI_TIMEOUT).await;
+    let (named, out) = status_until(&env, |out| {
         out.code() == Some(1) && out.stderr.contains(&said)
     })
     .await;

@@ -23,6 +23,12 @@ const STATS_IDLE_EVERY: Duration = Duration::from_secs(60);
 /// every relayed row's dead entry there, one reading can take a second. Then
 /// they are refreshed less often (the gauges' freshness follows).
 const STATS_SHARE: u32 = 10;
+
+/// The interval `every`, stretched so that work taking `took` fills at most
+/// `1 / STATS_SHARE` of the time.
+fn spaced(every: Duration, took: Duration) -> Duration {
+    every.max(took * STATS_SHARE)
+}
 /// A reading is exported until its next refresh is this late, then it is
 /// dropped: a silent database (no reset, no answer) must not leave a stale
 /// backlog, or an age growing from a stale `created_at`, on /metrics.
@@ -89,15 +95,15 @@ impl HousekeepingTask {
                 let started = Instant::now();
                 self.sweep(session, &statements).await?;
                 // Like the statistics: at most a tenth of the time.
-                next_sweep = Instant::now() + SWEEP_EVERY.max(started.elapsed() * STATS_SHARE);
+                next_sweep = Instant::now() + spaced(SWEEP_EVERY, started.elapsed());
             }
             let published = self.metrics.published.get();
             // A closed connection is found by the next statement, at once.
             let stale = session.is_closed()
                 || last_stats.is_none_or(|(at, seen, pending, took)| {
                     let since = at.elapsed();
-                    since >= STATS_IDLE_EVERY.max(took * STATS_SHARE)
-                        || (since >= STATS_EVERY.max(took * STATS_SHARE)
+                    since >= spaced(STATS_IDLE_EVERY, took)
+                        || (since >= spaced(STATS_EVERY, took)
                             && (pending > 0 || seen != published))
                 });
             if stale {
@@ -106,12 +112,14 @@ impl HousekeepingTask {
                 let took = started.elapsed();
                 // Refreshed within STATS_EVERY while rows are pending or
                 // flowing (unless a reading takes longer than its share).
-                let next = if stats.pending > 0 {
-                    STATS_EVERY
-                } else {
-                    STATS_IDLE_EVERY
-                }
-                .max(took * STATS_SHARE);
+                let next = spaced(
+                    if stats.pending > 0 {
+                        STATS_EVERY
+                    } else {
+                        STATS_IDLE_EVERY
+                    },
+                    took,
+                );
                 self.metrics.set_backlog(
                     stats.pending,
                     stats.oldest_pending_created_at,

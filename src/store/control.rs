@@ -38,15 +38,13 @@ impl Control {
             // housekeeping connection's sweep.
             heartbeat: Sql::new(
                 format!(
-                    "SELECT h.partitions, h.next_due_in,
-                            (SELECT m.id FROM {schema}.messages m
-                              WHERE {pending} AND m.available_at <= now()
-                                AND m.partition = ANY(h.partitions)
-                                AND m.id >= CASE WHEN h.partitions = $5::smallint[]
-                                                 THEN $4::int8 ELSE 0 END
-                              ORDER BY m.id LIMIT 1)
+                    "SELECT h.partitions, h.next_due_in, ({first_due})
                        FROM {schema}.relay_heartbeat($1, make_interval(secs => $2::float8), $3) h",
-                    pending = predicates::pending("m"),
+                    first_due = predicates::first_due(
+                        schema,
+                        "h.partitions",
+                        Some("CASE WHEN h.partitions = $5::smallint[] THEN $4::int8 ELSE 0 END"),
+                    ),
                 ),
                 &[
                     Type::TEXT,

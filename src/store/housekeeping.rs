@@ -67,13 +67,7 @@ impl Housekeeping {
             // below the claim floor). It walks the dead entries of every row
             // relayed that VACUUM has not removed: slow work, kept here.
             sweep: Sql::new(
-                format!(
-                    "SELECT m.id FROM {schema}.messages m
-                      WHERE {pending_m} AND m.available_at <= now()
-                        AND m.partition = ANY($1::smallint[])
-                      ORDER BY m.id LIMIT 1",
-                    pending_m = predicates::pending("m"),
-                ),
+                predicates::first_due(schema, "$1::smallint[]", None),
                 &[Type::INT2_ARRAY],
             ),
         })

@@ -19,6 +19,24 @@ pub fn pending(alias: &str) -> String {
     format!("{q}published_at IS NULL AND {q}dead_lettered_at IS NULL")
 }
 
+/// The query for the first pending row that is due now among `partitions`
+/// (an SQL `smallint[]` expression) with an id of at least `from` (an SQL
+/// expression; `None`: from the start): through the pending index in id order.
+/// It yields no row when none is due, so a caller that needs one value wraps
+/// it in parentheses as a scalar subquery.
+pub fn first_due(schema: &str, partitions: &str, from: Option<&str>) -> String {
+    let from = from
+        .map(|f| format!(" AND m.id >= {f}"))
+        .unwrap_or_default();
+    format!(
+        "SELECT m.id FROM {schema}.messages m
+          WHERE {} AND m.available_at <= now()
+            AND m.partition = ANY({partitions}){from}
+          ORDER BY m.id LIMIT 1",
+        pending("m")
+    )
+}
+
 /// Fills in the placeholders of a `sql/` file: `{{pending}}` and
 /// `{{pending ALIAS}}`. Anything else between `{{` and `}}` is left as is, so
 /// PostgreSQL refuses it (the migrations' tests check no file has one).
@@ -60,5 +78,17 @@ mod tests {
         );
         // JSON braces and unknown names stay as they are.
         assert_eq!(expand("'{}' {{x}} {{pending"), "'{}' {{x}} {{pending");
+    }
+
+    #[test]
+    fn the_first_due_row_is_one_query_with_an_optional_lower_bound() {
+        let from_start = first_due("s", "$1::smallint[]", None);
+        assert!(from_start.starts_with("SELECT m.id FROM s.messages m"));
+        assert!(from_start.contains(&pending("m")));
+        assert!(from_start.contains("ANY($1::smallint[])"));
+        assert!(!from_start.contains("m.id >="));
+        assert!(from_start.ends_with("ORDER BY m.id LIMIT 1"));
+        let from_floor = first_due("s", "h.partitions", Some("$4::int8"));
+        assert!(from_floor.contains("ANY(h.partitions) AND m.id >= $4::int8"));
     }
 }

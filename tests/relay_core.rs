@@ -639,6 +639,8 @@ async fn rows_are_marked_published_only_after_delivery() {
         .collect();
     let more = env.insert_committed(&more).await;
     collector.wait_for_rows(&more).await;
+    // Arrival comes before the confirm reaches the relay, and the mark after it.
+    env.wait_published(&more, &relay).await;
     relay.assert_running();
 
     let rows = env.rows().await;

@@ -82,7 +82,7 @@ pub(crate) struct Args {
     /// per steady rate in order (0 = one per 50 rows/s, at least 8 and at most 32).
     #[arg(long, value_delimiter = ',', default_value = "4,32")]
     pub(crate) steady_connections: Vec<usize>,
-    /// How long the idle relay is observed (from 5 s after it drained a backlog).
+    /// How long the idle relay is observed (from `QUIET_BEFORE_S` after it drained a backlog).
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     pub(crate) idle_duration: Duration,
     /// Rows the relay drains just before the idle window.

@@ -103,7 +103,7 @@ pub(crate) struct IdleRun {
     pub(crate) xacts_per_s: f64,
     pub(crate) baseline_per_s: f64,
     pub(crate) window_s: f64,
-    /// Rows drained just before the window (the window starts 5 s after).
+    /// Rows drained just before the window (the window starts `QUIET_BEFORE_S` after).
     pub(crate) drained: u64,
     pub(crate) claims: Option<ClaimStats>,
     /// Through a pooler: what its `SHOW STATS` counted over the window.

@@ -1,5 +1,6 @@
 //! Phase 4, idle: statements per second the relay sends with nothing to do,
-//! from 5 s after it drained a backlog (as a relay lives: bursts, then quiet).
+//! from `QUIET_BEFORE_S` after it drained a backlog (as a relay lives: bursts,
+//! then quiet).
 
 use std::{
     collections::HashMap,
@@ -9,6 +10,13 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use tokio_postgres::Client;
+
+/// Seconds from the end of the drain to the start of the idle window. A
+/// backend that went quiet reports the transactions of its last second to the
+/// statistics up to 10 s later (PostgreSQL's idle statistics flush), so a
+/// window that starts sooner counts some of the drain's transactions as idle
+/// ones.
+pub(crate) const QUIET_BEFORE_S: u64 = 12;
 
 use super::{pg_connect, pooled::Route, Bench};
 use crate::{
@@ -116,8 +124,8 @@ impl Bench {
         let mut relay = self.spawn_via(route, database, schema, label)?;
         let measured = async {
             relay.wait_ready(partitions, Duration::from_secs(30)).await?;
-            // A backlog drained first, then the window from 5 s after the
-            // database showed none pending.
+            // A backlog drained first, then the window from QUIET_BEFORE_S
+            // after the database showed none pending.
             let drained = self.args.idle_drain_rows;
             let app = pg_connect(url, "outbox-bench app").await?;
             app.execute(
@@ -149,7 +157,7 @@ impl Bench {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             drop(app);
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            tokio::time::sleep(Duration::from_secs(QUIET_BEFORE_S)).await;
             let scrape_before = relay.scrape().await?;
             let pooler = match route {
                 Route::Pooled { pooler, .. } => Some(pooler),
@@ -206,8 +214,8 @@ impl Bench {
                         "statements: each new query_start of the relay's backends in pg_stat_activity, sampled every 10 ms \
                          (idle statements are ~1 s apart, so none is missed); transactions: xact_commit+xact_rollback of \
                          database {database}, which only the relay uses, minus a 5 s baseline without the relay; \
-                         PostgreSQL may report a backend's transactions of its last second before it went quiet up to 10 s \
-                         later, so transactions of the drain's end can land in the window"
+                         the window starts {QUIET_BEFORE_S} s after the drain, past PostgreSQL's 10 s delay in reporting \
+                         the transactions of a backend that went quiet"
                     )
                 } else {
                     format!(

@@ -44,6 +44,8 @@ mod pooled;
 mod scale;
 mod steady;
 
+pub(crate) use idle::QUIET_BEFORE_S;
+
 pub(crate) struct Bench {
     pub(crate) args: Args,
     /// The relay under test; every relay of every phase starts from it.

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use crate::{
     args::Args,
+    phases::QUIET_BEFORE_S,
     results::{DrainRun, Results},
     util::thousands,
 };
@@ -119,7 +120,7 @@ pub(super) fn write(out: &mut String, args: &Args, r: &Results) {
                 Ok(idle) => {
                     let _ = writeln!(
                         out,
-                        "- run {}: from 5 s after draining {} rows, {:.2} statements/s, {:.2} transactions/s over {:.1} s (transaction baseline {:.2}/s subtracted); method: {}{}",
+                        "- run {}: from {QUIET_BEFORE_S} s after draining {} rows, {:.2} statements/s, {:.2} transactions/s over {:.1} s (transaction baseline {:.2}/s subtracted); method: {}{}",
                         i + 1,
                         thousands(idle.drained as f64),
                         idle.statements_per_s,

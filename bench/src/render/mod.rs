@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use crate::{
-    phases::{machine::Machine, Bench},
+    phases::{machine::Machine, Bench, QUIET_BEFORE_S},
     results::Results,
     sysinfo::load_average,
     util::{git_commit, thousands, utc_now},
@@ -137,7 +137,7 @@ pub(crate) fn render(bench: &Bench, machine: &Machine, r: &Results) -> String {
         let _ = writeln!(
             out,
             "- Idle: the relay, in a database of its own, drains {} single-row pending rows (default exchange, no keys); \
-             from 5 s after the database shows none pending, its transactions are counted for {:?}.",
+             from {QUIET_BEFORE_S} s after the database shows none pending, its transactions are counted for {:?}.",
             thousands(args.idle_drain_rows as f64),
             args.idle_duration
         );

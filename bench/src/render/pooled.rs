@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use super::{summary::claim_row, verdict, Row};
 use crate::{
     args::Args,
+    phases::QUIET_BEFORE_S,
     results::{CeilingRun, ClaimStats, DrainRun, IdleRun, PooledRun, Results, SteadyRun},
     targets::{
         TARGET_DRAIN_RATIO, TARGET_IDLE_PER_S, TARGET_LAG_1000_P50_MS, TARGET_LAG_1000_P99_MS,
@@ -161,7 +162,7 @@ pub(super) fn rows(args: &Args, r: &Results, rows: &mut Vec<Row>) {
         })
     };
     let head = format!(
-        "13. Idle relay with nothing to do ({:?}, from 5 s after draining {} rows)",
+        "13. Idle relay with nothing to do ({:?}, from {QUIET_BEFORE_S} s after draining {} rows)",
         args.idle_duration,
         thousands(args.idle_drain_rows as f64)
     );
